@@ -1,0 +1,89 @@
+-- Tasks: one row per submitted task. `seq` orders submissions (FIFO within a
+-- priority); `id` is the public UUIDv7.
+CREATE TABLE tasks (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    name             TEXT    NOT NULL,
+    kind             TEXT    NOT NULL,
+    project          TEXT,
+    tags             TEXT    NOT NULL DEFAULT '[]',
+    status           TEXT    NOT NULL,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL,
+    run_at           INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    started_at       INTEGER,
+    finished_at      INTEGER,
+    lease_owner      TEXT,
+    lease_expires_at INTEGER,
+    idempotency_key  TEXT UNIQUE,
+    spec             TEXT    NOT NULL,
+    spec_hash        TEXT    NOT NULL,
+    result           TEXT,
+    error            TEXT
+);
+
+-- The claim query: ready tasks, highest priority first, then oldest.
+-- Partial, so finished history never makes a claim slower.
+CREATE INDEX tasks_ready ON tasks (priority DESC, seq)
+    WHERE status IN ('queued', 'retrying');
+-- Lease expiry scan.
+CREATE INDEX tasks_running ON tasks (lease_expires_at)
+    WHERE status = 'running';
+CREATE INDEX tasks_lease_owner ON tasks (lease_owner)
+    WHERE status = 'running';
+CREATE INDEX tasks_status ON tasks (status, seq);
+CREATE INDEX tasks_project ON tasks (project, seq);
+
+-- Attempts: one row per finished (or lost) execution.
+CREATE TABLE attempts (
+    task_id     TEXT    NOT NULL,
+    attempt     INTEGER NOT NULL,
+    worker_id   TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    exit_code   INTEGER,
+    signal      INTEGER,
+    duration_ms INTEGER NOT NULL,
+    error       TEXT,
+    result      TEXT    NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+) WITHOUT ROWID;
+
+-- Captured output, up to the task's max_output_bytes per stream.
+CREATE TABLE task_logs (
+    task_id       TEXT    NOT NULL,
+    attempt       INTEGER NOT NULL,
+    stream        TEXT    NOT NULL,
+    data          BLOB    NOT NULL,
+    dropped_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, attempt, stream)
+) WITHOUT ROWID;
+
+-- Append-only, hash-chained record of every state transition.
+CREATE TABLE audit_events (
+    seq         INTEGER PRIMARY KEY,
+    at          INTEGER NOT NULL,
+    task_id     TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    from_status TEXT,
+    to_status   TEXT    NOT NULL,
+    detail      TEXT    NOT NULL,
+    prev_hash   TEXT    NOT NULL,
+    hash        TEXT    NOT NULL
+);
+CREATE INDEX audit_events_task ON audit_events (task_id, seq);
+
+-- Engine instances, so a restarted engine can tell a dead local peer's
+-- leases from a live one's.
+CREATE TABLE workers (
+    id         TEXT    PRIMARY KEY,
+    host       TEXT    NOT NULL,
+    pid        INTEGER NOT NULL,
+    pid_start  INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL
+) WITHOUT ROWID;

@@ -1,0 +1,453 @@
+//! The `task-queue` command line. Every command goes through [`TaskQueue`].
+
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::{TaskRecord, TaskStatus, parse_task_file};
+use crate::service::{ListOptions, TaskQueue};
+
+/// An MCP-first task orchestration server: durable queue, retries, timeouts, audit trail.
+#[derive(Debug, Parser)]
+#[command(name = "task-queue", version, about)]
+pub struct Cli {
+    /// SQLite database file (default: ./data/task-queue.db, or storage.path from --config).
+    #[arg(long, global = true, env = "TASK_QUEUE_DB")]
+    pub db: Option<PathBuf>,
+    /// Configuration file (YAML).
+    #[arg(long, global = true, env = "TASK_QUEUE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter for stderr, e.g. `info`, `task_queue=debug`.
+    #[arg(long, global = true, env = "TASK_QUEUE_LOG", default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a file of tasks, run them here until all finish; exit 0 only if all succeeded.
+    Run {
+        /// YAML or JSON file: `{tasks: [spec, ...]}`.
+        file: PathBuf,
+        /// Print one JSON summary at the end instead of progress lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a file of tasks for a worker to run; prints the new ids as JSON.
+    Submit { file: PathBuf },
+    /// Run the engine: claim and execute tasks until stopped (SIGINT/SIGTERM).
+    Worker {
+        /// Exit when no task is left that this worker could run.
+        #[arg(long)]
+        until_idle: bool,
+        /// Override execution.max_concurrent_tasks.
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Show one task (with its attempts) or list recent tasks.
+    Status {
+        id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only tasks in this status (repeatable).
+        #[arg(long = "status")]
+        statuses: Vec<TaskStatus>,
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Cancel a task; a running task's processes are stopped.
+    Cancel { id: String },
+    /// Show the captured output of a task.
+    Logs {
+        id: String,
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Audit trail commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Measure throughput and latency; prints one JSON object with --json.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 1 and name the first broken link if a row was altered.
+    Verify,
+    /// Print the audit events of a task as JSON lines.
+    Show {
+        id: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+/// Global options shared by commands that open a queue.
+#[derive(Debug, Clone, Args)]
+pub struct Opened;
+
+/// Sets up logging to stderr (stdout is for results).
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Loads `--config` (if any) and applies `--db`.
+pub fn load_config(cli: &Cli) -> Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(db) = &cli.db {
+        config.storage.path = db.clone();
+    }
+    Ok(config)
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                Error::InvalidInput { .. } | Error::Unsupported { .. } | Error::Config(_) => {
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let mut config = load_config(&cli)?;
+    match cli.command {
+        Command::Bench(args) => crate::bench::run(args, config).await,
+        Command::Run { file, json } => {
+            let specs = read_tasks(&file)?;
+            let queue = TaskQueue::open_with(config).await?;
+            run_file(&queue, specs, json).await
+        }
+        Command::Submit { file } => {
+            let specs = read_tasks(&file)?;
+            let queue = TaskQueue::open_with(config).await?;
+            let out = queue.submit_batch(specs).await?;
+            print_json(&json!({ "tasks": out }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            until_idle,
+            concurrency,
+        } => {
+            if let Some(c) = concurrency {
+                config.execution.max_concurrent_tasks = c;
+            }
+            let queue = TaskQueue::open_with(config).await?;
+            worker(&queue, until_idle).await
+        }
+        Command::Status {
+            id,
+            json,
+            statuses,
+            project,
+            limit,
+        } => {
+            let queue = TaskQueue::open_with(config).await?;
+            status(&queue, id, json, statuses, project, limit).await
+        }
+        Command::Cancel { id } => {
+            let queue = TaskQueue::open_with(config).await?;
+            let t = queue.cancel(&id).await?;
+            print_json(&summary(&t));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { id, attempt } => {
+            let queue = TaskQueue::open_with(config).await?;
+            for chunk in queue.logs(&id, attempt).await? {
+                println!("--- attempt {} {} ---", chunk.attempt, chunk.stream);
+                print!("{}", chunk.text);
+                if chunk.dropped_bytes > 0 {
+                    println!(
+                        "[... {} more bytes dropped at the output limit]",
+                        chunk.dropped_bytes
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command } => {
+            let queue = TaskQueue::open_with(config).await?;
+            match command {
+                AuditCommand::Verify => {
+                    let report = queue.verify_audit().await?;
+                    match &report.broken {
+                        None => {
+                            println!("audit chain intact: {} events verified", report.events);
+                            Ok(ExitCode::SUCCESS)
+                        }
+                        Some(b) => {
+                            eprintln!(
+                                "audit chain broken at event #{} (task {}): {}",
+                                b.seq, b.task_id, b.reason
+                            );
+                            Ok(ExitCode::from(1))
+                        }
+                    }
+                }
+                AuditCommand::Show { id, limit } => {
+                    for e in queue.audit_events(id.as_deref(), limit).await? {
+                        println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+fn read_tasks(file: &PathBuf) -> Result<Vec<crate::model::TaskSpec>> {
+    let meta = std::fs::metadata(file)
+        .map_err(|e| Error::invalid("file", format!("cannot read {}: {e}", file.display())))?;
+    if meta.len() > crate::model::MAX_FILE_BYTES as u64 {
+        return Err(Error::invalid(
+            "file",
+            format!(
+                "{} is {} bytes; the limit is 64 MiB",
+                file.display(),
+                meta.len()
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::invalid("file", format!("cannot read {}: {e}", file.display())))?;
+    parse_task_file(&text).map_err(|e| match e {
+        Error::InvalidInput { field, message } => Error::InvalidInput {
+            field: format!("{}: {field}", file.display()),
+            message,
+        },
+        other => other,
+    })
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn summary(t: &TaskRecord) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "status": t.status,
+        "attempts": t.attempts,
+        "exit_code": t.result.as_ref().and_then(|r| r.exit_code),
+        "duration_ms": t.result.as_ref().map(|r| r.duration_ms),
+        "error": t.error,
+    })
+}
+
+async fn run_file(
+    queue: &TaskQueue,
+    specs: Vec<crate::model::TaskSpec>,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let mut events = queue.subscribe();
+    let submitted = queue.submit_batch(specs).await?;
+    let ids: Vec<String> = submitted.iter().map(|s| s.id.clone()).collect();
+    let names: HashMap<String, String> = submitted
+        .iter()
+        .map(|s| (s.id.clone(), s.name.clone()))
+        .collect();
+    let live = !json_out && std::io::stderr().is_terminal();
+    let width = names.values().map(|n| n.len()).max().unwrap_or(8).min(40);
+    let engine = queue.start();
+    let mut open: HashSet<String> = ids.iter().cloned().collect();
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut interrupted = false;
+    while !open.is_empty() {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(e) if names.contains_key(&e.task_id) => {
+                    if live {
+                        let attempt = if e.attempt > 0 { format!(" (attempt {})", e.attempt) } else { String::new() };
+                        eprintln!("{}  {:width$}  {}{}", e.at.to_rfc3339().get(11..23).unwrap_or(""), e.name, e.status, attempt);
+                    }
+                    if e.status.is_terminal() {
+                        open.remove(&e.task_id);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tick.reset_immediately(),
+            },
+            _ = tick.tick() => {
+                let still: Vec<String> = open.iter().cloned().collect();
+                for t in queue.get_many(&still).await? {
+                    if t.status.is_terminal() {
+                        open.remove(&t.id);
+                    }
+                }
+            }
+            _ = sigint.recv() => { interrupted = true; break; }
+            _ = sigterm.recv() => { interrupted = true; break; }
+        }
+    }
+    let grace = if interrupted {
+        queue.config().execution.kill_grace.0
+    } else {
+        Duration::ZERO
+    };
+    engine.shutdown(grace).await?;
+    let mut tasks = queue.get_many(&ids).await?;
+    let order: HashMap<&String, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    tasks.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));
+    let all_ok = !interrupted && tasks.iter().all(|t| t.status == TaskStatus::Succeeded);
+    let overall = if interrupted {
+        "interrupted"
+    } else if all_ok {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    if json_out {
+        let list: Vec<_> = tasks
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id, "name": t.name, "status": t.status, "attempts": t.attempts,
+                    "exit_code": t.result.as_ref().and_then(|r| r.exit_code),
+                    "duration_ms": t.result.as_ref().map(|r| r.duration_ms),
+                })
+            })
+            .collect();
+        println!("{}", json!({ "status": overall, "tasks": list }));
+    } else {
+        for t in &tasks {
+            let detail = match (&t.error, t.result.as_ref().map(|r| r.duration_ms)) {
+                (Some(e), _) if t.status != TaskStatus::Succeeded => format!("  {e}"),
+                (_, Some(ms)) => format!("  {ms} ms"),
+                _ => String::new(),
+            };
+            println!(
+                "{:width$}  {:10} attempts={}{}",
+                t.name,
+                t.status.as_str(),
+                t.attempts,
+                detail
+            );
+        }
+        println!(
+            "{overall}: {} of {} tasks succeeded",
+            tasks
+                .iter()
+                .filter(|t| t.status == TaskStatus::Succeeded)
+                .count(),
+            tasks.len()
+        );
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else if interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).map_err(Error::from)
+}
+
+async fn worker(queue: &TaskQueue, until_idle: bool) -> Result<ExitCode> {
+    if until_idle {
+        queue.run_until_idle().await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let engine = queue.start();
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    tracing::info!("shutting down: letting running tasks finish");
+    engine.shutdown(Duration::from_secs(30)).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(
+    queue: &TaskQueue,
+    id: Option<String>,
+    json_out: bool,
+    statuses: Vec<TaskStatus>,
+    project: Option<String>,
+    limit: usize,
+) -> Result<ExitCode> {
+    match id {
+        Some(id) => {
+            let t = queue.get(&id).await?;
+            let attempts = queue.attempts(&id).await?;
+            if json_out {
+                let mut v = serde_json::to_value(&t).unwrap_or_default();
+                v["attempt_history"] = serde_json::to_value(&attempts).unwrap_or_default();
+                print_json(&v);
+            } else {
+                println!("{}  {}  {}", t.id, t.name, t.status);
+                println!("attempts: {} of {}", t.attempts, t.max_attempts);
+                if let Some(e) = &t.error {
+                    println!("error: {e}");
+                }
+                for a in &attempts {
+                    println!(
+                        "  #{} {} exit={:?} signal={:?} {} ms{}",
+                        a.attempt,
+                        a.status.as_str(),
+                        a.result.exit_code,
+                        a.result.signal,
+                        a.result.duration_ms,
+                        a.error
+                            .as_ref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        None => {
+            let page = queue
+                .list(ListOptions {
+                    statuses,
+                    project,
+                    limit: Some(limit),
+                    ..ListOptions::default()
+                })
+                .await?;
+            if json_out {
+                print_json(&serde_json::to_value(&page).unwrap_or_default());
+            } else {
+                for t in &page.tasks {
+                    println!("{}  {:10}  {}", t.id, t.status.as_str(), t.name);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

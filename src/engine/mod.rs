@@ -1,0 +1,426 @@
+//! The engine: claims ready tasks, runs them, renews their leases, and
+//! takes back the leases of workers that died.
+//!
+//! The scheduler loop is the only code that starts attempts; every state
+//! change it makes goes through the store's writer as one atomic operation.
+
+pub mod clock;
+pub mod recovery;
+pub mod retry;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::executor::{self, ExecSettings, Handlers, StopReason, TaskContext, reaper::Reaper};
+use crate::integrity;
+use crate::model::{AttemptStatus, TaskKind, TaskSpec, TaskStatus};
+use crate::store::{ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, Reclaim, Store};
+use clock::Clock;
+
+/// A running attempt, as the engine tracks it.
+struct Running {
+    attempt: u32,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+/// State shared by the service handle and the engine loops.
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub handlers: RwLock<Handlers>,
+    /// Wakes the scheduler: new work, a free slot, a cancel.
+    pub wake: Notify,
+    pub worker_id: String,
+    running: Mutex<HashMap<String, Running>>,
+    pub exec: ExecSettings,
+}
+
+impl Shared {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        worker_id: String,
+    ) -> Self {
+        let scratch_dir = std::env::temp_dir().join(format!("task-queue-{}", std::process::id()));
+        let exec = ExecSettings {
+            env_allowlist: config.execution.env_allowlist.clone(),
+            kill_grace: config.execution.kill_grace.0,
+            scratch_dir,
+        };
+        Shared {
+            store,
+            config,
+            clock,
+            handlers: RwLock::new(Handlers::new()),
+            wake: Notify::new(),
+            worker_id,
+            running: Mutex::new(HashMap::new()),
+            exec,
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops a task this process is running, if it is.
+    pub fn stop_local(&self, task_id: &str, reason: StopReason) -> bool {
+        match self.running().get(task_id) {
+            Some(r) => {
+                let _ = r.stop.send(Some(reason));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn claim_request(&self, limit: usize) -> ClaimRequest {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ClaimRequest {
+            worker_id: self.worker_id.clone(),
+            now,
+            lease_until: now + self.config.execution.lease_duration.as_millis() as i64,
+            limit,
+            commands: true,
+            external_names: names,
+        }
+    }
+}
+
+/// Shutdown phases sent to the engine loop.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOP_NOW: u8 = 2;
+
+/// Controls a started engine.
+pub struct EngineHandle {
+    shutdown: watch::Sender<u8>,
+    done: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl EngineHandle {
+    /// Stops claiming, lets running attempts finish for up to `grace`, then
+    /// stops them; their tasks go back to the queue to run again.
+    pub async fn shutdown(self, grace: Duration) -> Result<()> {
+        let _ = self.shutdown.send(DRAINING);
+        let mut done = self.done;
+        tokio::select! {
+            r = &mut done => return r.map_err(|e| Error::Store(format!("engine task failed: {e}")))?,
+            _ = tokio::time::sleep(grace) => {}
+        }
+        let _ = self.shutdown.send(STOP_NOW);
+        done.await
+            .map_err(|e| Error::Store(format!("engine task failed: {e}")))?
+    }
+
+    /// Waits for an engine started with `until_idle` to finish.
+    pub async fn join(self) -> Result<()> {
+        self.done
+            .await
+            .map_err(|e| Error::Store(format!("engine task failed: {e}")))?
+    }
+}
+
+/// Starts the engine loops on the current runtime.
+pub(crate) fn start(shared: Arc<Shared>, until_idle: bool) -> EngineHandle {
+    let (tx, rx) = watch::channel(RUNNING);
+    let done = tokio::spawn(run(shared, rx, until_idle));
+    EngineHandle { shutdown: tx, done }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<u8>,
+    until_idle: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(&shared.exec.scratch_dir)?;
+    let reaper = match Reaper::spawn() {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the process guard; task processes may outlive a crash");
+            None
+        }
+    };
+    recovery::register_and_recover(&shared).await?;
+    let leases = tokio::spawn(lease_loop(shared.clone()));
+    let max = shared.config.execution.max_concurrent_tasks;
+    let poll = shared.config.execution.poll_interval.0;
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut store_errors = 0u32;
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if *shutdown.borrow() != RUNNING {
+            break;
+        }
+        let free = max.saturating_sub(tasks.len());
+        if free > 0 {
+            match shared.store.claim(shared.claim_request(free)).await {
+                Ok(claimed) => {
+                    store_errors = 0;
+                    let full = claimed.len() == free;
+                    for c in claimed {
+                        let stop = register_running(&shared, &c);
+                        tasks.spawn(run_attempt(shared.clone(), c, reaper.clone(), stop));
+                    }
+                    if full {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    store_errors += 1;
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * store_errors.min(50) as u64))
+                        .await;
+                    continue;
+                }
+            }
+        }
+        if until_idle && tasks.is_empty() {
+            let req = shared.claim_request(1);
+            if shared.store.runnable_count(&req).await? == 0 {
+                break;
+            }
+        }
+        let now = shared.clock.now_ms();
+        let mut sleep = poll;
+        if free > 0
+            && let Ok(Some(at)) = shared.store.next_run_at(now).await
+        {
+            sleep = sleep.min(Duration::from_millis((at - now).max(1) as u64));
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    // Graceful stop: wait for running attempts until the handle says stop.
+    drain(&shared, &mut tasks, &mut shutdown).await;
+    leases.abort();
+    drop(reaper);
+    let _ = std::fs::remove_dir(&shared.exec.scratch_dir);
+    Ok(())
+}
+
+async fn drain(shared: &Shared, tasks: &mut JoinSet<()>, shutdown: &mut watch::Receiver<u8>) {
+    while *shutdown.borrow_and_update() != STOP_NOW {
+        tokio::select! {
+            r = tasks.join_next() => if r.is_none() { return },
+            r = shutdown.changed() => if r.is_err() { break },
+        }
+    }
+    for r in shared.running().values() {
+        let _ = r.stop.send(Some(StopReason::Shutdown));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn register_running(shared: &Shared, c: &ClaimedTask) -> watch::Receiver<Option<StopReason>> {
+    let (tx, rx) = watch::channel(None);
+    shared.running().insert(
+        c.id.clone(),
+        Running {
+            attempt: c.attempt,
+            stop: tx,
+        },
+    );
+    rx
+}
+
+async fn run_attempt(
+    shared: Arc<Shared>,
+    c: ClaimedTask,
+    reaper: Option<Arc<Reaper>>,
+    stop: watch::Receiver<Option<StopReason>>,
+) {
+    let report = execute(&shared, &c, reaper.as_deref(), stop.clone()).await;
+    let spec: Option<TaskSpec> = serde_json::from_str(&c.spec_json).ok();
+    let policy = spec
+        .as_ref()
+        .and_then(|s| s.retry.clone())
+        .unwrap_or_default();
+    let now = shared.clock.now_ms();
+    let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
+    let next = retry::next_state(&report, c.attempt, &policy, now, shutdown);
+    let finish = FinishAttempt {
+        task_id: c.id.clone(),
+        attempt: c.attempt,
+        worker_id: shared.worker_id.clone(),
+        started_at: c.started_at,
+        now,
+        status: report.status,
+        error: report.error,
+        result: report.result,
+        logs: report.logs,
+        next,
+    };
+    // The result must not be lost to a passing store error: retry, and if
+    // the store stays away the lease expires and the task runs again.
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..8 {
+        match shared.store.finish(finish.clone()).await {
+            Ok(FinishOutcome::Applied(s)) => {
+                tracing::debug!(task = %c.id, name = %c.name, attempt = c.attempt, status = %s, "attempt finished");
+                break;
+            }
+            Ok(FinishOutcome::Stale(s)) => {
+                tracing::info!(task = %c.id, attempt = c.attempt, current = %s, "attempt ended after the task moved on; recorded only");
+                break;
+            }
+            Err(Error::ShuttingDown) => break,
+            Err(e) => {
+                tracing::warn!(task = %c.id, error = %e, "could not record the attempt; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    {
+        let mut running = shared.running();
+        if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
+            running.remove(&c.id);
+        }
+    }
+    shared.wake.notify_one();
+}
+
+async fn execute(
+    shared: &Shared,
+    c: &ClaimedTask,
+    reaper: Option<&Reaper>,
+    stop: watch::Receiver<Option<StopReason>>,
+) -> executor::AttemptReport {
+    let fatal = |msg: String| executor::AttemptReport {
+        status: AttemptStatus::Failed,
+        error: Some(msg),
+        retryable: false,
+        result: crate::model::TaskResult {
+            attempt: c.attempt,
+            ..Default::default()
+        },
+        logs: Vec::new(),
+    };
+    // Integrity: the spec must be exactly what was submitted.
+    let computed = integrity::spec_hash(&c.spec_json);
+    if computed != c.spec_hash {
+        return fatal(format!(
+            "integrity check failed: the stored spec hashes to {computed} but {} was recorded at submit; the task was not run",
+            c.spec_hash
+        ));
+    }
+    let spec: TaskSpec = match serde_json::from_str(&c.spec_json) {
+        Ok(s) => s,
+        Err(e) => return fatal(format!("the stored spec cannot be read: {e}")),
+    };
+    let timeout = spec
+        .timeout
+        .map(|t| t.0)
+        .unwrap_or(shared.config.execution.default_timeout.0);
+    let ctx = TaskContext {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        attempt: c.attempt,
+        spec: Arc::new(spec),
+    };
+    match c.kind {
+        TaskKind::Command => executor::run_command(&ctx, &shared.exec, reaper, stop).await,
+        TaskKind::External => {
+            let handler = shared
+                .handlers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&c.name)
+                .cloned();
+            match handler {
+                Some(h) => executor::run_handler(ctx, h, timeout, stop).await,
+                None => {
+                    let mut r = fatal(format!(
+                        "no handler is registered for {:?} any more",
+                        c.name
+                    ));
+                    r.retryable = true;
+                    r
+                }
+            }
+        }
+        TaskKind::Http => fatal("HTTP tasks are not supported yet".into()),
+    }
+}
+
+/// Renews this worker's leases; stops local attempts whose lease is gone
+/// (cancelled elsewhere, or expired and taken over). Also reclaims expired
+/// leases of other workers.
+async fn lease_loop(shared: Arc<Shared>) {
+    let lease = shared.config.execution.lease_duration.0;
+    let period = lease / 3;
+    let mut ticks = 0u64;
+    loop {
+        tokio::time::sleep(period).await;
+        ticks += 1;
+        let snapshot: Vec<(String, u32)> = shared
+            .running()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.attempt))
+            .collect();
+        let now = shared.clock.now_ms();
+        match shared
+            .store
+            .renew_leases(&shared.worker_id, now, now + lease.as_millis() as i64)
+            .await
+        {
+            Ok(held) => {
+                let held: HashSet<String> = held.into_iter().collect();
+                for (id, attempt) in snapshot {
+                    if held.contains(&id) {
+                        continue;
+                    }
+                    let reason = match shared.store.get(&id).await {
+                        Ok(Some(t)) if t.status == TaskStatus::Cancelled => StopReason::Cancelled,
+                        _ => StopReason::LeaseLost,
+                    };
+                    if let Some(r) = shared.running().get(&id)
+                        && r.attempt == attempt
+                    {
+                        tracing::info!(task = %id, ?reason, "stopping an attempt whose lease is gone");
+                        let _ = r.stop.send(Some(reason));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+        }
+        // Reclaim others' expired leases about twice per lease period.
+        if ticks % 2 == 0 {
+            match shared
+                .store
+                .reclaim(Reclaim::Expired, shared.clock.now_ms())
+                .await
+            {
+                Ok(events) if !events.is_empty() => {
+                    tracing::warn!(
+                        count = events.len(),
+                        "took back tasks whose worker stopped renewing its lease"
+                    );
+                    shared.wake.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "lease reclaim failed"),
+            }
+        }
+    }
+}

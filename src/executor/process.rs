@@ -1,0 +1,252 @@
+//! Running one command attempt: spawn in its own process group with
+//! rlimits and a parent-death signal, capture output with a cap, enforce
+//! the timeout, and stop the whole group (TERM, grace, KILL).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::reaper::Reaper;
+use crate::model::Limits;
+
+/// Why a running attempt is being stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The task was cancelled.
+    Cancelled,
+    /// The lease was lost (expired, or the task was taken over).
+    LeaseLost,
+    /// The engine is shutting down and its grace period is over.
+    Shutdown,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ProcessRequest {
+    /// Program and arguments (`/bin/sh -c CMD` for shell commands).
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    /// The complete environment (the child inherits nothing else).
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+}
+
+/// Captured output of one stream.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    pub data: Vec<u8>,
+    pub dropped_bytes: u64,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exited,
+    TimedOut,
+    Stopped(StopReason),
+}
+
+/// The outcome of running a process.
+#[derive(Debug)]
+pub struct ProcessOutcome {
+    pub ending: Ending,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration: Duration,
+    pub stdout: Captured,
+    pub stderr: Captured,
+}
+
+/// Runs the request to completion. `Err` means it could not be started.
+pub async fn run(
+    req: &ProcessRequest,
+    reaper: Option<&Reaper>,
+    mut stop: watch::Receiver<Option<StopReason>>,
+) -> std::io::Result<ProcessOutcome> {
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    let limits = RawLimits::from(&req.limits);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls on values copied in beforehand.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            // The engine may have died between fork and prctl.
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            limits.apply()
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn()?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    if let Some(r) = reaper {
+        r.track(pgid);
+    }
+    let cap = req.limits.max_output_bytes.map(|b| b.0).unwrap_or(10 << 20) as usize;
+    let out = tokio::spawn(capture(child.stdout.take(), cap));
+    let err = tokio::spawn(capture(child.stderr.take(), cap));
+
+    let mut ending = Ending::Exited;
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        _ = tokio::time::sleep(req.timeout) => {
+            ending = Ending::TimedOut;
+            terminate(&mut child, pgid, req.kill_grace).await?
+        }
+        reason = wait_stop(&mut stop) => {
+            ending = Ending::Stopped(reason);
+            terminate(&mut child, pgid, req.kill_grace).await?
+        }
+    };
+    let duration = started.elapsed();
+    // Whatever the leader left behind in its group goes with it.
+    kill_group(pgid, libc::SIGKILL);
+    if let Some(r) = reaper {
+        r.untrack(pgid);
+    }
+    // A process that escaped the group could hold the pipes open; don't wait forever.
+    let stdout = tokio::time::timeout(Duration::from_secs(2), out)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let stderr = tokio::time::timeout(Duration::from_secs(2), err)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    Ok(ProcessOutcome {
+        ending,
+        exit_code: status.code(),
+        signal: status.signal(),
+        duration,
+        stdout,
+        stderr,
+    })
+}
+
+async fn wait_stop(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
+    loop {
+        if let Some(r) = *stop.borrow_and_update() {
+            return r;
+        }
+        if stop.changed().await.is_err() {
+            // Sender gone: nobody can stop us any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    kill_group(pgid, libc::SIGTERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            kill_group(pgid, libc::SIGKILL);
+            child.wait().await
+        }
+    }
+}
+
+/// Signals a whole process group; a group that is already gone is fine.
+pub fn kill_group(pgid: i32, sig: libc::c_int) {
+    if pgid > 1 {
+        // SAFETY: plain syscall; negative pid addresses the group.
+        unsafe { libc::kill(-pgid, sig) };
+    }
+}
+
+async fn capture(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Captured {
+    let mut c = Captured::default();
+    let Some(mut s) = stream else { return c };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(c.data.len());
+                let keep = n.min(room);
+                c.data.extend_from_slice(&buf[..keep]);
+                c.dropped_bytes += (n - keep) as u64;
+            }
+        }
+    }
+    c
+}
+
+/// rlimit values copied before fork.
+#[derive(Clone, Copy)]
+struct RawLimits {
+    cpu: Option<u64>,
+    mem: Option<u64>,
+    nproc: Option<u64>,
+}
+
+impl From<&Limits> for RawLimits {
+    fn from(l: &Limits) -> Self {
+        RawLimits {
+            cpu: l.cpu_seconds,
+            mem: l.memory_bytes.map(|b| b.0),
+            nproc: l.max_processes,
+        }
+    }
+}
+
+impl RawLimits {
+    fn apply(&self) -> std::io::Result<()> {
+        fn set(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::io::Result<()> {
+            let lim = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: valid pointer to a stack value.
+            if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        if let Some(cpu) = self.cpu {
+            // Soft limit sends SIGXCPU; the hard limit a second later SIGKILL.
+            set(libc::RLIMIT_CPU, cpu, cpu + 1)?;
+        }
+        if let Some(mem) = self.mem {
+            set(libc::RLIMIT_AS, mem, mem)?;
+        }
+        if let Some(n) = self.nproc {
+            set(libc::RLIMIT_NPROC, n, n)?;
+        }
+        Ok(())
+    }
+}

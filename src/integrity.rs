@@ -1,0 +1,232 @@
+//! Spec hashing and the audit hash chain.
+//!
+//! The spec hash is SHA-256 over the canonical JSON of the resolved spec,
+//! computed at submit and checked before every attempt. Audit events form a
+//! chain: each event's hash covers its fields and the previous event's hash,
+//! so editing, deleting or reordering any row breaks every link after it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Hash of the chain's virtual event 0.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Hex SHA-256 of a canonical spec.
+pub fn spec_hash(canonical_spec: &str) -> String {
+    hex::encode(Sha256::digest(canonical_spec.as_bytes()))
+}
+
+/// One audit event: a state transition of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AuditEvent {
+    /// Position in the chain, contiguous from 1.
+    pub seq: i64,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+    pub task_id: String,
+    /// What happened: `submitted`, `claimed`, `finished`, `retry_scheduled`, `lease_expired`, `cancelled`, ...
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_status: Option<String>,
+    pub to_status: String,
+    /// Compact JSON with event detail (attempt, worker, error).
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Computes the hash of an event from its fields and the previous hash.
+pub fn event_hash(
+    prev_hash: &str,
+    seq: i64,
+    at: i64,
+    task_id: &str,
+    kind: &str,
+    from_status: Option<&str>,
+    to_status: &str,
+    detail: &str,
+) -> String {
+    let mut h = Sha256::new();
+    // Length-prefix every field so no two different events serialize alike.
+    for part in [
+        prev_hash.as_bytes(),
+        seq.to_string().as_bytes(),
+        at.to_string().as_bytes(),
+        task_id.as_bytes(),
+        kind.as_bytes(),
+        from_status.unwrap_or("").as_bytes(),
+        to_status.as_bytes(),
+        detail.as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    hex::encode(h.finalize())
+}
+
+impl AuditEvent {
+    /// Recomputes this event's hash from its fields.
+    pub fn computed_hash(&self) -> String {
+        event_hash(
+            &self.prev_hash,
+            self.seq,
+            self.at,
+            &self.task_id,
+            &self.kind,
+            self.from_status.as_deref(),
+            &self.to_status,
+            &self.detail,
+        )
+    }
+}
+
+/// The outcome of `audit verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AuditReport {
+    /// Events checked.
+    pub events: u64,
+    pub ok: bool,
+    /// The first broken link, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<BrokenLink>,
+}
+
+/// Where the chain breaks and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct BrokenLink {
+    pub seq: i64,
+    pub task_id: String,
+    pub reason: String,
+}
+
+/// Walks events in `seq` order and reports the first broken link.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    expected_prev: String,
+    expected_seq: i64,
+    checked: u64,
+    broken: Option<BrokenLink>,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier {
+            expected_prev: GENESIS_HASH.to_string(),
+            expected_seq: 1,
+            checked: 0,
+            broken: None,
+        }
+    }
+}
+
+impl ChainVerifier {
+    /// Feeds the next event; returns false once the chain is broken.
+    pub fn push(&mut self, e: &AuditEvent) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        self.checked += 1;
+        let reason = if e.seq != self.expected_seq {
+            Some(format!(
+                "expected event #{} but found #{}: events were deleted or inserted",
+                self.expected_seq, e.seq
+            ))
+        } else if e.prev_hash != self.expected_prev {
+            Some("prev_hash does not match the previous event's hash".to_string())
+        } else if e.computed_hash() != e.hash {
+            Some("the event's content does not match its hash: the row was altered".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.broken = Some(BrokenLink {
+                seq: e.seq,
+                task_id: e.task_id.clone(),
+                reason,
+            });
+            return false;
+        }
+        self.expected_prev = e.hash.clone();
+        self.expected_seq += 1;
+        true
+    }
+
+    pub fn finish(self) -> AuditReport {
+        AuditReport {
+            events: self.checked,
+            ok: self.broken.is_none(),
+            broken: self.broken,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: i64) -> Vec<AuditEvent> {
+        let mut prev = GENESIS_HASH.to_string();
+        (1..=n)
+            .map(|seq| {
+                let hash = event_hash(
+                    &prev,
+                    seq,
+                    1000 + seq,
+                    "t1",
+                    "claimed",
+                    Some("queued"),
+                    "running",
+                    "{}",
+                );
+                let e = AuditEvent {
+                    seq,
+                    at: 1000 + seq,
+                    task_id: "t1".into(),
+                    kind: "claimed".into(),
+                    from_status: Some("queued".into()),
+                    to_status: "running".into(),
+                    detail: "{}".into(),
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
+                prev = hash;
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let mut v = ChainVerifier::default();
+        for e in chain(5) {
+            assert!(v.push(&e));
+        }
+        let r = v.finish();
+        assert!(r.ok);
+        assert_eq!(r.events, 5);
+    }
+
+    #[test]
+    fn altered_row_is_named() {
+        let mut events = chain(5);
+        events[2].to_status = "succeeded".into();
+        let mut v = ChainVerifier::default();
+        events.iter().for_each(|e| {
+            v.push(e);
+        });
+        let r = v.finish();
+        assert!(!r.ok);
+        assert_eq!(r.broken.unwrap().seq, 3);
+    }
+
+    #[test]
+    fn deleted_row_is_named() {
+        let mut events = chain(5);
+        events.remove(1);
+        let mut v = ChainVerifier::default();
+        events.iter().for_each(|e| {
+            v.push(e);
+        });
+        assert_eq!(v.finish().broken.unwrap().seq, 3);
+    }
+}

@@ -1,0 +1,25 @@
+//! Plain data: task specs, statuses, records and the small value types they use.
+//!
+//! Nothing here touches the store or the engine; everything is serde and
+//! schemars so every interface can share it.
+
+mod parse;
+mod record;
+mod spec;
+mod status;
+mod units;
+
+pub use parse::{
+    MAX_BATCH_TASKS, MAX_FILE_BYTES, TaskFile, canonical_json, from_value, parse_document,
+    parse_task_file,
+};
+pub use record::{Artifact, Attempt, AttemptStatus, LogChunk, TaskEvent, TaskRecord, TaskResult};
+pub use spec::{
+    Condition, Dependency, HealthCheck, HttpSpec, Limits, MAX_SPEC_BYTES, RetryPolicy, Schedule,
+    TaskKind, TaskSpec,
+};
+pub use status::TaskStatus;
+pub use units::{ByteSize, Dur, Timestamp};
+
+/// The builder name used in examples: `Task::new("build").with_command("make")`.
+pub type Task = TaskSpec;

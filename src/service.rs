@@ -1,0 +1,369 @@
+//! `TaskQueue`: the one API that the CLI, library users (and the MCP and
+//! REST layers) call. Clones are shallow: every clone shares one store and
+//! one engine state.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::engine::clock::{Clock, SystemClock};
+use crate::engine::{self, EngineHandle, Shared};
+use crate::error::{Error, Result};
+use crate::executor::{Handler, HandlerError, StopReason, TaskContext};
+use crate::integrity::{self, AuditEvent, AuditReport};
+use crate::model::{
+    Attempt, LogChunk, MAX_BATCH_TASKS, TaskEvent, TaskKind, TaskRecord, TaskSpec, TaskStatus,
+    canonical_json,
+};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{NewTask, StatusCounts, Store, Submitted, TaskFilter};
+
+/// Handle to a task queue. Clones are shallow.
+#[derive(Clone)]
+pub struct TaskQueue {
+    inner: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TaskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskQueue")
+            .field("worker_id", &self.inner.worker_id)
+            .finish()
+    }
+}
+
+/// A page of tasks, newest first.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskRecord>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Filters for [`TaskQueue::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    pub statuses: Vec<TaskStatus>,
+    pub project: Option<String>,
+    pub tag: Option<String>,
+    pub name: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+impl TaskQueue {
+    /// Opens the SQLite database at `path` with the default configuration.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let mut config = Config::default();
+        config.storage.path = path.as_ref().to_path_buf();
+        Self::open_with(config).await
+    }
+
+    /// Opens the store named by `config.storage`.
+    pub async fn open_with(config: Config) -> Result<Self> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Opens with an injected clock (tests).
+    pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
+        config.validate()?;
+        let store = SqliteStore::open(
+            &config.storage.path,
+            config.storage.durability,
+            config.storage.read_connections,
+        )
+        .await?;
+        Ok(Self::with_store(Arc::new(store), config, clock))
+    }
+
+    /// Builds a queue over any store.
+    pub fn with_store(store: Arc<dyn Store>, config: Config, clock: Arc<dyn Clock>) -> Self {
+        let worker_id = format!("w-{}", uuid::Uuid::now_v7());
+        TaskQueue {
+            inner: Arc::new(Shared::new(store, config, clock, worker_id)),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// This process's engine instance id (the lease owner of what it runs).
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Validates and submits one task.
+    pub async fn submit(&self, spec: impl Into<TaskSpec>) -> Result<Submitted> {
+        let mut v = self.submit_batch(vec![spec.into()]).await?;
+        Ok(v.pop().expect("one result per task"))
+    }
+
+    /// Validates and submits tasks atomically: all are stored, or none.
+    /// Errors name the task's index (`tasks[3].priority`).
+    pub async fn submit_batch(&self, specs: Vec<TaskSpec>) -> Result<Vec<Submitted>> {
+        if specs.len() > MAX_BATCH_TASKS {
+            return Err(Error::invalid(
+                "tasks",
+                format!(
+                    "{} tasks in one batch; at most {MAX_BATCH_TASKS}",
+                    specs.len()
+                ),
+            ));
+        }
+        let single = specs.len() == 1;
+        let now = self.inner.clock.now_ms();
+        let mut rows = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.into_iter().enumerate() {
+            let row = self.resolve(spec, now);
+            rows.push(if single {
+                row?
+            } else {
+                row.map_err(|e| e.in_field(&format!("tasks[{i}]")))?
+            });
+        }
+        let out = self.inner.store.submit(rows).await?;
+        self.inner.wake.notify_one();
+        Ok(out)
+    }
+
+    /// Fills configured defaults, checks the result, and hashes the canonical spec.
+    fn resolve(&self, mut spec: TaskSpec, now: i64) -> Result<NewTask> {
+        spec.validate()?;
+        let exec = &self.inner.config.execution;
+        let kind = spec.effective_kind();
+        spec.kind = Some(kind);
+        spec.timeout = Some(spec.timeout.unwrap_or(exec.default_timeout));
+        let retry = spec
+            .retry
+            .take()
+            .unwrap_or_default()
+            .merged_over(&exec.default_retry);
+        spec.retry = Some(retry);
+        if kind == TaskKind::Command {
+            spec.limits = Some(
+                spec.limits
+                    .take()
+                    .unwrap_or_default()
+                    .merged_over(&exec.default_limits),
+            );
+        }
+        spec.validate()?;
+        let spec_json = canonical_json(&spec)?;
+        let spec_hash = integrity::spec_hash(&spec_json);
+        Ok(NewTask {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: spec.name.clone(),
+            kind,
+            project: spec.project.clone(),
+            tags: spec.tags.clone(),
+            priority: spec.priority,
+            max_attempts: spec.retry.as_ref().map(|r| r.max_attempts()).unwrap_or(1),
+            idempotency_key: spec.idempotency_key.clone(),
+            spec_json,
+            spec_hash,
+            now,
+        })
+    }
+
+    /// A task by id.
+    pub async fn get(&self, id: &str) -> Result<TaskRecord> {
+        check_id(id)?;
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::task_not_found(id))
+    }
+
+    /// Tasks, newest first, with cursor pagination.
+    pub async fn list(&self, opts: ListOptions) -> Result<TaskPage> {
+        let limit = opts.limit.unwrap_or(50);
+        if limit == 0 || limit > 1000 {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be between 1 and 1000, got {limit}"),
+            ));
+        }
+        let before_seq = match &opts.cursor {
+            Some(c) => Some(c.parse::<i64>().map_err(|_| {
+                Error::invalid("cursor", "is not a cursor returned by a previous page")
+            })?),
+            None => None,
+        };
+        let filter = TaskFilter {
+            statuses: opts.statuses,
+            project: opts.project,
+            tag: opts.tag,
+            name: opts.name,
+            ids: Vec::new(),
+            limit: limit + 1,
+            before_seq,
+        };
+        let mut rows = self.inner.store.list(&filter).await?;
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|(seq, _)| seq.to_string())
+        } else {
+            None
+        };
+        Ok(TaskPage {
+            tasks: rows.into_iter().map(|(_, t)| t).collect(),
+            next_cursor,
+        })
+    }
+
+    /// Tasks by id, in no particular order (unknown ids are left out).
+    pub async fn get_many(&self, ids: &[String]) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let filter = TaskFilter {
+                ids: chunk.to_vec(),
+                limit: chunk.len(),
+                ..TaskFilter::default()
+            };
+            out.extend(
+                self.inner
+                    .store
+                    .list(&filter)
+                    .await?
+                    .into_iter()
+                    .map(|(_, t)| t),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Cancels a task that has not finished; a running one has its process group stopped.
+    pub async fn cancel(&self, id: &str) -> Result<TaskRecord> {
+        check_id(id)?;
+        let t = self
+            .inner
+            .store
+            .cancel(id, self.inner.clock.now_ms(), None)
+            .await?;
+        self.inner.stop_local(id, StopReason::Cancelled);
+        self.inner.wake.notify_one();
+        Ok(t)
+    }
+
+    /// Waits until the task is terminal or `timeout` passes; returns its state either way.
+    pub async fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<TaskRecord> {
+        let mut events = self.inner.store.subscribe();
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let t = self.get(id).await?;
+            if t.status.is_terminal() {
+                return Ok(t);
+            }
+            // Events cover this process; the poll covers other processes.
+            let poll = tokio::time::sleep(Duration::from_millis(500));
+            let until = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = wait_for_event(&mut events, id) => {}
+                _ = poll => {}
+                _ = until => return self.get(id).await,
+            }
+        }
+    }
+
+    /// Every attempt of a task, oldest first.
+    pub async fn attempts(&self, id: &str) -> Result<Vec<Attempt>> {
+        self.get(id).await?;
+        self.inner.store.attempts(id).await
+    }
+
+    /// Captured output of a task (all attempts, or one).
+    pub async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
+        self.get(id).await?;
+        self.inner.store.logs(id, attempt).await
+    }
+
+    /// Audit events, of one task or all, oldest first.
+    pub async fn audit_events(
+        &self,
+        task_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>> {
+        self.inner.store.audit_events(task_id, limit).await
+    }
+
+    /// Walks the whole audit chain.
+    pub async fn verify_audit(&self) -> Result<AuditReport> {
+        self.inner.store.verify_audit().await
+    }
+
+    /// Tasks by status.
+    pub async fn counts(&self) -> Result<StatusCounts> {
+        self.inner.store.counts().await
+    }
+
+    /// Committed state changes, as they happen in this process.
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.inner.store.subscribe()
+    }
+
+    /// Registers an in-process handler for external tasks named `name`.
+    /// Register before starting the engine so it claims them.
+    pub fn register_handler<F, Fut>(&self, name: impl Into<String>, f: F)
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Value, HandlerError>> + Send + 'static,
+    {
+        let h: Handler = Arc::new(move |ctx| f(ctx).boxed());
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), h);
+        self.inner.wake.notify_one();
+    }
+
+    /// Starts the engine on the current runtime; it runs until shut down.
+    pub fn start(&self) -> EngineHandle {
+        engine::start(self.inner.clone(), false)
+    }
+
+    /// Runs the engine until nothing is left that it could run.
+    pub async fn run_until_idle(&self) -> Result<()> {
+        engine::start(self.inner.clone(), true).join().await
+    }
+}
+
+async fn wait_for_event(events: &mut broadcast::Receiver<TaskEvent>, id: &str) {
+    loop {
+        match events.recv().await {
+            Ok(e) if e.task_id == id && e.status.is_terminal() => return,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(Error::invalid(
+            "id",
+            format!("{id:?} is not a task id (a UUID such as 0193b0c2-...)"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! The embedded SQLite store.
+//!
+//! One writer task owns the only write connection and commits everything
+//! that is pending together (group commit), so 64 concurrent submitters pay
+//! for one fsync, not 64. Reads go through a separate pool. WAL is required
+//! and verified at open; `storage.durability` picks `synchronous=FULL`
+//! (default) or `NORMAL`.
+
+mod read;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqlitePool};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::*;
+use crate::config::Durability;
+use crate::error::Error;
+use writer::Op;
+
+/// Embedded migrations (the `migrations/` directory).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Handle to an open SQLite store. Clones are shallow.
+#[derive(Clone)]
+pub struct SqliteStore {
+    ops: mpsc::Sender<Op>,
+    read: SqlitePool,
+    events: broadcast::Sender<TaskEvent>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn options(path: &Path, durability: Durability) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match durability {
+            Durability::Durable => SqliteSynchronous::Full,
+            Durability::Fast => SqliteSynchronous::Normal,
+        })
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(false)
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-16000")
+        .statement_cache_capacity(256)
+        .disable_statement_logging()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file, runs migrations,
+    /// verifies WAL, and starts the writer.
+    pub async fn open(path: &Path, durability: Durability, read_connections: u32) -> Result<Self> {
+        let text = path.to_string_lossy();
+        let stripped = PathBuf::from(
+            text.trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:"),
+        );
+        let path = stripped.as_path();
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Store(format!(
+                    "cannot create the data directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let opts = options(path, durability);
+        let mut conn = opts.connect().await.map_err(|e| {
+            Error::Store(format!("cannot open the database {}: {e}", path.display()))
+        })?;
+        MIGRATOR.run(&mut conn).await?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut conn)
+            .await?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Store(format!(
+                "{} is in journal_mode={mode}, not WAL; the file system may not support it",
+                path.display()
+            )));
+        }
+        let read = SqlitePoolOptions::new()
+            .max_connections(read_connections)
+            .min_connections(1)
+            .connect_with(
+                SqliteConnectOptions::from_str("sqlite://")
+                    .map_err(Error::from)?
+                    .filename(path)
+                    .read_only(true)
+                    .busy_timeout(BUSY_TIMEOUT)
+                    .pragma("cache_size", "-8000")
+                    .statement_cache_capacity(128)
+                    .disable_statement_logging(),
+            )
+            .await?;
+        let (events, _) = broadcast::channel(8192);
+        let (tx, rx) = mpsc::channel(16_384);
+        tokio::spawn(writer::run(conn, rx, events.clone()));
+        Ok(SqliteStore {
+            ops: tx,
+            read,
+            events,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The read pool, for diagnostics and benchmarks.
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Closes the pools after the writer drained (used at shutdown).
+    pub async fn close(&self) {
+        let _ = self.call(|reply| Op::Close { reply }).await;
+        self.read.close().await;
+    }
+}
+
+/// Opens a one-off connection with the store's settings (used by `audit verify`, benches).
+pub async fn connect_raw(path: &Path) -> Result<sqlx::SqliteConnection> {
+    let c = options(path, Durability::Durable).connect().await?;
+    Ok(c)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<Submitted>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call(|reply| Op::Submit { tasks, reply }).await
+    }
+
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>> {
+        if req.limit == 0 || (!req.commands && req.external_names.is_empty()) {
+            return Ok(Vec::new());
+        }
+        self.call(|reply| Op::Claim { req, reply }).await
+    }
+
+    async fn finish(&self, f: FinishAttempt) -> Result<FinishOutcome> {
+        self.call(|reply| Op::Finish {
+            f: Box::new(f),
+            reply,
+        })
+        .await
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<String>> {
+        let worker_id = worker_id.to_string();
+        self.call(|reply| Op::Renew {
+            worker_id,
+            now,
+            lease_until,
+            reply,
+        })
+        .await
+    }
+
+    async fn reclaim(&self, scope: Reclaim, now: i64) -> Result<Vec<TaskEvent>> {
+        self.call(|reply| Op::Reclaim { scope, now, reply }).await
+    }
+
+    async fn cancel(&self, id: &str, now: i64, reason: Option<String>) -> Result<TaskRecord> {
+        let id_owned = id.to_string();
+        self.call(|reply| Op::Cancel {
+            id: id_owned,
+            now,
+            reason,
+            reply,
+        })
+        .await?;
+        self.get(id).await?.ok_or_else(|| Error::task_not_found(id))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>> {
+        read::get(&self.read, id).await
+    }
+
+    async fn list(&self, filter: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>> {
+        read::list(&self.read, filter).await
+    }
+
+    async fn attempts(&self, id: &str) -> Result<Vec<Attempt>> {
+        read::attempts(&self.read, id).await
+    }
+
+    async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
+        read::logs(&self.read, id, attempt).await
+    }
+
+    async fn audit_events(&self, task_id: Option<&str>, limit: usize) -> Result<Vec<AuditEvent>> {
+        read::audit_events(&self.read, task_id, limit).await
+    }
+
+    async fn verify_audit(&self) -> Result<AuditReport> {
+        read::verify_audit(&self.read).await
+    }
+
+    async fn counts(&self) -> Result<StatusCounts> {
+        read::counts(&self.read).await
+    }
+
+    async fn runnable_count(&self, req: &ClaimRequest) -> Result<u64> {
+        read::runnable_count(&self.read, req).await
+    }
+
+    async fn next_run_at(&self, now: i64) -> Result<Option<i64>> {
+        read::next_run_at(&self.read, now).await
+    }
+
+    async fn register_worker(&self, w: WorkerInfo) -> Result<()> {
+        self.call(|reply| Op::RegisterWorker { w, reply }).await
+    }
+
+    async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>> {
+        read::workers_with_leases(&self.read, host).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// Used by tests and `bench` to confirm the claim query is index-ordered.
+pub async fn explain_claim(pool: &SqlitePool) -> Result<Vec<String>> {
+    let sql = format!("EXPLAIN QUERY PLAN {}", writer::claim_sql(true, 0));
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(0i64)
+        .bind(1i64)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|r| r.3).collect())
+}

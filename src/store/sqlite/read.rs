@@ -1,0 +1,286 @@
+//! Queries served by the read pool.
+
+use futures_util::TryStreamExt;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
+
+use crate::error::{Error, Result};
+use crate::integrity::{AuditEvent, AuditReport, ChainVerifier};
+use crate::model::{
+    Attempt, AttemptStatus, LogChunk, TaskKind, TaskRecord, TaskResult, TaskSpec, TaskStatus,
+    Timestamp,
+};
+use crate::store::{ClaimRequest, StatusCounts, TaskFilter, WorkerInfo};
+
+const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
+    run_at, created_at, updated_at, started_at, finished_at, lease_owner, lease_expires_at, \
+    idempotency_key, spec, spec_hash, result, error";
+
+fn task_from_row(row: &SqliteRow) -> Result<(i64, TaskRecord)> {
+    let id: String = row.get(1);
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Store(format!("task {id}: stored {what} is unreadable: {e}"))
+    };
+    let kind: String = row.get(3);
+    let status: String = row.get(6);
+    let tags: String = row.get(5);
+    let spec: String = row.get(18);
+    let result: Option<String> = row.get(20);
+    let record = TaskRecord {
+        id: id.clone(),
+        name: row.get(2),
+        kind: match kind.as_str() {
+            "http" => TaskKind::Http,
+            "external" => TaskKind::External,
+            _ => TaskKind::Command,
+        },
+        project: row.get(4),
+        tags: serde_json::from_str(&tags).map_err(|e| corrupt("tags", &e))?,
+        status: status.parse().map_err(|e: String| corrupt("status", &e))?,
+        priority: row.get(7),
+        attempts: row.get::<i64, _>(8) as u32,
+        max_attempts: row.get::<i64, _>(9) as u32,
+        run_at: Timestamp(row.get(10)),
+        created_at: Timestamp(row.get(11)),
+        updated_at: Timestamp(row.get(12)),
+        started_at: row.get::<Option<i64>, _>(13).map(Timestamp),
+        finished_at: row.get::<Option<i64>, _>(14).map(Timestamp),
+        lease_owner: row.get(15),
+        lease_expires_at: row.get::<Option<i64>, _>(16).map(Timestamp),
+        idempotency_key: row.get(17),
+        spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt("spec", &e))?,
+        spec_hash: row.get(19),
+        result: match result {
+            Some(r) => {
+                Some(serde_json::from_str::<TaskResult>(&r).map_err(|e| corrupt("result", &e))?)
+            }
+            None => None,
+        },
+        error: row.get(21),
+    };
+    Ok((row.get(0), record))
+}
+
+pub(super) async fn get(pool: &SqlitePool, id: &str) -> Result<Option<TaskRecord>> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| task_from_row(&r).map(|(_, t)| t)).transpose()
+}
+
+pub(super) async fn list(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>> {
+    let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+    if !f.statuses.is_empty() {
+        sql.push_str(&format!(
+            " AND status IN ({})",
+            vec!["?"; f.statuses.len()].join(",")
+        ));
+    }
+    if f.project.is_some() {
+        sql.push_str(" AND project = ?");
+    }
+    if f.tag.is_some() {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE json_each.value = ?)");
+    }
+    if f.name.is_some() {
+        sql.push_str(" AND name = ?");
+    }
+    if !f.ids.is_empty() {
+        sql.push_str(&format!(
+            " AND id IN ({})",
+            vec!["?"; f.ids.len()].join(",")
+        ));
+    }
+    if f.before_seq.is_some() {
+        sql.push_str(" AND seq < ?");
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT ?");
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for s in &f.statuses {
+        q = q.bind(s.as_str());
+    }
+    if let Some(p) = &f.project {
+        q = q.bind(p);
+    }
+    if let Some(t) = &f.tag {
+        q = q.bind(t);
+    }
+    if let Some(n) = &f.name {
+        q = q.bind(n);
+    }
+    for id in &f.ids {
+        q = q.bind(id);
+    }
+    if let Some(b) = f.before_seq {
+        q = q.bind(b);
+    }
+    let limit = if f.limit == 0 { 100 } else { f.limit };
+    q = q.bind(limit as i64);
+    q.fetch_all(pool).await?.iter().map(task_from_row).collect()
+}
+
+pub(super) async fn attempts(pool: &SqlitePool, id: &str) -> Result<Vec<Attempt>> {
+    let rows = sqlx::query(
+        "SELECT task_id, attempt, worker_id, status, started_at, finished_at, error, result \
+         FROM attempts WHERE task_id = ? ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let status: String = r.get(3);
+            let result: String = r.get(7);
+            Ok(Attempt {
+                task_id: r.get(0),
+                attempt: r.get::<i64, _>(1) as u32,
+                worker_id: r.get(2),
+                status: AttemptStatus::parse(&status).unwrap_or(AttemptStatus::Failed),
+                started_at: Timestamp(r.get(4)),
+                finished_at: Timestamp(r.get(5)),
+                error: r.get(6),
+                result: serde_json::from_str(&result)
+                    .map_err(|e| Error::Store(format!("attempt result is unreadable: {e}")))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn logs(
+    pool: &SqlitePool,
+    id: &str,
+    attempt: Option<u32>,
+) -> Result<Vec<LogChunk>> {
+    let rows = sqlx::query(
+        "SELECT attempt, stream, data, dropped_bytes FROM task_logs \
+         WHERE task_id = ?1 AND (?2 IS NULL OR attempt = ?2) ORDER BY attempt, stream DESC",
+    )
+    .bind(id)
+    .bind(attempt.map(|a| a as i64))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let data: Vec<u8> = r.get(2);
+            LogChunk {
+                attempt: r.get::<i64, _>(0) as u32,
+                stream: r.get(1),
+                text: String::from_utf8_lossy(&data).into_owned(),
+                dropped_bytes: r.get::<i64, _>(3) as u64,
+            }
+        })
+        .collect())
+}
+
+fn audit_from_row(r: &SqliteRow) -> AuditEvent {
+    AuditEvent {
+        seq: r.get(0),
+        at: r.get(1),
+        task_id: r.get(2),
+        kind: r.get(3),
+        from_status: r.get(4),
+        to_status: r.get(5),
+        detail: r.get(6),
+        prev_hash: r.get(7),
+        hash: r.get(8),
+    }
+}
+
+const AUDIT_COLUMNS: &str =
+    "seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash";
+
+pub(super) async fn audit_events(
+    pool: &SqlitePool,
+    task_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<AuditEvent>> {
+    let sql = format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE (?1 IS NULL OR task_id = ?1) ORDER BY seq LIMIT ?2"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(task_id)
+        .bind(limit.max(1) as i64)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.iter().map(audit_from_row).collect())
+}
+
+pub(super) async fn verify_audit(pool: &SqlitePool) -> Result<AuditReport> {
+    let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events ORDER BY seq");
+    let mut verifier = ChainVerifier::default();
+    let mut conn = pool.acquire().await?;
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut *conn);
+    while let Some(row) = rows.try_next().await? {
+        if !verifier.push(&audit_from_row(&row)) {
+            break;
+        }
+    }
+    Ok(verifier.finish())
+}
+
+pub(super) async fn counts(pool: &SqlitePool) -> Result<StatusCounts> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            .fetch_all(pool)
+            .await?;
+    let mut out = StatusCounts::new();
+    for (s, n) in rows {
+        if let Ok(st) = s.parse::<TaskStatus>() {
+            out.insert(st, n as u64);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn runnable_count(pool: &SqlitePool, req: &ClaimRequest) -> Result<u64> {
+    let names = vec!["?"; req.external_names.len()].join(",");
+    let kind_filter = match (req.commands, req.external_names.is_empty()) {
+        (true, true) => "kind = 'command'".to_string(),
+        (true, false) => format!("(kind = 'command' OR (kind = 'external' AND name IN ({names})))"),
+        (false, false) => format!("(kind = 'external' AND name IN ({names}))"),
+        (false, true) => "0".to_string(),
+    };
+    let sql = format!(
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'retrying') AND {kind_filter}) + \
+         (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND (lease_owner = ? OR lease_expires_at < ?))"
+    );
+    let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+    for n in &req.external_names {
+        q = q.bind(n);
+    }
+    let n = q.bind(&req.worker_id).bind(req.now).fetch_one(pool).await?;
+    Ok(n as u64)
+}
+
+pub(super) async fn next_run_at(pool: &SqlitePool, now: i64) -> Result<Option<i64>> {
+    let v: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(run_at) FROM tasks WHERE status IN ('queued', 'retrying') AND run_at > ?",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    Ok(v)
+}
+
+pub(super) async fn workers_with_leases(pool: &SqlitePool, host: &str) -> Result<Vec<WorkerInfo>> {
+    let rows = sqlx::query(
+        "SELECT id, host, pid, pid_start, started_at FROM workers WHERE host = ? AND id IN \
+         (SELECT lease_owner FROM tasks WHERE status = 'running' AND lease_owner IS NOT NULL)",
+    )
+    .bind(host)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| WorkerInfo {
+            id: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+            pid_start: r.get(3),
+            started_at: r.get(4),
+        })
+        .collect())
+}
