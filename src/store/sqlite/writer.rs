@@ -356,19 +356,24 @@ async fn submit(
         .collect()))
 }
 
-/// The claim query. `?1` = now, `?2` = limit, then the external names.
+/// The claim query. `?1` = now, `?2` = limit, `?3...` the external names.
+/// (sqlx numbers anonymous `?` on its own, so never mix them with `?N`.)
 pub(super) fn claim_sql(commands: bool, external_names: usize) -> String {
     let kind_filter = match (commands, external_names) {
         (true, 0) => "AND kind = 'command'".to_string(),
         (true, n) => format!(
             "AND (kind = 'command' OR (kind = 'external' AND name IN ({})))",
-            placeholders(n)
+            numbered_placeholders(3, n)
         ),
-        (false, n) => format!("AND kind = 'external' AND name IN ({})", placeholders(n)),
+        (false, n) => format!(
+            "AND kind = 'external' AND name IN ({})",
+            numbered_placeholders(3, n)
+        ),
     };
     format!(
         "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash \
-         FROM tasks WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
+         FROM tasks INDEXED BY tasks_ready \
+         WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
          ORDER BY priority DESC, seq LIMIT ?2"
     )
 }

@@ -1,0 +1,64 @@
+//! The audit hash chain and spec integrity, checked against edits made
+//! with the sqlite3 CLI.
+
+use crate::common::*;
+
+#[test]
+fn audit_verify_names_the_first_altered_row() {
+    let ws = Workspace::new();
+    let (code, _) = ws.run_file("tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'exit 1', retry: {max_attempts: 2, initial_delay: 10ms}}\n");
+    assert_eq!(code, 1);
+    let ok = ws.run(&["audit", "verify"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
+
+    // Rewrite history: claim that b's final transition was a success.
+    let seq =
+        ws.sqlite("SELECT seq FROM audit_events WHERE to_status = 'failed' ORDER BY seq LIMIT 1");
+    let seq = seq.trim();
+    ws.sqlite(&format!(
+        "UPDATE audit_events SET to_status = 'succeeded' WHERE seq = {seq}"
+    ));
+    let bad = ws.run(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains(&format!("event #{seq}")), "{err}");
+    assert!(err.contains("altered"), "{err}");
+}
+
+#[test]
+fn audit_verify_detects_a_deleted_row() {
+    let ws = Workspace::new();
+    ws.run_file("tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n");
+    ws.sqlite("DELETE FROM audit_events WHERE seq = 2");
+    let bad = ws.run(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("event #3"));
+}
+
+#[test]
+fn a_tampered_spec_is_not_run() {
+    let ws = Workspace::new();
+    let ids = ws.submit("tasks:\n  - {name: safe, command: 'echo safe > out.txt'}\n");
+    ws.sqlite("UPDATE tasks SET spec = replace(spec, 'echo safe', 'echo pwned')");
+    let out = ws.run(&["worker", "--until-idle"]);
+    assert!(out.status.success());
+    let t = ws.status(&ids[0]);
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["attempts"], 1, "an integrity failure is not retried");
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check failed"),
+        "{t}"
+    );
+    assert!(
+        !ws.path("out.txt").exists(),
+        "the tampered command must not run"
+    );
+}

@@ -1,0 +1,144 @@
+//! Bad input gets a clear error naming the field, exit code 2, and stores nothing.
+
+use crate::common::*;
+
+fn rejected(ws: &Workspace, yaml: &str) -> String {
+    let f = ws.write("bad.yml", yaml);
+    let out = ws.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn malformed_and_mistyped_files_are_rejected_with_the_field() {
+    let ws = Workspace::new();
+    let cases: &[(&str, &[&str])] = &[
+        ("tasks: [ {name: a, command: 'true' ", &["malformed YAML"]),
+        ("{\"tasks\": [{\"name\": \"a\", ", &["malformed JSON"]),
+        ("- just a list\n", &["tasks"]),
+        (
+            "tasks:\n  - {name: a, command: 'true', priority: high}\n",
+            &["tasks[0].priority"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', priority: 500}\n",
+            &["tasks[0].priority", "between -100 and 100"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', colour: red}\n",
+            &["colour"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', timeout: soon}\n",
+            &["tasks[0].timeout", "duration"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', retry: {max_attempts: 0}}\n",
+            &["tasks[0].retry.max_attempts"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', retry: {tries: 3}}\n",
+            &["tries"],
+        ),
+        (
+            "tasks:\n  - {name: 'has space', command: 'true'}\n",
+            &["tasks[0].name"],
+        ),
+        ("tasks:\n  - {name: a}\n", &["tasks[0].command", "required"]),
+        (
+            "tasks:\n  - {name: a, command: 'true', argv: ['true']}\n",
+            &["tasks[0].argv", "not both"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', env: {TASK_QUEUE_RESULT: x}}\n",
+            &["env.TASK_QUEUE_RESULT"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', limits: {memory_bytes: 12 parsecs}}\n",
+            &["tasks[0].limits.memory_bytes"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', validation: {type: 12}}\n",
+            &["tasks[0].validation", "JSON Schema"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', depends_on: [b]}\n",
+            &["tasks[0].depends_on", "not supported yet"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', schedule: {cron: '* * * * *'}}\n",
+            &["tasks[0].schedule", "not supported yet"],
+        ),
+        (
+            "tasks:\n  - {name: a, kind: http, http: {url: 'http://x'}}\n",
+            &["tasks[0].kind", "not supported yet"],
+        ),
+        ("tasks:\n  - {name: a, kind: rocket}\n", &["tasks[0].kind"]),
+        ("tasks: []\n", &["at least one"]),
+    ];
+    for (yaml, needles) in cases {
+        let err = rejected(&ws, yaml);
+        for n in *needles {
+            assert!(err.contains(n), "for {yaml:?} expected {n:?} in: {err}");
+        }
+    }
+    // Nothing of a rejected file was stored.
+    let page = ws.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&page.stdout).unwrap();
+    assert!(v["tasks"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn oversize_values_are_rejected() {
+    let ws = Workspace::new();
+    let long_name = "n".repeat(200);
+    let err = rejected(
+        &ws,
+        &format!("tasks:\n  - {{name: {long_name}, command: 'true'}}\n"),
+    );
+    assert!(
+        err.contains("tasks[0].name") && err.contains("1 to 128"),
+        "{err}"
+    );
+    let huge = "x".repeat(200 * 1024);
+    let err = rejected(
+        &ws,
+        &format!("tasks:\n  - {{name: a, command: 'echo {huge}'}}\n"),
+    );
+    assert!(
+        err.contains("tasks[0].command") && err.contains("at most"),
+        "{err}"
+    );
+    let err = rejected(
+        &ws,
+        &format!(
+            "tasks:\n  - {{name: a, command: 'true', parameters: {{blob: '{huge}{huge}'}}}}\n"
+        ),
+    );
+    assert!(err.contains("tasks[0].parameters"), "{err}");
+}
+
+#[test]
+fn a_bad_config_names_the_key() {
+    let ws = Workspace::new();
+    ws.write("config.yml", "execution:\n  max_concurent_tasks: 3\n");
+    let out = ws.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_concurent_tasks"));
+}
+
+#[test]
+fn unknown_ids_are_named() {
+    let ws = Workspace::new();
+    let out = ws.run(&["status", "not-an-id"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-id"));
+    let out = ws.run(&["cancel", "01a21990-b7b0-716b-8a47-009bbaa5872d"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}

@@ -1,0 +1,191 @@
+//! Helpers shared by the integration tests: a temp workspace with its own
+//! database, and a way to run the real `task-queue` binary against it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        let ws = Workspace {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        // Short leases and polls keep crash and cancel tests fast.
+        ws.write(
+            "config.yml",
+            "execution:\n  lease_duration: 3s\n  poll_interval: 100ms\n  kill_grace: 1s\n",
+        );
+        ws
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path("q.db")
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    /// A `task-queue` command with `--db` and `--config` set.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_task-queue"));
+        c.arg("--db")
+            .arg(self.db())
+            .arg("--config")
+            .arg(self.path("config.yml"))
+            .args(args)
+            .current_dir(self.dir.path())
+            // Tasks must not see the server's environment beyond the allowlist.
+            .env("SECRET_FROM_SERVER", "leaked")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run task-queue")
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn task-queue")
+    }
+
+    /// `task-queue run FILE --json`: exit code and the summary.
+    pub fn run_file(&self, yaml: &str) -> (i32, Value) {
+        let f = self.write("tasks.yml", yaml);
+        let out = self.run(&["run", f.to_str().unwrap(), "--json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "run --json printed no JSON ({e}); stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    /// `task-queue submit FILE`: the new ids in order.
+    pub fn submit(&self, yaml: &str) -> Vec<String> {
+        let f = self.write("submit.yml", yaml);
+        let out = self.run(&["submit", f.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("submit prints JSON");
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// `task-queue status ID --json`.
+    pub fn status(&self, id: &str) -> Value {
+        let out = self.run(&["status", id, "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status prints JSON")
+    }
+
+    pub fn sqlite(&self, sql: &str) -> String {
+        let out = Command::new("sqlite3")
+            .arg(self.db())
+            .arg(sql)
+            .output()
+            .expect("the sqlite3 CLI is required (apt-get install sqlite3)");
+        assert!(
+            out.status.success(),
+            "sqlite3 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        // Zombies have an empty cmdline; they are not running.
+        if cmdline.contains(marker) && !is_zombie(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
+}
+
+pub fn task_by_name<'a>(summary: &'a Value, name: &str) -> &'a Value {
+    summary["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no task {name} in {summary}"))
+}
+
+pub fn ms(v: &Value) -> i64 {
+    let s = v.as_str().expect("timestamp string");
+    let t = humantime::parse_rfc3339(s).expect("rfc3339");
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,266 @@
+//! Running commands: retries, timeouts, priorities, idempotency, results,
+//! validation, artifacts, limits, cancel.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[test]
+fn retries_reach_max_attempts_with_growing_delays() {
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file(
+        "tasks:\n  - name: always-fails\n    command: 'echo attempt $TASK_QUEUE_ATTEMPT >&2; exit 3'\n    \
+         retry: {max_attempts: 4, initial_delay: 200ms, multiplier: 2, max_delay: 10s, jitter: 0}\n",
+    );
+    assert_eq!(code, 1, "{summary}");
+    let t = task_by_name(&summary, "always-fails");
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["attempts"], 4);
+    assert_eq!(t["exit_code"], 3);
+    let status = ws.status(t["id"].as_str().unwrap());
+    let history = status["attempt_history"].as_array().unwrap();
+    assert_eq!(history.len(), 4);
+    let starts: Vec<i64> = history.iter().map(|a| ms(&a["started_at"])).collect();
+    let ends: Vec<i64> = history.iter().map(|a| ms(&a["finished_at"])).collect();
+    let gaps: Vec<i64> = (1..4).map(|i| starts[i] - ends[i - 1]).collect();
+    // 200ms, 400ms, 800ms of backoff (no jitter), each at least as long as planned.
+    for (gap, planned) in gaps.iter().zip([200, 400, 800]) {
+        assert!(
+            *gap >= planned,
+            "gap {gap} ms shorter than the planned {planned} ms: {gaps:?}"
+        );
+    }
+    assert!(
+        gaps[0] < gaps[1] && gaps[1] < gaps[2],
+        "delays must grow: {gaps:?}"
+    );
+    for (i, a) in history.iter().enumerate() {
+        assert_eq!(a["attempt"], i as u64 + 1);
+        assert_eq!(a["status"], "failed");
+        assert_eq!(a["exit_code"], 3);
+        assert!(
+            a["stderr_tail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("attempt {}", i + 1))
+        );
+    }
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let ws = Workspace::new();
+    let marker = format!("30.{}", std::process::id());
+    let started = Instant::now();
+    let (code, summary) = ws.run_file(&format!(
+        "tasks:\n  - name: sleeper\n    command: 'sleep {marker} & sleep {marker}; echo done'\n    \
+         timeout: 1s\n    retry: {{max_attempts: 1}}\n"
+    ));
+    let elapsed = started.elapsed();
+    assert_eq!(code, 1);
+    let t = task_by_name(&summary, "sleeper");
+    assert_eq!(t["status"], "timed_out", "{summary}");
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+    // Neither the foreground nor the background sleep survives.
+    assert!(
+        wait_until(Duration::from_secs(2), || processes_with(&marker)
+            .is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+    let status = ws.status(t["id"].as_str().unwrap());
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1s"),
+        "{status}"
+    );
+}
+
+#[test]
+fn priorities_order_execution_fifo_within_a_priority() {
+    let ws = Workspace::new();
+    let mut yaml = String::from("tasks:\n");
+    for (name, prio) in [
+        ("low-1", -5),
+        ("mid-1", 0),
+        ("high-1", 10),
+        ("mid-2", 0),
+        ("high-2", 10),
+        ("low-2", -5),
+    ] {
+        yaml.push_str(&format!(
+            "  - {{name: {name}, priority: {prio}, command: 'echo {name} >> order.txt'}}\n"
+        ));
+    }
+    ws.submit(&yaml);
+    let out = ws.run(&["worker", "--until-idle", "--concurrency", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let order: Vec<String> = ws.read("order.txt").lines().map(String::from).collect();
+    assert_eq!(
+        order,
+        ["high-1", "high-2", "mid-1", "mid-2", "low-1", "low-2"]
+    );
+}
+
+#[test]
+fn idempotent_submit_returns_the_same_task() {
+    let ws = Workspace::new();
+    let yaml = "tasks:\n  - {name: deploy, command: 'true', idempotency_key: deploy-2026-11-26}\n";
+    let first = ws.submit(yaml);
+    let f = ws.write("again.yml", yaml);
+    let out = ws.run(&["submit", f.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"][0]["id"], first[0].as_str());
+    assert_eq!(v["tasks"][0]["created"], false);
+    let list = ws.run(&["status", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn result_file_validation_artifacts_params_and_env() {
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file(
+        r#"tasks:
+  - name: good
+    parameters: {coverage: 91}
+    env: {GREETING: hi}
+    command: |
+      printf '%s' "$TASK_QUEUE_PARAMS" > params.json
+      echo "$GREETING $TASK_QUEUE_TASK_ID" > artifact.txt
+      [ -z "$SECRET_FROM_SERVER" ] || exit 9
+      echo '{"coverage": 91, "report": "artifact.txt"}' > "$TASK_QUEUE_RESULT"
+    validation: {type: object, required: [coverage], properties: {coverage: {minimum: 80}}}
+    artifacts: [artifact.txt]
+    retry: {max_attempts: 1}
+  - name: bad
+    command: |
+      echo '{"coverage": 42}' > "$TASK_QUEUE_RESULT"
+    validation: {type: object, properties: {coverage: {minimum: 80}}}
+    retry: {max_attempts: 3}
+  - name: not-json
+    command: |
+      echo 'coverage=42' > "$TASK_QUEUE_RESULT"
+    retry: {max_attempts: 1}
+"#,
+    );
+    assert_eq!(code, 1, "{summary}");
+    let good = ws.status(task_by_name(&summary, "good")["id"].as_str().unwrap());
+    assert_eq!(good["status"], "succeeded", "{good}");
+    assert_eq!(good["result"]["output"]["coverage"], 91);
+    let artifact = &good["result"]["artifacts"][0];
+    let content = ws.read("artifact.txt");
+    assert_eq!(artifact["path"], "artifact.txt");
+    assert_eq!(artifact["size"], content.len() as u64);
+    use sha2::Digest;
+    assert_eq!(
+        artifact["sha256"],
+        hex::encode(sha2::Sha256::digest(content.as_bytes()))
+    );
+    assert_eq!(ws.read("params.json"), r#"{"coverage":91}"#);
+    assert!(content.starts_with("hi "));
+
+    let bad = ws.status(task_by_name(&summary, "bad")["id"].as_str().unwrap());
+    assert_eq!(bad["status"], "failed");
+    assert_eq!(bad["attempts"], 1, "a validation failure is not retried");
+    assert!(
+        bad["error"].as_str().unwrap().contains("validation schema"),
+        "{bad}"
+    );
+    let nj = ws.status(task_by_name(&summary, "not-json")["id"].as_str().unwrap());
+    assert!(
+        nj["error"].as_str().unwrap().contains("not valid JSON"),
+        "{nj}"
+    );
+}
+
+#[test]
+fn memory_limit_stops_a_memory_hog() {
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file(
+        "tasks:\n  - name: hog\n    argv: [python3, -c, 'b = bytearray(1024 * 1024 * 1024); print(len(b))']\n    \
+         limits: {memory_bytes: 256MiB}\n    retry: {max_attempts: 1}\n  \
+         - name: modest\n    argv: [python3, -c, 'b = bytearray(16 * 1024 * 1024); print(len(b))']\n    \
+         limits: {memory_bytes: 256MiB}\n",
+    );
+    assert_eq!(code, 1);
+    let hog = ws.status(task_by_name(&summary, "hog")["id"].as_str().unwrap());
+    assert_eq!(hog["status"], "failed", "{hog}");
+    assert!(
+        hog["result"]["stderr_tail"]
+            .as_str()
+            .unwrap()
+            .contains("MemoryError"),
+        "{hog}"
+    );
+    assert!(
+        hog["error"].as_str().unwrap().contains("memory limit"),
+        "{hog}"
+    );
+    assert_eq!(task_by_name(&summary, "modest")["status"], "succeeded");
+}
+
+#[test]
+fn cpu_limit_and_output_cap() {
+    let ws = Workspace::new();
+    let started = Instant::now();
+    let (_, summary) = ws.run_file(
+        "tasks:\n  - name: spin\n    command: 'while :; do :; done'\n    limits: {cpu_seconds: 1}\n    \
+         retry: {max_attempts: 1}\n  - name: chatty\n    command: 'head -c 200000 /dev/zero | tr \"\\\\0\" x'\n    \
+         limits: {max_output_bytes: 4KiB}\n",
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let spin = ws.status(task_by_name(&summary, "spin")["id"].as_str().unwrap());
+    assert_eq!(spin["status"], "failed", "{spin}");
+    assert!(
+        spin["result"]["signal"] == 24 || spin["result"]["signal"] == 9,
+        "{spin}"
+    );
+    let chatty = task_by_name(&summary, "chatty");
+    assert_eq!(chatty["status"], "succeeded");
+    let logs = ws.run(&["logs", chatty["id"].as_str().unwrap()]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("195904 more bytes dropped"), "{text}");
+}
+
+#[test]
+fn cancel_from_another_process_stops_the_running_task() {
+    let ws = Workspace::new();
+    let marker = format!("41.{}", std::process::id());
+    let ids = ws.submit(&format!(
+        "tasks:\n  - {{name: long, command: 'sleep {marker}'}}\n"
+    ));
+    let mut worker = ws.spawn(&["worker"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || ws.status(&ids[0])["status"]
+            == "running"),
+        "never started"
+    );
+    assert!(wait_until(Duration::from_secs(5), || !processes_with(
+        &marker
+    )
+    .is_empty()));
+    let out = ws.run(&["cancel", &ids[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ws.status(&ids[0])["status"], "cancelled");
+    // The worker notices at its next lease renewal (lease 3s / 3).
+    assert!(
+        wait_until(Duration::from_secs(6), || processes_with(&marker)
+            .is_empty()),
+        "the cancelled task's process is still running"
+    );
+    let again = ws.run(&["cancel", &ids[0]]);
+    assert!(again.status.success(), "cancelling twice is fine");
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

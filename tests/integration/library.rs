@@ -1,0 +1,222 @@
+//! The library API: builder, submit, wait, list, cancel, handlers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use task_queue::model::{Limits, RetryPolicy, TaskStatus};
+use task_queue::{Config, HandlerError, ListOptions, Task, TaskQueue};
+
+async fn queue(dir: &tempfile::TempDir) -> TaskQueue {
+    let mut config = Config::default();
+    config.storage.path = dir.path().join("lib.db");
+    config.execution.poll_interval = "50ms".parse().unwrap();
+    TaskQueue::open_with(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_submit_wait_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let engine = q.start();
+    let t = q
+        .submit(
+            Task::new("build-api")
+                .with_command("echo built > \"$TASK_QUEUE_RESULT.tmp\"; echo '{\"ok\":true}' > \"$TASK_QUEUE_RESULT\"")
+                .with_project("api")
+                .with_tag("ci")
+                .with_priority(5)
+                .with_timeout(Duration::from_secs(30))
+                .with_retry(RetryPolicy {
+                    max_attempts: Some(2),
+                    ..RetryPolicy::default()
+                })
+                .with_limits(Limits::default()),
+        )
+        .await
+        .unwrap();
+    assert!(t.created);
+    let done = q.wait(&t.id, Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(done.result.unwrap().output, Some(json!({"ok": true})));
+    assert_eq!(done.spec.timeout.unwrap().0, Duration::from_secs(30));
+
+    let page = q
+        .list(ListOptions {
+            project: Some("api".into()),
+            tag: Some("ci".into()),
+            ..ListOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.tasks.len(), 1);
+    let none = q
+        .list(ListOptions {
+            statuses: vec![TaskStatus::Failed],
+            ..ListOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.tasks.is_empty());
+    engine.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_walks_every_task_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let specs: Vec<Task> = (0..25)
+        .map(|i| Task::new(format!("t{i}")).with_command("true"))
+        .collect();
+    q.submit_batch(specs).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = q
+            .list(ListOptions {
+                limit: Some(10),
+                cursor: cursor.clone(),
+                ..ListOptions::default()
+            })
+            .await
+            .unwrap();
+        seen.extend(page.tasks.into_iter().map(|t| t.name));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    assert_eq!(seen[0], "t24", "newest first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_command_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let engine = q.start();
+    let t = q
+        .submit(Task::new("long").with_command("sleep 30"))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if q.get(&t.id).await.unwrap().status == TaskStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let c = q.cancel(&t.id).await.unwrap();
+    assert_eq!(c.status, TaskStatus::Cancelled);
+    // The attempt is recorded once its process group is gone.
+    for _ in 0..200 {
+        if !q.attempts(&t.id).await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let attempts = q.attempts(&t.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status.as_str(), "cancelled");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let err = q
+        .cancel("01a21990-b7b0-716b-8a47-009bbaa5872d")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "not_found");
+    engine.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_handlers_run_external_tasks_with_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    q.register_handler("resize-image", move |ctx| {
+        let c = c.clone();
+        async move {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            if n == 0 {
+                return Err(HandlerError::Retryable("cache cold".into()));
+            }
+            let w = ctx.parameters()["width"].as_i64().unwrap_or(0);
+            Ok(json!({"width": w / 2, "attempt": ctx.attempt}))
+        }
+    });
+    let t = q
+        .submit(
+            Task::new("resize-image")
+                .with_kind(task_queue::model::TaskKind::External)
+                .with_parameters(json!({"width": 800}))
+                .with_retry(RetryPolicy {
+                    max_attempts: Some(3),
+                    initial_delay: Some("10ms".parse().unwrap()),
+                    ..RetryPolicy::default()
+                }),
+        )
+        .await
+        .unwrap();
+    // An external task nobody handles stays queued for a worker to claim.
+    let other = q
+        .submit(Task::new("human-review").with_kind(task_queue::model::TaskKind::External))
+        .await
+        .unwrap();
+    q.run_until_idle().await.unwrap();
+    let done = q.get(&t.id).await.unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(done.attempts, 2);
+    assert_eq!(
+        done.result.unwrap().output,
+        Some(json!({"width": 400, "attempt": 2}))
+    );
+    assert_eq!(q.get(&other.id).await.unwrap().status, TaskStatus::Queued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_submit_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let err = q
+        .submit_batch(vec![
+            Task::new("ok").with_command("true"),
+            Task::new("bad name").with_command("true"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tasks[1].name"), "{err}");
+    assert!(
+        q.list(ListOptions::default())
+            .await
+            .unwrap()
+            .tasks
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_is_in_wal_mode_and_claims_use_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = task_queue::store::sqlite::SqliteStore::open(
+        &dir.path().join("wal.db"),
+        task_queue::config::Durability::Durable,
+        1,
+    )
+    .await
+    .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(store.read_pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let plan = task_queue::store::sqlite::explain_claim(store.read_pool())
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("USING INDEX tasks_ready"), "{plan}");
+    assert!(
+        !plan.contains("TEMP B-TREE"),
+        "the claim must not sort: {plan}"
+    );
+}

@@ -1,0 +1,10 @@
+//! One integration test binary: the real `task-queue` binary against real
+//! SQLite files and real child processes, plus the library API.
+
+mod common;
+
+mod audit;
+mod bad_input;
+mod crash;
+mod execution;
+mod library;
