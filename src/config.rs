@@ -182,6 +182,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_matches_the_defaults() {
+        let c = Config::from_yaml(include_str!("../config.example.yml")).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(&d).unwrap()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = Config::from_yaml("execution:\n  max_concurent_tasks: 4\n").unwrap_err();
         assert!(err.to_string().contains("max_concurent_tasks"), "{err}");

@@ -35,28 +35,31 @@ pub struct AuditEvent {
     pub hash: String,
 }
 
-/// Computes the hash of an event from its fields and the previous hash.
-pub fn event_hash(
-    prev_hash: &str,
-    seq: i64,
-    at: i64,
-    task_id: &str,
-    kind: &str,
-    from_status: Option<&str>,
-    to_status: &str,
-    detail: &str,
-) -> String {
+/// The hashed content of an audit event.
+#[derive(Debug, Clone, Copy)]
+pub struct EventContent<'a> {
+    pub seq: i64,
+    pub at: i64,
+    pub task_id: &'a str,
+    pub kind: &'a str,
+    pub from_status: Option<&'a str>,
+    pub to_status: &'a str,
+    pub detail: &'a str,
+}
+
+/// Computes the hash of an event from its content and the previous hash.
+pub fn event_hash(prev_hash: &str, e: &EventContent<'_>) -> String {
     let mut h = Sha256::new();
     // Length-prefix every field so no two different events serialize alike.
     for part in [
         prev_hash.as_bytes(),
-        seq.to_string().as_bytes(),
-        at.to_string().as_bytes(),
-        task_id.as_bytes(),
-        kind.as_bytes(),
-        from_status.unwrap_or("").as_bytes(),
-        to_status.as_bytes(),
-        detail.as_bytes(),
+        e.seq.to_string().as_bytes(),
+        e.at.to_string().as_bytes(),
+        e.task_id.as_bytes(),
+        e.kind.as_bytes(),
+        e.from_status.unwrap_or("").as_bytes(),
+        e.to_status.as_bytes(),
+        e.detail.as_bytes(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
@@ -69,13 +72,15 @@ impl AuditEvent {
     pub fn computed_hash(&self) -> String {
         event_hash(
             &self.prev_hash,
-            self.seq,
-            self.at,
-            &self.task_id,
-            &self.kind,
-            self.from_status.as_deref(),
-            &self.to_status,
-            &self.detail,
+            &EventContent {
+                seq: self.seq,
+                at: self.at,
+                task_id: &self.task_id,
+                kind: &self.kind,
+                from_status: self.from_status.as_deref(),
+                to_status: &self.to_status,
+                detail: &self.detail,
+            },
         )
     }
 }
@@ -170,13 +175,15 @@ mod tests {
             .map(|seq| {
                 let hash = event_hash(
                     &prev,
-                    seq,
-                    1000 + seq,
-                    "t1",
-                    "claimed",
-                    Some("queued"),
-                    "running",
-                    "{}",
+                    &EventContent {
+                        seq,
+                        at: 1000 + seq,
+                        task_id: "t1",
+                        kind: "claimed",
+                        from_status: Some("queued"),
+                        to_status: "running",
+                        detail: "{}",
+                    },
                 );
                 let e = AuditEvent {
                     seq,

@@ -405,7 +405,7 @@ async fn lease_loop(shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
         }
         // Reclaim others' expired leases about twice per lease period.
-        if ticks % 2 == 0 {
+        if ticks.is_multiple_of(2) {
             match shared
                 .store
                 .reclaim(Reclaim::Expired, shared.clock.now_ms())

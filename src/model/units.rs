@@ -76,7 +76,7 @@ impl<'de> Deserialize<'de> for Dur {
                     .map_err(|_| E::custom(format!("a duration cannot be negative, got {v}")))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dur, E> {
-                if v.is_finite() && v >= 0.0 && v < 1e12 {
+                if (0.0..1e12).contains(&v) {
                     Ok(Dur(Duration::from_secs_f64(v)))
                 } else {
                     Err(E::custom(format!(

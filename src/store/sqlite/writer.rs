@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::integrity::{GENESIS_HASH, event_hash};
+use crate::integrity::{EventContent, GENESIS_HASH, event_hash};
 use crate::model::{
     AttemptStatus, RetryPolicy, TaskEvent, TaskKind, TaskSpec, TaskStatus, Timestamp,
 };
@@ -806,7 +806,16 @@ async fn flush_audit(conn: &mut SqliteConnection, drafts: &[AuditDraft]) -> Resu
         for d in chunk {
             seq += 1;
             let hash = event_hash(
-                &prev, seq, d.at, &d.task_id, d.kind, d.from, d.to, &d.detail,
+                &prev,
+                &EventContent {
+                    seq,
+                    at: d.at,
+                    task_id: &d.task_id,
+                    kind: d.kind,
+                    from_status: d.from,
+                    to_status: d.to,
+                    detail: &d.detail,
+                },
             );
             q = q
                 .bind(seq)
