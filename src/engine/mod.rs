@@ -49,7 +49,8 @@ impl Shared {
         clock: Arc<dyn Clock>,
         worker_id: String,
     ) -> Self {
-        let scratch_dir = std::env::temp_dir().join(format!("task-queue-{}", std::process::id()));
+        // One directory per engine instance: result files of concurrent engines never collide.
+        let scratch_dir = std::env::temp_dir().join(format!("task-queue-{worker_id}"));
         let exec = ExecSettings {
             env_allowlist: config.execution.env_allowlist.clone(),
             kill_grace: config.execution.kill_grace.0,

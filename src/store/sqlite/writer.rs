@@ -211,10 +211,23 @@ async fn apply_all(
     batch: &mut Batch,
 ) -> Result<Vec<Answer>> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    // All submits of the batch go in together: one multi-row INSERT for
+    // many concurrent submitters.
+    let new_tasks: Vec<&NewTask> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Submit { tasks, .. } => Some(tasks.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut submitted = submit(&mut tx, &new_tasks, batch).await?.into_iter();
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
         let answer = match op {
-            Op::Submit { tasks, .. } => Answer::Submit(submit(&mut tx, tasks, batch).await?),
+            Op::Submit { tasks, .. } => {
+                Answer::Submit(Ok(submitted.by_ref().take(tasks.len()).collect()))
+            }
             Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
             Op::Finish { f, .. } => Answer::Finish(finish(&mut tx, f, batch).await?),
             Op::Renew {
@@ -244,9 +257,9 @@ async fn apply_all(
 
 async fn submit(
     conn: &mut SqliteConnection,
-    tasks: &[NewTask],
+    tasks: &[&NewTask],
     batch: &mut Batch,
-) -> Result<Result<Vec<Submitted>>> {
+) -> Result<Vec<Submitted>> {
     let mut out: Vec<Option<Submitted>> = vec![None; tasks.len()];
     // Idempotency: existing keys return the earlier task; repeated keys in
     // this batch return the first of them.
@@ -350,10 +363,10 @@ async fn submit(
             );
         }
     }
-    Ok(Ok(out
+    Ok(out
         .into_iter()
         .map(|s| s.expect("every task answered"))
-        .collect()))
+        .collect())
 }
 
 /// The claim query. `?1` = now, `?2` = limit, `?3...` the external names.
