@@ -138,3 +138,17 @@ fn two_workers_on_one_file_never_run_a_task_twice() {
     let attempts = ws.sqlite("SELECT COUNT(*) FROM attempts");
     assert_eq!(attempts.trim(), "300");
 }
+
+#[test]
+fn sigterm_lets_the_running_task_finish() {
+    let ws = Workspace::new();
+    let ids = ws.submit("tasks:\n  - {name: slow, command: 'sleep 1; echo done > done.txt'}\n");
+    let mut worker = ws.spawn(&["worker"]);
+    assert!(wait_until(Duration::from_secs(10), || ws.status(&ids[0])["status"] == "running"));
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(ws.read("done.txt"), "done\n");
+    assert_eq!(ws.status(&ids[0])["status"], "succeeded");
+}
