@@ -18,7 +18,7 @@ CREATE TABLE tasks (
     finished_at      INTEGER,
     lease_owner      TEXT,
     lease_expires_at INTEGER,
-    idempotency_key  TEXT UNIQUE,
+    idempotency_key  TEXT,
     spec             TEXT    NOT NULL,
     spec_hash        TEXT    NOT NULL,
     result           TEXT,
@@ -32,8 +32,9 @@ CREATE INDEX tasks_ready ON tasks (priority DESC, seq)
 -- Lease expiry scan.
 CREATE INDEX tasks_running ON tasks (lease_expires_at)
     WHERE status = 'running';
-CREATE INDEX tasks_lease_owner ON tasks (lease_owner)
-    WHERE status = 'running';
+-- Idempotency keys are rare: index only the tasks that have one.
+CREATE UNIQUE INDEX tasks_idempotency ON tasks (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE INDEX tasks_status ON tasks (status, seq);
 CREATE INDEX tasks_project ON tasks (project, seq);
 

@@ -257,7 +257,8 @@ pub(super) async fn runnable_count(pool: &SqlitePool, req: &ClaimRequest) -> Res
 
 pub(super) async fn next_run_at(pool: &SqlitePool, now: i64) -> Result<Option<i64>> {
     let v: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(run_at) FROM tasks WHERE status IN ('queued', 'retrying') AND run_at > ?",
+        // Only retrying tasks wait for a future run_at; queued ones are due.
+        "SELECT MIN(run_at) FROM tasks WHERE status = 'retrying' AND run_at > ?",
     )
     .bind(now)
     .fetch_one(pool)

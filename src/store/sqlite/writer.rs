@@ -154,7 +154,14 @@ pub(super) async fn run(
         }
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
-        match apply_all(&mut conn, &ops, &mut batch).await {
+        let started = std::time::Instant::now();
+        let result = apply_all(&mut conn, &ops, &mut batch).await;
+        tracing::trace!(
+            ops = ops.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "write batch"
+        );
+        match result {
             Ok(answers) => {
                 for (op, answer) in ops.drain(..).zip(answers) {
                     deliver(op, Ok(answer));
@@ -222,6 +229,15 @@ async fn apply_all(
         .flatten()
         .collect();
     let mut submitted = submit(&mut tx, &new_tasks, batch).await?.into_iter();
+    // Likewise all finishes: one UPDATE for the whole batch.
+    let finishes: Vec<&FinishAttempt> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Finish { f, .. } => Some(f.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let mut finished = finish_all(&mut tx, &finishes, batch).await?.into_iter();
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
         let answer = match op {
@@ -229,7 +245,7 @@ async fn apply_all(
                 Answer::Submit(Ok(submitted.by_ref().take(tasks.len()).collect()))
             }
             Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
-            Op::Finish { f, .. } => Answer::Finish(finish(&mut tx, f, batch).await?),
+            Op::Finish { .. } => Answer::Finish(finished.next().expect("one outcome per finish")),
             Op::Renew {
                 worker_id,
                 now,
@@ -321,36 +337,38 @@ async fn submit(
         s.created = false;
         out[i] = Some(s);
     }
-    for chunk in to_insert.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(
+    if !to_insert.is_empty() {
+        // One statement, one bound JSON array: the SQL text never changes, so
+        // it is prepared once, and no per-value binding happens.
+        let rows: Vec<serde_json::Value> = to_insert
+            .iter()
+            .map(|t| {
+                serde_json::json!([
+                    t.id,
+                    t.name,
+                    t.kind.as_str(),
+                    t.project,
+                    serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+                    t.priority,
+                    t.max_attempts,
+                    t.now,
+                    t.idempotency_key,
+                    t.spec_json,
+                    t.spec_hash
+                ])
+            })
+            .collect();
+        sqlx::query(
             "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
-             run_at, created_at, updated_at, idempotency_key, spec, spec_hash) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,'queued',?,0,?,?,?,?,?,?,?)");
-        }
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for t in chunk {
-            q = q
-                .bind(&t.id)
-                .bind(&t.name)
-                .bind(t.kind.as_str())
-                .bind(&t.project)
-                .bind(serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()))
-                .bind(t.priority)
-                .bind(t.max_attempts as i64)
-                .bind(t.now)
-                .bind(t.now)
-                .bind(t.now)
-                .bind(&t.idempotency_key)
-                .bind(&t.spec_json)
-                .bind(&t.spec_hash);
-        }
-        q.execute(&mut *conn).await?;
-        for t in chunk {
+             run_at, created_at, updated_at, idempotency_key, spec, spec_hash) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, 'queued', value ->> 5, 0, \
+             value ->> 6, value ->> 7, value ->> 7, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+             FROM json_each(?1) ORDER BY key",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *conn)
+        .await?;
+        for t in &to_insert {
             batch.transition(
                 t.now,
                 &t.id,
@@ -467,105 +485,121 @@ async fn claim(
     Ok(claimed)
 }
 
-async fn finish(
+/// Applies every finish of the batch with one fenced UPDATE: a finish
+/// counts only if the task is still `running` under the same worker and
+/// attempt. Every attempt is recorded either way.
+async fn finish_all(
     conn: &mut SqliteConnection,
-    f: &FinishAttempt,
+    finishes: &[&FinishAttempt],
     batch: &mut Batch,
-) -> Result<FinishOutcome> {
-    let result_json = serde_json::to_string(&f.result).map_err(|e| Error::Store(e.to_string()))?;
-    let (status, run_at, finished_at) = match f.next {
-        Next::Done(s) => (s, None, Some(f.now)),
-        Next::Retry { run_at } => (TaskStatus::Retrying, Some(run_at), None),
-    };
-    let row = sqlx::query(
-        "UPDATE tasks SET status = ?1, run_at = COALESCE(?2, run_at), finished_at = ?3, updated_at = ?4, \
-         lease_owner = NULL, lease_expires_at = NULL, result = ?5, error = ?6 \
-         WHERE id = ?7 AND status = 'running' AND lease_owner = ?8 AND attempts = ?9 RETURNING name",
-    )
-    .bind(status.as_str())
-    .bind(run_at)
-    .bind(finished_at)
-    .bind(f.now)
-    .bind(&result_json)
-    .bind(&f.error)
-    .bind(&f.task_id)
-    .bind(&f.worker_id)
-    .bind(f.attempt as i64)
-    .fetch_optional(&mut *conn)
-    .await?;
-    batch.attempts.push(AttemptRow {
-        task_id: f.task_id.clone(),
-        attempt: f.attempt,
-        worker_id: f.worker_id.clone(),
-        status: f.status,
-        started_at: f.started_at,
-        finished_at: f.now,
-        exit_code: f.result.exit_code,
-        signal: f.result.signal,
-        duration_ms: f.result.duration_ms as i64,
-        error: f.error.clone(),
-        result: result_json,
-    });
-    for log in &f.logs {
-        if log.data.is_empty() && log.dropped_bytes == 0 {
-            continue;
-        }
-        sqlx::query(
-            "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) VALUES (?,?,?,?,?)",
-        )
-        .bind(&f.task_id)
-        .bind(f.attempt as i64)
-        .bind(log.stream)
-        .bind(&log.data)
-        .bind(log.dropped_bytes as i64)
-        .execute(&mut *conn)
-        .await?;
+) -> Result<Vec<FinishOutcome>> {
+    if finishes.is_empty() {
+        return Ok(Vec::new());
     }
-    match row {
-        Some(row) => {
-            let name: String = row.get(0);
-            let mut detail = format!(
-                "{{\"attempt\":{},\"outcome\":\"{}\"",
-                f.attempt,
-                f.status.as_str()
-            );
-            if let Some(code) = f.result.exit_code {
-                detail.push_str(&format!(",\"exit_code\":{code}"));
+    let mut rows = Vec::with_capacity(finishes.len());
+    let mut planned = Vec::with_capacity(finishes.len());
+    for f in finishes {
+        let result_json =
+            serde_json::to_string(&f.result).map_err(|e| Error::Store(e.to_string()))?;
+        let (status, run_at, finished_at) = match f.next {
+            Next::Done(s) => (s, None, Some(f.now)),
+            Next::Retry { run_at } => (TaskStatus::Retrying, Some(run_at), None),
+        };
+        rows.push(serde_json::json!([
+            f.task_id,
+            status.as_str(),
+            run_at,
+            finished_at,
+            f.now,
+            result_json,
+            f.error,
+            f.worker_id,
+            f.attempt
+        ]));
+        planned.push((status, run_at));
+        batch.attempts.push(AttemptRow {
+            task_id: f.task_id.clone(),
+            attempt: f.attempt,
+            worker_id: f.worker_id.clone(),
+            status: f.status,
+            started_at: f.started_at,
+            finished_at: f.now,
+            exit_code: f.result.exit_code,
+            signal: f.result.signal,
+            duration_ms: f.result.duration_ms as i64,
+            error: f.error.clone(),
+            result: result_json,
+        });
+        for log in &f.logs {
+            if log.data.is_empty() && log.dropped_bytes == 0 {
+                continue;
             }
-            if let Some(sig) = f.result.signal {
-                detail.push_str(&format!(",\"signal\":{sig}"));
-            }
-            if let Some(e) = &f.error {
-                detail.push_str(&format!(",\"error\":{}", json_str(e)));
-            }
-            if let Some(r) = run_at {
-                detail.push_str(&format!(",\"retry_at\":{r}"));
-            }
-            detail.push('}');
-            batch.transition(
-                f.now,
-                &f.task_id,
-                &name,
-                "finished",
-                Some(TaskStatus::Running),
-                status,
-                f.attempt,
-                detail,
-            );
-            Ok(FinishOutcome::Applied(status))
+            sqlx::query(
+                "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .bind(&f.task_id)
+            .bind(f.attempt as i64)
+            .bind(log.stream)
+            .bind(&log.data)
+            .bind(log.dropped_bytes as i64)
+            .execute(&mut *conn)
+            .await?;
         }
-        None => {
+    }
+    let applied: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
+         finished_at = v.value ->> 3, updated_at = v.value ->> 4, lease_owner = NULL, \
+         lease_expires_at = NULL, result = v.value ->> 5, error = v.value ->> 6 \
+         FROM json_each(?1) AS v \
+         WHERE tasks.id = v.value ->> 0 AND +tasks.status = 'running' \
+         AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8 \
+         RETURNING tasks.id, tasks.name",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let applied: std::collections::HashMap<String, String> = applied.into_iter().collect();
+    let mut out = Vec::with_capacity(finishes.len());
+    for (f, (status, run_at)) in finishes.iter().zip(planned) {
+        let Some(name) = applied.get(&f.task_id) else {
             let current: Option<String> =
-                sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?")
+                sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?1")
                     .bind(&f.task_id)
                     .fetch_optional(&mut *conn)
                     .await?;
             let current = current
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(TaskStatus::Failed);
-            Ok(FinishOutcome::Stale(current))
+            out.push(FinishOutcome::Stale(current));
+            continue;
+        };
+        let mut detail = serde_json::json!({"attempt": f.attempt, "outcome": f.status.as_str()});
+        if let Some(code) = f.result.exit_code {
+            detail["exit_code"] = code.into();
         }
+        if let Some(sig) = f.result.signal {
+            detail["signal"] = sig.into();
+        }
+        if let Some(e) = &f.error {
+            detail["error"] = e.as_str().into();
+        }
+        if let Some(r) = run_at {
+            detail["retry_at"] = r.into();
+        }
+        batch.transition(
+            f.now,
+            &f.task_id,
+            name,
+            "finished",
+            Some(TaskStatus::Running),
+            status,
+            f.attempt,
+            detail.to_string(),
+        );
+        out.push(FinishOutcome::Applied(status));
     }
+    Ok(out)
 }
 
 async fn renew(
@@ -763,34 +797,36 @@ async fn register_worker(conn: &mut SqliteConnection, w: &WorkerInfo) -> Result<
 }
 
 async fn flush_attempts(conn: &mut SqliteConnection, rows: &[AttemptRow]) -> Result<()> {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
-             exit_code, signal, duration_ms, error, result) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?,?,?,?,?,?)");
-        }
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(&r.task_id)
-                .bind(r.attempt as i64)
-                .bind(&r.worker_id)
-                .bind(r.status.as_str())
-                .bind(r.started_at)
-                .bind(r.finished_at)
-                .bind(r.exit_code)
-                .bind(r.signal)
-                .bind(r.duration_ms)
-                .bind(&r.error)
-                .bind(&r.result);
-        }
-        q.execute(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!([
+                r.task_id,
+                r.attempt,
+                r.worker_id,
+                r.status.as_str(),
+                r.started_at,
+                r.finished_at,
+                r.exit_code,
+                r.signal,
+                r.duration_ms,
+                r.error,
+                r.result
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
+         exit_code, signal, duration_ms, error, result) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+         value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(?1) ORDER BY key",
+    )
+    .bind(serde_json::Value::Array(json).to_string())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -805,44 +841,34 @@ async fn flush_audit(conn: &mut SqliteConnection, drafts: &[AuditDraft]) -> Resu
             .fetch_optional(&mut *conn)
             .await?;
     let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
-    for chunk in drafts.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) VALUES ",
+    let mut json = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        seq += 1;
+        let hash = event_hash(
+            &prev,
+            &EventContent {
+                seq,
+                at: d.at,
+                task_id: &d.task_id,
+                kind: d.kind,
+                from_status: d.from,
+                to_status: d.to,
+                detail: &d.detail,
+            },
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?,?,?,?)");
-        }
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for d in chunk {
-            seq += 1;
-            let hash = event_hash(
-                &prev,
-                &EventContent {
-                    seq,
-                    at: d.at,
-                    task_id: &d.task_id,
-                    kind: d.kind,
-                    from_status: d.from,
-                    to_status: d.to,
-                    detail: &d.detail,
-                },
-            );
-            q = q
-                .bind(seq)
-                .bind(d.at)
-                .bind(&d.task_id)
-                .bind(d.kind)
-                .bind(d.from)
-                .bind(d.to)
-                .bind(&d.detail)
-                .bind(std::mem::replace(&mut prev, hash.clone()))
-                .bind(hash);
-        }
-        q.execute(&mut *conn).await?;
+        let prev_hash = std::mem::replace(&mut prev, hash);
+        json.push(serde_json::json!([
+            seq, d.at, d.task_id, d.kind, d.from, d.to, d.detail, prev_hash, prev
+        ]));
     }
+    sqlx::query(
+        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
+         value ->> 7, value ->> 8 FROM json_each(?1) ORDER BY key",
+    )
+    .bind(serde_json::Value::Array(json).to_string())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
