@@ -168,7 +168,9 @@ async fn run(
         if *shutdown.borrow() != RUNNING {
             break;
         }
-        let free = max.saturating_sub(tasks.len());
+        // A slot frees when the attempt's execution ends; its finish may
+        // still be on its way to the store.
+        let free = max.saturating_sub(shared.running().len());
         if free > 0 {
             match shared.store.claim(shared.claim_request(free)).await {
                 Ok(claimed) => {
@@ -251,13 +253,20 @@ async fn run_attempt(
     stop: watch::Receiver<Option<StopReason>>,
 ) {
     let report = execute(&shared, &c, reaper.as_deref(), stop.clone()).await;
+    let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
+    {
+        let mut running = shared.running();
+        if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
+            running.remove(&c.id);
+        }
+    }
+    shared.wake.notify_one();
     let spec: Option<TaskSpec> = serde_json::from_str(&c.spec_json).ok();
     let policy = spec
         .as_ref()
         .and_then(|s| s.retry.clone())
         .unwrap_or_default();
     let now = shared.clock.now_ms();
-    let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
     let next = retry::next_state(&report, c.attempt, &policy, now, shutdown);
     let finish = FinishAttempt {
         task_id: c.id.clone(),
@@ -292,13 +301,6 @@ async fn run_attempt(
             }
         }
     }
-    {
-        let mut running = shared.running();
-        if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
-            running.remove(&c.id);
-        }
-    }
-    shared.wake.notify_one();
 }
 
 async fn execute(

@@ -363,7 +363,7 @@ async fn submit(
              run_at, created_at, updated_at, idempotency_key, spec, spec_hash) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, 'queued', value ->> 5, 0, \
              value ->> 6, value ->> 7, value ->> 7, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM json_each(?1) ORDER BY key",
+             FROM json_each(jsonb(?1)) ORDER BY key",
         )
         .bind(serde_json::Value::Array(rows).to_string())
         .execute(&mut *conn)
@@ -551,7 +551,7 @@ async fn finish_all(
         "UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
          finished_at = v.value ->> 3, updated_at = v.value ->> 4, lease_owner = NULL, \
          lease_expires_at = NULL, result = v.value ->> 5, error = v.value ->> 6 \
-         FROM json_each(?1) AS v \
+         FROM json_each(jsonb(?1)) AS v \
          WHERE tasks.id = v.value ->> 0 AND +tasks.status = 'running' \
          AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8 \
          RETURNING tasks.id, tasks.name",
@@ -822,7 +822,7 @@ async fn flush_attempts(conn: &mut SqliteConnection, rows: &[AttemptRow]) -> Res
         "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
          exit_code, signal, duration_ms, error, result) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-         value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(?1) ORDER BY key",
+         value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(jsonb(?1)) ORDER BY key",
     )
     .bind(serde_json::Value::Array(json).to_string())
     .execute(&mut *conn)
@@ -864,7 +864,7 @@ async fn flush_audit(conn: &mut SqliteConnection, drafts: &[AuditDraft]) -> Resu
     sqlx::query(
         "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
-         value ->> 7, value ->> 8 FROM json_each(?1) ORDER BY key",
+         value ->> 7, value ->> 8 FROM json_each(jsonb(?1)) ORDER BY key",
     )
     .bind(serde_json::Value::Array(json).to_string())
     .execute(&mut *conn)
