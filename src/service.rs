@@ -160,7 +160,11 @@ impl TaskQueue {
                     .merged_over(&exec.default_limits),
             );
         }
-        spec.validate()?;
+        // The merged retry policy can break a rule neither part broke alone
+        // (initial_delay above a default max_delay, say).
+        if let Some(r) = &spec.retry {
+            r.validate().map_err(|e| e.in_field("retry"))?;
+        }
         let spec_json = canonical_json(&spec)?;
         let spec_hash = integrity::spec_hash(&spec_json);
         Ok(NewTask {

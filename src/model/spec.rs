@@ -184,7 +184,7 @@ impl RetryPolicy {
         Duration::from_secs_f64((base * (1.0 + spread)).clamp(0.0, max.max(0.0)))
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let Some(n) = self.max_attempts
             && !(1..=100).contains(&n)
         {

@@ -58,6 +58,10 @@ fn options(path: &Path, durability: Durability) -> SqliteConnectOptions {
         .foreign_keys(false)
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-16000")
+        // Checkpoint (and restart the WAL, which costs a sync) every ~40 MB
+        // instead of every 4 MB: hot pages rewritten by every commit are
+        // then copied back to the database once, not ten times.
+        .pragma("wal_autocheckpoint", "10000")
         .statement_cache_capacity(256)
         .disable_statement_logging()
 }
