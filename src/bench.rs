@@ -1,23 +1,1129 @@
 //! `task-queue bench`: throughput and latency, each with a baseline measured in the same run.
+//!
+//! ```text
+//! task-queue bench submit  [--tasks N] [--concurrency C] [--batch B] [--history H] [--json]
+//! task-queue bench noop    [--tasks N] [--concurrency C] [--history H] [--json]
+//! task-queue bench command [--tasks N] [--concurrency C] [--history H] [--json]
+//! ```
+//!
+//! Every run works on a fresh database in a new directory that is removed at
+//! the end: under the system temp directory, or, when `--db`/`storage.path`
+//! names a non-default file, next to that file (so a benchmark can target a
+//! particular disk). The named database itself is never opened. The store
+//! is opened with the configured `storage.durability` (default: durable,
+//! `synchronous=FULL`) and `storage.read_connections`.
+//!
+//! Scenarios:
+//!
+//! * `submit`: C submitters call `TaskQueue::submit` (or `submit_batch`
+//!   with `--batch B`) until N tasks are stored. Latency is per call.
+//!   Baseline: the same rows inserted with raw sqlx into a plain table (no
+//!   indexes, no audit) in a separate SQLite file with the same settings,
+//!   from one connection, one durable transaction per row (per B rows with
+//!   `--batch`) — a queue without group commit.
+//! * `noop`: N external tasks are submitted first (not timed), then an
+//!   in-process no-op handler drains them with C slots. Latency per task is
+//!   the time from the commit of its claim to the commit of its finish, as
+//!   seen by a subscriber of the store's committed events. Baseline: the
+//!   same handler over an in-memory tokio mpsc queue with C workers.
+//! * `command`: like `noop`, but each task runs `true` (argv, no shell).
+//!   Baseline: spawning `true` with tokio (`posix_spawn`), C at a time; a
+//!   second one (`baseline_fork`) adds a no-op `pre_exec` hook, which forces
+//!   the fork+exec path the executor has to take.
+//!
+//! `--history H` first inserts H finished tasks directly (multi-row INSERTs,
+//! no audit or attempt rows), then runs the scenario; `submit` then also
+//! times claims (`claim`: sequential `Store::claim` calls of one task, with
+//! and without a handler name in the request, and the claim SELECT alone).
+//!
+//! `claim_plan` is `explain_claim` (the command-only claim query) taken when
+//! the measured tasks are queued; `noop` adds `claim_plan_with_handlers`, the
+//! plan of the query the engine really sends when handlers are registered.
+//!
+//! Peak RSS is `VmHWM` from `/proc/self/status`, reset through
+//! `/proc/self/clear_refs` just before the measured phase, so it is the
+//! peak while the queue does the measured work (baselines run afterwards).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::error::Result;
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Connection};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Durability, StorageConfig};
+use crate::engine::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::executor::{HandlerError, TaskContext};
+use crate::model::{MAX_BATCH_TASKS, Task, TaskEvent, TaskKind, TaskSpec, TaskStatus};
+use crate::service::TaskQueue;
+use crate::store::ClaimRequest;
+use crate::store::sqlite::{SqliteStore, connect_raw, explain_claim};
 
 /// Arguments of `task-queue bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// `submit`, `noop` or `command`.
-    pub scenario: String,
+    /// What to measure.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Tasks to submit or run.
     #[arg(long, default_value_t = 10_000)]
     pub tasks: usize,
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
+    /// Submitters (`submit`, default 64) or engine slots (`noop`, default 100; `command`, default 64).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// `submit` only: tasks per `submit_batch` call (default 1: single submits).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Finished tasks to insert before measuring (history the queue has to live with).
+    #[arg(long)]
+    pub history: Option<usize>,
+    /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
 }
 
-pub async fn run(_args: BenchArgs, _config: Config) -> Result<ExitCode> {
-    Ok(ExitCode::from(2))
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Concurrent durable submits (single or batched).
+    Submit,
+    /// Claim and complete no-op tasks with an in-process handler.
+    Noop,
+    /// Claim and run `true` as a child process.
+    Command,
+}
+
+impl Scenario {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Submit => "submit",
+            Scenario::Noop => "noop",
+            Scenario::Command => "command",
+        }
+    }
+
+    fn default_concurrency(self) -> usize {
+        match self {
+            Scenario::Submit => 64,
+            Scenario::Noop => 100,
+            Scenario::Command => 64,
+        }
+    }
+}
+
+/// Name of the tasks a scenario measures (history rows are named differently).
+const BENCH_TASK: &str = "bench";
+const NOOP_TASK: &str = "noop";
+const HISTORY_TASK: &str = "history";
+/// Tasks per `submit_batch` call when preparing `noop`/`command`.
+const PREP_BATCH: usize = 1000;
+/// Rows per INSERT when pre-filling history (16 parameters each).
+const HISTORY_ROWS_PER_INSERT: usize = 1000;
+/// Rows per transaction when pre-filling history.
+const HISTORY_ROWS_PER_TX: usize = 100_000;
+/// Time budget of the slow (one fsync per row) submit baseline.
+const BASELINE_BUDGET: Duration = Duration::from_secs(10);
+/// Claims timed after `submit --history`.
+const CLAIM_CALLS: usize = 1000;
+/// Claim queries timed alone on the read pool after `submit --history`.
+const CLAIM_QUERIES: usize = 500;
+/// Claims timed with a handler name in the request, as the engine sends when
+/// in-process handlers are registered.
+const CLAIM_CALLS_WITH_HANDLERS: usize = 200;
+
+/// The claim query text; mirrors `writer::claim_sql(true, names)` (private
+/// to the store) so its plan and cost can be measured on the read pool.
+/// `hinted: false` drops its `INDEXED BY tasks_ready`, to show what the
+/// hint is worth.
+fn claim_sql_mirror(names: usize, hinted: bool) -> String {
+    let kind_filter = if names == 0 {
+        "AND kind = 'command'".to_string()
+    } else {
+        let params: Vec<String> = (3..3 + names).map(|i| format!("?{i}")).collect();
+        format!(
+            "AND (kind = 'command' OR (kind = 'external' AND name IN ({})))",
+            params.join(",")
+        )
+    };
+    format!(
+        "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash \
+         FROM tasks {}WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
+         ORDER BY priority DESC, seq LIMIT ?2",
+        if hinted {
+            "INDEXED BY tasks_ready "
+        } else {
+            ""
+        }
+    )
+}
+
+pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
+    let scenario = args.scenario;
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| scenario.default_concurrency());
+    if args.tasks == 0 {
+        return Err(Error::invalid("tasks", "must be at least 1"));
+    }
+    if concurrency == 0 || concurrency > 100_000 {
+        return Err(Error::invalid(
+            "concurrency",
+            format!("must be between 1 and 100000, got {concurrency}"),
+        ));
+    }
+    let batch = match (scenario, args.batch) {
+        (Scenario::Submit, None) => 1,
+        (Scenario::Submit, Some(b)) if b == 0 || b > MAX_BATCH_TASKS => {
+            return Err(Error::invalid(
+                "batch",
+                format!("must be between 1 and {MAX_BATCH_TASKS}, got {b}"),
+            ));
+        }
+        (Scenario::Submit, Some(b)) => b,
+        (_, Some(_)) => {
+            return Err(Error::invalid("batch", "is only for the submit scenario"));
+        }
+        (_, None) => 1,
+    };
+    let history = args.history.unwrap_or(0);
+
+    let dir = BenchDir::create(&config.storage.path)?;
+    let mut cfg = config.clone();
+    cfg.storage.path = dir.path.join("queue.db");
+    if scenario != Scenario::Submit {
+        cfg.execution.max_concurrent_tasks = concurrency;
+    }
+    cfg.validate()?;
+    let store = SqliteStore::open(
+        &cfg.storage.path,
+        cfg.storage.durability,
+        cfg.storage.read_connections,
+    )
+    .await?;
+    let queue = TaskQueue::with_store(Arc::new(store.clone()), cfg.clone(), Arc::new(SystemClock));
+
+    let mut out = json!({
+        "scenario": scenario.as_str(),
+        "tasks": args.tasks,
+        "concurrency": concurrency,
+        "durability": match cfg.storage.durability {
+            Durability::Durable => "durable (synchronous=FULL)",
+            Durability::Fast => "fast (synchronous=NORMAL)",
+        },
+        "db": cfg.storage.path.display().to_string(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    if scenario == Scenario::Submit {
+        out["batch"] = json!(batch);
+    }
+    if args.history.is_some() {
+        let t = Instant::now();
+        prefill_history(&cfg.storage.path, history).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE name = ?")
+            .bind(HISTORY_TASK)
+            .fetch_one(store.read_pool())
+            .await?;
+        out["history"] = json!(rows);
+        out["history_prefill_s"] = json!(round(t.elapsed().as_secs_f64(), 2));
+        out["history_note"] = json!(
+            "history rows are succeeded tasks inserted directly into `tasks` (no audit_events or attempts rows)"
+        );
+    }
+
+    match scenario {
+        Scenario::Submit => {
+            bench_submit(
+                &queue,
+                &store,
+                &dir.path,
+                args.tasks,
+                concurrency,
+                batch,
+                &mut out,
+            )
+            .await
+        }
+        Scenario::Noop => bench_noop(&queue, &store, args.tasks, concurrency, &mut out).await,
+        Scenario::Command => bench_command(&queue, &store, args.tasks, concurrency, &mut out).await,
+    }?;
+    if args.history.is_some() && scenario == Scenario::Submit {
+        bench_claims(&queue, &store, args.tasks, &mut out).await?;
+    }
+    if out.get("claim_plan").is_none() {
+        out["claim_plan"] = json!(explain_claim(store.read_pool()).await?);
+    }
+    let ver: String = sqlx::query_scalar("SELECT sqlite_version()")
+        .fetch_one(store.read_pool())
+        .await?;
+    out["sqlite_version"] = json!(ver);
+
+    store.close().await;
+    drop(queue);
+    drop(dir);
+
+    if args.json {
+        println!("{out}");
+    } else {
+        print_summary(&out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A fresh directory for the benchmark databases, removed on drop.
+struct BenchDir {
+    path: PathBuf,
+}
+
+impl BenchDir {
+    fn create(configured: &Path) -> Result<Self> {
+        let base = if configured != StorageConfig::default().path {
+            configured
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
+        } else {
+            std::env::temp_dir()
+        };
+        let path = base.join(format!(
+            "task-queue-bench-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ));
+        std::fs::create_dir_all(&path).map_err(|e| {
+            Error::Store(format!(
+                "cannot create the bench directory {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(BenchDir { path })
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------- submit
+
+async fn bench_submit(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    dir: &Path,
+    tasks: usize,
+    concurrency: usize,
+    batch: usize,
+    out: &mut Value,
+) -> Result<()> {
+    let template = Task::new(BENCH_TASK).with_argv(["true"]);
+    let next = Arc::new(AtomicUsize::new(0));
+    reset_peak_rss();
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let queue = queue.clone();
+        let next = next.clone();
+        let template = template.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= tasks {
+                    break;
+                }
+                let n = batch.min(tasks - from);
+                if batch == 1 {
+                    let spec = template.clone();
+                    let t = Instant::now();
+                    queue.submit(spec).await?;
+                    lat.push(ms(t.elapsed()));
+                } else {
+                    let specs = vec![template.clone(); n];
+                    let t = Instant::now();
+                    queue.submit_batch(specs).await?;
+                    lat.push(ms(t.elapsed()));
+                }
+            }
+            Ok::<_, Error>(lat)
+        });
+    }
+    let mut lat = Vec::with_capacity(tasks.div_ceil(batch));
+    while let Some(r) = set.join_next().await {
+        lat.extend(r.map_err(|e| Error::Store(format!("submitter panicked: {e}")))??);
+    }
+    let elapsed = start.elapsed();
+    let rss = peak_rss_mb();
+    let tps = tasks as f64 / elapsed.as_secs_f64();
+    let (p50, p99) = (percentile(&mut lat, 50.0), percentile(&mut lat, 99.0));
+    out["tasks_per_sec"] = json!(round(tps, 0));
+    out["elapsed_s"] = json!(round(elapsed.as_secs_f64(), 3));
+    out["p50_ms"] = json!(round(p50, 3));
+    out["p99_ms"] = json!(round(p99, 3));
+    out["latency_what"] = json!(if batch == 1 {
+        "per submit() call, from call to durable return"
+    } else {
+        "per submit_batch() call, from call to durable return"
+    });
+    out["peak_rss_mb"] = json!(rss.map(|r| round(r, 1)));
+    out["claim_plan"] = json!(explain_claim(store.read_pool()).await?);
+
+    // The same rows, as stored by the queue, for the baseline.
+    let (spec, spec_hash): (String, String) =
+        sqlx::query_as("SELECT spec, spec_hash FROM tasks WHERE name = ? LIMIT 1")
+            .bind(BENCH_TASK)
+            .fetch_one(store.read_pool())
+            .await?;
+    let base = baseline_inserts(&dir.join("baseline.db"), tasks, batch, &spec, &spec_hash).await?;
+    out["baseline"] = base.to_json();
+    out["baseline_ratio"] = json!(round(tps / base.tasks_per_sec, 2));
+    let met = if batch == 1 {
+        tps >= 40_000.0 && p50 < 1.0
+    } else {
+        tps >= 300_000.0
+    };
+    out["goal"] = json!({
+        "target": if batch == 1 { ">= 40000 tasks/s and p50 < 1 ms" } else { ">= 300000 tasks/s" },
+        "met": met,
+    });
+    Ok(())
+}
+
+/// A baseline's outcome.
+struct Baseline {
+    what: String,
+    tasks: usize,
+    elapsed: Duration,
+    tasks_per_sec: f64,
+    lat: Vec<f64>,
+}
+
+impl Baseline {
+    fn new(what: String, tasks: usize, elapsed: Duration, mut lat: Vec<f64>) -> Self {
+        let tasks_per_sec = tasks as f64 / elapsed.as_secs_f64().max(1e-9);
+        lat.sort_by(f64::total_cmp);
+        Baseline {
+            what,
+            tasks,
+            elapsed,
+            tasks_per_sec,
+            lat,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut lat = self.lat.clone();
+        json!({
+            "what": self.what,
+            "tasks_per_sec": round(self.tasks_per_sec, 0),
+            "tasks": self.tasks,
+            "elapsed_s": round(self.elapsed.as_secs_f64(), 3),
+            "p50_ms": round(percentile(&mut lat, 50.0), 3),
+            "p99_ms": round(percentile(&mut lat, 99.0), 3),
+        })
+    }
+}
+
+/// Raw sqlx inserts into a plain table, one connection, one durable
+/// transaction per `batch` rows; stops after `tasks` rows or the time budget.
+async fn baseline_inserts(
+    path: &Path,
+    tasks: usize,
+    batch: usize,
+    spec: &str,
+    spec_hash: &str,
+) -> Result<Baseline> {
+    let mut conn = connect_raw(path).await?;
+    sqlx::query(
+        "CREATE TABLE plain (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, name TEXT NOT NULL, \
+         kind TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL, \
+         max_attempts INTEGER NOT NULL, run_at INTEGER NOT NULL, created_at INTEGER NOT NULL, \
+         updated_at INTEGER NOT NULL, spec TEXT NOT NULL, spec_hash TEXT NOT NULL)",
+    )
+    .execute(&mut conn)
+    .await?;
+    let sql = "INSERT INTO plain (id, name, kind, status, priority, max_attempts, run_at, \
+               created_at, updated_at, spec, spec_hash) VALUES (?,?,'command','queued',0,3,?,?,?,?,?)";
+    let start = Instant::now();
+    let mut done = 0;
+    let mut lat = Vec::new();
+    while done < tasks && start.elapsed() < BASELINE_BUDGET {
+        let n = batch.min(tasks - done);
+        let t = Instant::now();
+        let now = SystemClock.now_ms();
+        if batch == 1 {
+            // Autocommit: the statement is its own durable transaction.
+            sqlx::query(sql)
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(BENCH_TASK)
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(spec)
+                .bind(spec_hash)
+                .execute(&mut conn)
+                .await?;
+        } else {
+            let mut tx = conn.begin().await?;
+            for _ in 0..n {
+                sqlx::query(sql)
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .bind(BENCH_TASK)
+                    .bind(now)
+                    .bind(now)
+                    .bind(now)
+                    .bind(spec)
+                    .bind(spec_hash)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        lat.push(ms(t.elapsed()));
+        done += n;
+    }
+    let elapsed = start.elapsed();
+    let _ = conn.close().await;
+    let what = if batch == 1 {
+        "raw sqlx INSERT into a plain table (no indexes, no audit) in a separate SQLite file, same pragmas \
+         (WAL, same synchronous), one connection, one durable transaction per row: a queue without group commit"
+            .to_string()
+    } else {
+        format!(
+            "raw sqlx: one durable transaction per {batch} rows, one prepared INSERT per row, into a plain \
+             table (no indexes, no audit) in a separate SQLite file, same pragmas, one connection"
+        )
+    };
+    let mut what = what;
+    if done < tasks {
+        what.push_str(&format!(
+            "; stopped after {done} rows ({}s budget)",
+            BASELINE_BUDGET.as_secs()
+        ));
+    }
+    Ok(Baseline::new(what, done, elapsed, lat))
+}
+
+/// Times the claim SELECT alone on the read pool; returns latencies in ms.
+async fn time_claim_query(store: &SqliteStore, sql: &str, names: usize) -> Result<Vec<f64>> {
+    let mut lat = Vec::with_capacity(CLAIM_QUERIES);
+    for _ in 0..CLAIM_QUERIES {
+        let mut q = sqlx::query(AssertSqlSafe(sql.to_string()))
+            .bind(SystemClock.now_ms())
+            .bind(1i64);
+        if names > 0 {
+            q = q.bind(NOOP_TASK);
+        }
+        let t = Instant::now();
+        let rows = q.fetch_all(store.read_pool()).await?;
+        lat.push(ms(t.elapsed()));
+        std::hint::black_box(rows);
+    }
+    Ok(lat)
+}
+
+/// After `submit --history`: claim cost through the writer, and of the query alone.
+async fn bench_claims(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    queued: usize,
+    out: &mut Value,
+) -> Result<()> {
+    let mut variants = serde_json::Map::new();
+    for (key, names) in [("commands_only", 0usize), ("with_handler", 1)] {
+        // The query alone, on the read pool (no transaction, no fsync).
+        let mut qlat = time_claim_query(store, &claim_sql_mirror(names, true), names).await?;
+        let mut qlat_unhinted =
+            time_claim_query(store, &claim_sql_mirror(names, false), names).await?;
+        // Claims of one task each, sequential: what the engine does when a slot frees up.
+        let wanted = if names == 0 {
+            CLAIM_CALLS
+        } else {
+            CLAIM_CALLS_WITH_HANDLERS
+        };
+        let mut lat = Vec::with_capacity(wanted);
+        let start = Instant::now();
+        for _ in 0..wanted {
+            let now = SystemClock.now_ms();
+            let req = ClaimRequest {
+                worker_id: "bench-claimer".into(),
+                now,
+                lease_until: now + 60_000,
+                limit: 1,
+                commands: true,
+                external_names: vec![NOOP_TASK.to_string(); names],
+            };
+            let t = Instant::now();
+            let got = queue.store().claim(req).await?;
+            if got.is_empty() {
+                break;
+            }
+            lat.push(ms(t.elapsed()));
+        }
+        let calls = lat.len();
+        let elapsed = start.elapsed();
+        variants.insert(
+            key.to_string(),
+            json!({
+                "calls": calls,
+                "claims_per_sec": round(calls as f64 / elapsed.as_secs_f64(), 0),
+                "p50_ms": round(percentile(&mut lat, 50.0), 3),
+                "p99_ms": round(percentile(&mut lat, 99.0), 3),
+                "query_only_p50_ms": round(percentile(&mut qlat, 50.0), 3),
+                "query_only_p99_ms": round(percentile(&mut qlat, 99.0), 3),
+                "query_only_without_index_hint_p50_ms": round(percentile(&mut qlat_unhinted, 50.0), 3),
+                "query_only_without_index_hint_p99_ms": round(percentile(&mut qlat_unhinted, 99.0), 3),
+                "plan": explain_mirror(store, names, true).await?,
+                "plan_without_index_hint": explain_mirror(store, names, false).await?,
+            }),
+        );
+    }
+    let mut claim = Value::Object(variants);
+    claim["what"] = json!(format!(
+        "sequential Store::claim calls with limit 1 on the {queued} queued command tasks (one write \
+         transaction + commit each); query_only = the claim SELECT (LIMIT 1) alone on the read pool \
+         (without_index_hint: the same minus INDEXED BY tasks_ready); \
+         with_handler = the request carries one handler name, as the engine's does when handlers are registered"
+    ));
+    out["claim_p50_ms"] = claim["commands_only"]["p50_ms"].clone();
+    out["claim_p99_ms"] = claim["commands_only"]["p99_ms"].clone();
+    out["claim"] = claim;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- noop / command
+
+async fn bench_noop(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    tasks: usize,
+    concurrency: usize,
+    out: &mut Value,
+) -> Result<()> {
+    queue.register_handler(NOOP_TASK, noop_handler);
+    let template = Task::new(NOOP_TASK).with_kind(TaskKind::External);
+    let prep = submit_prepared(queue, &template, tasks).await?;
+    out["prepare_s"] = json!(round(prep.as_secs_f64(), 2));
+    let tps = drain(queue, store, tasks, NOOP_TASK, &[NOOP_TASK], out).await?;
+
+    let base = baseline_mpsc(tasks, concurrency, &template).await;
+    out["baseline"] = base.to_json();
+    out["baseline_ratio"] = json!(round(tps / base.tasks_per_sec, 3));
+    let rss_ok = out["peak_rss_mb"].as_f64().is_some_and(|r| r < 50.0);
+    out["goal"] = json!({
+        "target": ">= 25000 tasks/s at concurrency 100; peak RSS < 50 MB",
+        "met": tps >= 25_000.0 && rss_ok,
+        "throughput_met": tps >= 25_000.0,
+        "rss_met": rss_ok,
+    });
+    Ok(())
+}
+
+async fn bench_command(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    tasks: usize,
+    concurrency: usize,
+    out: &mut Value,
+) -> Result<()> {
+    let template = Task::new(BENCH_TASK).with_argv(["true"]);
+    let prep = submit_prepared(queue, &template, tasks).await?;
+    out["prepare_s"] = json!(round(prep.as_secs_f64(), 2));
+    let tps = drain(queue, store, tasks, BENCH_TASK, &[], out).await?;
+
+    let base = baseline_spawn(tasks, concurrency, false).await?;
+    out["baseline"] = base.to_json();
+    let fork = baseline_spawn(tasks, concurrency, true).await?;
+    out["baseline_fork"] = fork.to_json();
+    let ratio = tps / base.tasks_per_sec;
+    out["baseline_ratio"] = json!(round(ratio, 3));
+    let rss_ok = out["peak_rss_mb"].as_f64().is_some_and(|r| r < 50.0);
+    out["goal"] = json!({
+        "target": ">= 80% of the baseline; peak RSS < 50 MB",
+        "met": ratio >= 0.8 && rss_ok,
+        "throughput_met": ratio >= 0.8,
+        "rss_met": rss_ok,
+    });
+    Ok(())
+}
+
+async fn noop_handler(_ctx: TaskContext) -> std::result::Result<Value, HandlerError> {
+    Ok(Value::Null)
+}
+
+/// Submits `tasks` copies of `template` in batches (the untimed preparation).
+async fn submit_prepared(queue: &TaskQueue, template: &TaskSpec, tasks: usize) -> Result<Duration> {
+    let t = Instant::now();
+    let mut left = tasks;
+    while left > 0 {
+        let n = left.min(PREP_BATCH);
+        queue.submit_batch(vec![template.clone(); n]).await?;
+        left -= n;
+    }
+    Ok(t.elapsed())
+}
+
+/// Runs the engine until idle and records throughput, latency and peak RSS
+/// in `out`; returns tasks per second.
+async fn drain(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    tasks: usize,
+    name: &str,
+    handlers: &[&str],
+    out: &mut Value,
+) -> Result<f64> {
+    // The plans as the engine's first claim will see them (N tasks queued).
+    out["claim_plan"] = json!(explain_claim(store.read_pool()).await?);
+    if !handlers.is_empty() {
+        out["claim_plan_with_handlers"] = json!(explain_mirror(store, handlers.len(), true).await?);
+    }
+    let collector = LatencyCollector::spawn(queue.subscribe(), tasks);
+    reset_peak_rss();
+    out["rss_before_mb"] = json!(current_rss_mb().map(|r| round(r, 1)));
+    let start = Instant::now();
+    queue.run_until_idle().await?;
+    let elapsed = start.elapsed();
+    let rss = peak_rss_mb();
+    let (mut lat, lagged) = collector.finish().await;
+
+    let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE name = ? AND status = ?")
+        .bind(name)
+        .bind(TaskStatus::Succeeded.as_str())
+        .fetch_one(store.read_pool())
+        .await?;
+    if done as usize != tasks {
+        return Err(Error::Store(format!(
+            "only {done} of {tasks} tasks succeeded; the benchmark is not valid"
+        )));
+    }
+    let mut rec: Vec<f64> = sqlx::query_scalar::<_, i64>(
+        "SELECT finished_at - started_at FROM tasks WHERE name = ? AND finished_at IS NOT NULL",
+    )
+    .bind(name)
+    .fetch_all(store.read_pool())
+    .await?
+    .into_iter()
+    .map(|v| v as f64)
+    .collect();
+
+    let tps = tasks as f64 / elapsed.as_secs_f64();
+    out["tasks_per_sec"] = json!(round(tps, 0));
+    out["elapsed_s"] = json!(round(elapsed.as_secs_f64(), 3));
+    out["p50_ms"] = json!(round(percentile(&mut lat, 50.0), 3));
+    out["p99_ms"] = json!(round(percentile(&mut lat, 99.0), 3));
+    out["latency_what"] = json!(
+        "per task, from the commit of its claim to the commit of its finish (committed-event subscriber, Instant clock)"
+    );
+    out["latency_samples"] = json!(lat.len());
+    if lagged > 0 {
+        out["latency_events_lost"] = json!(lagged);
+    }
+    out["record_p50_ms"] = json!(percentile(&mut rec, 50.0));
+    out["record_p99_ms"] = json!(percentile(&mut rec, 99.0));
+    out["record_latency_what"] = json!(
+        "finished_at - started_at of the stored tasks (ms resolution; claim time to handler end, before the finish commit)"
+    );
+    out["peak_rss_mb"] = json!(rss.map(|r| round(r, 1)));
+    out["peak_rss_what"] = json!(
+        "VmHWM, reset via /proc/self/clear_refs before the engine started, read when all tasks were terminal"
+    );
+    Ok(tps)
+}
+
+/// EXPLAIN QUERY PLAN of the claim query with `names` handler names, as the
+/// engine sends it when handlers are registered (see `claim_sql_mirror`).
+async fn explain_mirror(store: &SqliteStore, names: usize, hinted: bool) -> Result<Vec<String>> {
+    let sql = format!("EXPLAIN QUERY PLAN {}", claim_sql_mirror(names, hinted));
+    let mut q = sqlx::query_as::<_, (i64, i64, i64, String)>(AssertSqlSafe(sql))
+        .bind(0i64)
+        .bind(1i64);
+    for _ in 0..names {
+        q = q.bind(NOOP_TASK);
+    }
+    Ok(q.fetch_all(store.read_pool())
+        .await?
+        .into_iter()
+        .map(|r| r.3)
+        .collect())
+}
+
+/// Measures claim-commit to finish-commit per task from the store's committed events.
+struct LatencyCollector {
+    handle: tokio::task::JoinHandle<(Vec<f64>, u64)>,
+    stop: watch::Sender<bool>,
+}
+
+impl LatencyCollector {
+    fn spawn(mut rx: broadcast::Receiver<TaskEvent>, expected: usize) -> Self {
+        let (stop, mut stopped) = watch::channel(false);
+        let handle = tokio::spawn(async move {
+            let mut started: HashMap<String, Instant> = HashMap::new();
+            let mut lat = Vec::with_capacity(expected);
+            let mut lagged = 0u64;
+            let mut terminal = 0usize;
+            while terminal < expected {
+                tokio::select! {
+                    biased;
+                    r = rx.recv() => match r {
+                        Ok(e) => {
+                            if e.status.is_terminal() {
+                                terminal += 1;
+                            }
+                            seen(e, &mut started, &mut lat);
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => lagged += n,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = stopped.changed() => break,
+                }
+            }
+            while let Ok(e) = rx.try_recv() {
+                seen(e, &mut started, &mut lat);
+            }
+            (lat, lagged)
+        });
+        LatencyCollector { handle, stop }
+    }
+
+    async fn finish(self) -> (Vec<f64>, u64) {
+        let mut handle = self.handle;
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), &mut handle).await {
+            return r.unwrap_or_default();
+        }
+        let _ = self.stop.send(true);
+        handle.await.unwrap_or_default()
+    }
+}
+
+fn seen(e: TaskEvent, started: &mut HashMap<String, Instant>, lat: &mut Vec<f64>) {
+    if e.status == TaskStatus::Running {
+        started.insert(e.task_id, Instant::now());
+    } else if e.status.is_terminal()
+        && let Some(t) = started.remove(&e.task_id)
+    {
+        lat.push(ms(t.elapsed()));
+    }
+}
+
+/// The same no-op handler over an in-memory tokio mpsc queue with C workers.
+async fn baseline_mpsc(tasks: usize, concurrency: usize, template: &TaskSpec) -> Baseline {
+    let spec = Arc::new(template.clone());
+    let (tx, rx) = mpsc::channel::<String>(tasks);
+    for i in 0..tasks {
+        let _ = tx.try_send(format!("job-{i}"));
+    }
+    drop(tx);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let rx = rx.clone();
+        let spec = spec.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            let mut results = Vec::new();
+            loop {
+                let job = rx.lock().await.recv().await;
+                let Some(id) = job else { break };
+                let t = Instant::now();
+                let ctx = TaskContext {
+                    id: id.clone(),
+                    name: NOOP_TASK.into(),
+                    attempt: 1,
+                    spec: spec.clone(),
+                };
+                let r = noop_handler(ctx).await;
+                results.push((id, r.is_ok()));
+                lat.push(ms(t.elapsed()));
+            }
+            (lat, results.len())
+        });
+    }
+    let mut lat = Vec::with_capacity(tasks);
+    let mut done = 0;
+    while let Some(Ok((l, n))) = set.join_next().await {
+        lat.extend(l);
+        done += n;
+    }
+    let elapsed = start.elapsed();
+    Baseline::new(
+        format!(
+            "the same no-op handler over an in-memory tokio mpsc queue (pre-filled) with {concurrency} worker tasks; \
+             latency = dequeue to result recorded in memory"
+        ),
+        done,
+        elapsed,
+        lat,
+    )
+}
+
+/// Spawns `true` (stdio null) with tokio, `concurrency` at a time.
+/// With `fork`, a no-op `pre_exec` hook forces the fork+exec path the
+/// executor takes (it needs `pre_exec` for setpgid, PDEATHSIG and rlimits)
+/// instead of `posix_spawn`.
+async fn baseline_spawn(tasks: usize, concurrency: usize, fork: bool) -> Result<Baseline> {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut set = JoinSet::new();
+    let mut lat = Vec::with_capacity(tasks);
+    let mut failed = 0usize;
+    let mut collect = |r: std::result::Result<(f64, bool), tokio::task::JoinError>| match r {
+        Ok((l, ok)) => {
+            lat.push(l);
+            if !ok {
+                failed += 1;
+            }
+        }
+        Err(_) => failed += 1,
+    };
+    let start = Instant::now();
+    for _ in 0..tasks {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?;
+        set.spawn(async move {
+            let t = Instant::now();
+            let mut cmd = tokio::process::Command::new("true");
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            if fork {
+                // SAFETY: the hook does nothing, so it is async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(|| Ok(()));
+                }
+            }
+            let ok = cmd.status().await.is_ok_and(|s| s.success());
+            drop(permit);
+            (ms(t.elapsed()), ok)
+        });
+        while let Some(r) = set.try_join_next() {
+            collect(r);
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        collect(r);
+    }
+    let elapsed = start.elapsed();
+    if failed > 0 {
+        return Err(Error::Store(format!(
+            "{failed} baseline runs of `true` failed"
+        )));
+    }
+    Ok(Baseline::new(
+        format!(
+            "tokio::process::Command spawning `true` (stdio null{}), {concurrency} at a time; latency = spawn to exit",
+            if fork {
+                ", no-op pre_exec hook: fork+exec like the executor"
+            } else {
+                ""
+            }
+        ),
+        tasks,
+        elapsed,
+        lat,
+    ))
+}
+
+// ---------------------------------------------------------------- history
+
+/// Inserts `n` succeeded tasks straight into `tasks` through a raw
+/// connection (multi-row INSERTs; no audit or attempt rows).
+async fn prefill_history(db: &Path, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let spec = Task::new(HISTORY_TASK).with_kind(TaskKind::External);
+    let spec_json = crate::model::canonical_json(&spec)?;
+    let spec_hash = crate::integrity::spec_hash(&spec_json);
+    let result = r#"{"attempt":1,"duration_ms":0}"#;
+    let mut conn = connect_raw(db).await?;
+    let base = SystemClock.now_ms() - 86_400_000;
+    let mut i = 0usize;
+    while i < n {
+        let tx_end = (i + HISTORY_ROWS_PER_TX).min(n);
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        while i < tx_end {
+            let rows = HISTORY_ROWS_PER_INSERT.min(tx_end - i);
+            let mut sql = String::from(
+                "INSERT INTO tasks (id, name, kind, status, priority, attempts, max_attempts, run_at, \
+                 created_at, updated_at, started_at, finished_at, spec, spec_hash, result) VALUES ",
+            );
+            for r in 0..rows {
+                if r > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("(?,?,'external','succeeded',0,1,3,?,?,?,?,?,?,?,?)");
+            }
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in 0..rows {
+                let at = base + (i + r) as i64 / 16;
+                q = q
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .bind(HISTORY_TASK)
+                    .bind(at)
+                    .bind(at)
+                    .bind(at)
+                    .bind(at)
+                    .bind(at)
+                    .bind(&spec_json)
+                    .bind(&spec_hash)
+                    .bind(result);
+            }
+            q.execute(&mut *tx).await?;
+            i += rows;
+        }
+        tx.commit().await?;
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn round(v: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (v * f).round() / f
+}
+
+/// Nearest-rank percentile (sorts in place); 0 for no samples.
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Resets VmHWM to the current RSS (Linux >= 4.0); false if not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn status_kb(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    status_kb("VmHWM:").map(|kb| kb / 1024.0)
+}
+
+fn current_rss_mb() -> Option<f64> {
+    status_kb("VmRSS:").map(|kb| kb / 1024.0)
+}
+
+fn print_summary(out: &Value) {
+    let f = |k: &str| out.get(k).cloned().unwrap_or(Value::Null);
+    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "scenario    {} ({} tasks, concurrency {}{}{}, {})",
+        f("scenario").as_str().unwrap_or(""),
+        f("tasks"),
+        f("concurrency"),
+        out.get("batch")
+            .map(|b| format!(", batch {b}"))
+            .unwrap_or_default(),
+        out.get("history")
+            .map(|h| format!(", history {h}"))
+            .unwrap_or_default(),
+        f("durability").as_str().unwrap_or(""),
+    );
+    println!(
+        "queue       {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   peak RSS {} MB   ({} s)",
+        num(&f("tasks_per_sec")),
+        num(&f("p50_ms")),
+        num(&f("p99_ms")),
+        f("peak_rss_mb"),
+        f("elapsed_s"),
+    );
+    if let Some(what) = out.get("latency_what").and_then(Value::as_str) {
+        println!("            latency: {what}");
+    }
+    if let Some(b) = out.get("baseline") {
+        println!(
+            "baseline    {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   ({} tasks)",
+            num(&b["tasks_per_sec"]),
+            num(&b["p50_ms"]),
+            num(&b["p99_ms"]),
+            b["tasks"],
+        );
+        println!("            {}", b["what"].as_str().unwrap_or(""));
+        println!("ratio       {} x baseline", f("baseline_ratio"));
+    }
+    if let Some(b) = out.get("baseline_fork") {
+        println!(
+            "fork+exec   {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   (baseline with a pre_exec hook)",
+            num(&b["tasks_per_sec"]),
+            num(&b["p50_ms"]),
+            num(&b["p99_ms"]),
+        );
+    }
+    if let Some(c) = out.get("claim") {
+        for key in ["commands_only", "with_handler"] {
+            let v = &c[key];
+            println!(
+                "claim       {:>10.0} claims/s  p50 {:.3} ms   p99 {:.3} ms   query alone p50 {:.3} ms   ({key})",
+                num(&v["claims_per_sec"]),
+                num(&v["p50_ms"]),
+                num(&v["p99_ms"]),
+                num(&v["query_only_p50_ms"]),
+            );
+        }
+    }
+    if let Some(h) = out.get("history_prefill_s") {
+        println!(
+            "history     {} tasks pre-filled in {h} s ({})",
+            f("history"),
+            f("history_note").as_str().unwrap_or("")
+        );
+    }
+    if let Some(g) = out.get("goal") {
+        println!(
+            "goal        {}: {}",
+            g["target"].as_str().unwrap_or(""),
+            if g["met"].as_bool() == Some(true) {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    for (key, title) in [
+        ("claim_plan", "claim plan (explain_claim)"),
+        (
+            "claim_plan_with_handlers",
+            "claim plan (engine query with a handler name)",
+        ),
+    ] {
+        if let Some(plan) = out.get(key).and_then(Value::as_array) {
+            println!("{title}");
+            for line in plan {
+                println!("            {}", line.as_str().unwrap_or(""));
+            }
+        }
+    }
 }
