@@ -144,7 +144,10 @@ fn sigterm_lets_the_running_task_finish() {
     let ws = Workspace::new();
     let ids = ws.submit("tasks:\n  - {name: slow, command: 'sleep 1; echo done > done.txt'}\n");
     let mut worker = ws.spawn(&["worker"]);
-    assert!(wait_until(Duration::from_secs(10), || ws.status(&ids[0])["status"] == "running"));
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || ws.status(&ids[0])["status"] == "running"
+    ));
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
     let status = worker.wait().unwrap();
