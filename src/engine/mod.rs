@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::executor::{self, ExecSettings, Handlers, StopReason, TaskContext, reaper::Reaper};
 use crate::integrity;
-use crate::model::{AttemptStatus, TaskKind, TaskSpec, TaskStatus};
+use crate::model::{AttemptStatus, RetryPolicy, TaskKind, TaskSpec, TaskStatus};
 use crate::store::{ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, Reclaim, Store};
 use clock::Clock;
 
@@ -252,7 +252,7 @@ async fn run_attempt(
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
 ) {
-    let report = execute(&shared, &c, reaper.as_deref(), stop.clone()).await;
+    let (report, policy) = execute(&shared, &c, reaper.as_deref(), stop.clone()).await;
     let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
     {
         let mut running = shared.running();
@@ -261,11 +261,6 @@ async fn run_attempt(
         }
     }
     shared.wake.notify_one();
-    let spec: Option<TaskSpec> = serde_json::from_str(&c.spec_json).ok();
-    let policy = spec
-        .as_ref()
-        .and_then(|s| s.retry.clone())
-        .unwrap_or_default();
     let now = shared.clock.now_ms();
     let next = retry::next_state(&report, c.attempt, &policy, now, shutdown);
     let finish = FinishAttempt {
@@ -308,7 +303,7 @@ async fn execute(
     c: &ClaimedTask,
     reaper: Option<&Reaper>,
     stop: watch::Receiver<Option<StopReason>>,
-) -> executor::AttemptReport {
+) -> (executor::AttemptReport, RetryPolicy) {
     let fatal = |msg: String| executor::AttemptReport {
         status: AttemptStatus::Failed,
         error: Some(msg),
@@ -322,26 +317,35 @@ async fn execute(
     // Integrity: the spec must be exactly what was submitted.
     let computed = integrity::spec_hash(&c.spec_json);
     if computed != c.spec_hash {
-        return fatal(format!(
-            "integrity check failed: the stored spec hashes to {computed} but {} was recorded at submit; the task was not run",
-            c.spec_hash
-        ));
+        return (
+            fatal(format!(
+                "integrity check failed: the stored spec hashes to {computed} but {} was recorded at submit; the task was not run",
+                c.spec_hash
+            )),
+            RetryPolicy::default(),
+        );
     }
     let spec: TaskSpec = match serde_json::from_str(&c.spec_json) {
         Ok(s) => s,
-        Err(e) => return fatal(format!("the stored spec cannot be read: {e}")),
+        Err(e) => {
+            return (
+                fatal(format!("the stored spec cannot be read: {e}")),
+                RetryPolicy::default(),
+            );
+        }
     };
     let timeout = spec
         .timeout
         .map(|t| t.0)
         .unwrap_or(shared.config.execution.default_timeout.0);
+    let policy = spec.retry.clone().unwrap_or_default();
     let ctx = TaskContext {
         id: c.id.clone(),
         name: c.name.clone(),
         attempt: c.attempt,
         spec: Arc::new(spec),
     };
-    match c.kind {
+    let report = match c.kind {
         TaskKind::Command => executor::run_command(&ctx, &shared.exec, reaper, stop).await,
         TaskKind::External => {
             let handler = shared
@@ -363,7 +367,8 @@ async fn execute(
             }
         }
         TaskKind::Http => fatal("HTTP tasks are not supported yet".into()),
-    }
+    };
+    (report, policy)
 }
 
 /// Renews this worker's leases; stops local attempts whose lease is gone
