@@ -63,7 +63,7 @@ use crate::executor::{HandlerError, TaskContext};
 use crate::model::{MAX_BATCH_TASKS, Task, TaskEvent, TaskKind, TaskSpec, TaskStatus};
 use crate::service::TaskQueue;
 use crate::store::ClaimRequest;
-use crate::store::sqlite::{SqliteStore, connect_raw, explain_claim};
+use crate::store::sqlite::{SqliteStore, claim_sql, connect_raw, explain_claim};
 
 /// Arguments of `task-queue bench`.
 #[derive(Debug, clap::Args)]
@@ -137,30 +137,16 @@ const CLAIM_QUERIES: usize = 500;
 /// in-process handlers are registered.
 const CLAIM_CALLS_WITH_HANDLERS: usize = 200;
 
-/// The claim query text; mirrors `writer::claim_sql(true, names)` (private
-/// to the store) so its plan and cost can be measured on the read pool.
-/// `hinted: false` drops its `INDEXED BY tasks_ready`, to show what the
-/// hint is worth.
+/// The claim query the writer runs (`store::sqlite::claim_sql`), so its
+/// plan and cost can be measured on the read pool. `hinted: false` drops its
+/// `INDEXED BY tasks_ready`, to show what the hint is worth.
 fn claim_sql_mirror(names: usize, hinted: bool) -> String {
-    let kind_filter = if names == 0 {
-        "AND kind = 'command'".to_string()
+    let sql = claim_sql(true, names);
+    if hinted {
+        sql
     } else {
-        let params: Vec<String> = (3..3 + names).map(|i| format!("?{i}")).collect();
-        format!(
-            "AND (kind = 'command' OR (kind = 'external' AND name IN ({})))",
-            params.join(",")
-        )
-    };
-    format!(
-        "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash \
-         FROM tasks {}WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
-         ORDER BY priority DESC, seq LIMIT ?2",
-        if hinted {
-            "INDEXED BY tasks_ready "
-        } else {
-            ""
-        }
-    )
+        sql.replace("INDEXED BY tasks_ready ", "")
+    }
 }
 
 pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
@@ -451,6 +437,16 @@ async fn baseline_inserts(
     .await?;
     let sql = "INSERT INTO plain (id, name, kind, status, priority, max_attempts, run_at, \
                created_at, updated_at, spec, spec_hash) VALUES (?,?,'command','queued',0,3,?,?,?,?,?)";
+    let insert_row = |now: i64| {
+        sqlx::query(sql)
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(BENCH_TASK)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(spec)
+            .bind(spec_hash)
+    };
     let start = Instant::now();
     let mut done = 0;
     let mut lat = Vec::new();
@@ -460,29 +456,11 @@ async fn baseline_inserts(
         let now = SystemClock.now_ms();
         if batch == 1 {
             // Autocommit: the statement is its own durable transaction.
-            sqlx::query(sql)
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(BENCH_TASK)
-                .bind(now)
-                .bind(now)
-                .bind(now)
-                .bind(spec)
-                .bind(spec_hash)
-                .execute(&mut conn)
-                .await?;
+            insert_row(now).execute(&mut conn).await?;
         } else {
             let mut tx = conn.begin().await?;
             for _ in 0..n {
-                sqlx::query(sql)
-                    .bind(uuid::Uuid::now_v7().to_string())
-                    .bind(BENCH_TASK)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now)
-                    .bind(spec)
-                    .bind(spec_hash)
-                    .execute(&mut *tx)
-                    .await?;
+                insert_row(now).execute(&mut *tx).await?;
             }
             tx.commit().await?;
         }

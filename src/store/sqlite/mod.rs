@@ -262,6 +262,12 @@ impl Store for SqliteStore {
     }
 }
 
+/// The claim query the writer runs (`?1` = now, `?2` = limit, `?3...` the
+/// external task names), for benchmarks and plan checks.
+pub fn claim_sql(commands: bool, external_names: usize) -> String {
+    writer::claim_sql(commands, external_names)
+}
+
 /// Used by tests and `bench` to confirm the claim query is index-ordered.
 pub async fn explain_claim(pool: &SqlitePool) -> Result<Vec<String>> {
     let sql = format!("EXPLAIN QUERY PLAN {}", writer::claim_sql(true, 0));
