@@ -97,6 +97,9 @@ pub enum Scenario {
     Noop,
     /// Claim and run `true` as a child process.
     Command,
+    /// A layered workflow of no-op tasks: dependency resolution per task,
+    /// against `noop` with the same task count in the same run.
+    Dag,
 }
 
 impl Scenario {
@@ -105,6 +108,7 @@ impl Scenario {
             Scenario::Submit => "submit",
             Scenario::Noop => "noop",
             Scenario::Command => "command",
+            Scenario::Dag => "dag",
         }
     }
 
@@ -113,6 +117,7 @@ impl Scenario {
             Scenario::Submit => 64,
             Scenario::Noop => 100,
             Scenario::Command => 64,
+            Scenario::Dag => 100,
         }
     }
 }
@@ -141,11 +146,22 @@ const CLAIM_CALLS_WITH_HANDLERS: usize = 200;
 /// plan and cost can be measured on the read pool. `hinted: false` drops its
 /// `INDEXED BY tasks_ready`, to show what the hint is worth.
 fn claim_sql_mirror(names: usize, hinted: bool) -> String {
-    let sql = claim_sql(true, names);
+    let sql = claim_sql(&engine_request(names));
     if hinted {
         sql
     } else {
         sql.replace("INDEXED BY tasks_ready ", "")
+    }
+}
+
+/// The claim request the engine sends with `names` handler names registered.
+fn engine_request(names: usize) -> ClaimRequest {
+    ClaimRequest {
+        external: (names > 0).then(|| crate::store::ExternalFilter {
+            names: vec![NOOP_TASK.to_string(); names],
+            ..Default::default()
+        }),
+        ..crate::store::sqlite::engine_claim_request()
     }
 }
 
@@ -237,6 +253,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         }
         Scenario::Noop => bench_noop(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Command => bench_command(&queue, &store, args.tasks, concurrency, &mut out).await,
+        Scenario::Dag => bench_dag(&queue, &store, args.tasks, concurrency, &mut out).await,
     }?;
     if args.history.is_some() && scenario == Scenario::Submit {
         bench_claims(&queue, &store, args.tasks, &mut out).await?;
@@ -534,9 +551,7 @@ async fn bench_claims(
                 worker_id: "bench-claimer".into(),
                 now,
                 lease_until: now + 60_000,
-                limit: 1,
-                commands: true,
-                external_names: vec![NOOP_TASK.to_string(); names],
+                ..engine_request(names)
             };
             let t = Instant::now();
             let got = queue.store().claim(req).await?;
@@ -628,6 +643,89 @@ async fn bench_command(
         "met": ratio >= 0.8 && rss_ok,
         "throughput_met": ratio >= 0.8,
         "rss_met": rss_ok,
+    });
+    Ok(())
+}
+
+/// Width of each layer of the `dag` workflow.
+const DAG_WIDTH: usize = 100;
+/// Name prefix of the `dag` workflow's tasks (one handler pattern serves them all).
+const DAG_PREFIX: &str = "dag-";
+
+async fn bench_dag(
+    queue: &TaskQueue,
+    store: &SqliteStore,
+    tasks: usize,
+    concurrency: usize,
+    out: &mut Value,
+) -> Result<()> {
+    if tasks > MAX_BATCH_TASKS {
+        return Err(Error::invalid(
+            "tasks",
+            format!("a workflow holds at most {MAX_BATCH_TASKS} tasks"),
+        ));
+    }
+    // Baseline first: the noop scenario with the same task count.
+    queue.register_handler(NOOP_TASK, noop_handler);
+    queue.register_handler(format!("{DAG_PREFIX}*"), noop_handler);
+    let template = Task::new(NOOP_TASK).with_kind(TaskKind::External);
+    submit_prepared(queue, &template, tasks).await?;
+    let mut noop_out = json!({});
+    let noop_tps = drain(queue, store, tasks, NOOP_TASK, &[NOOP_TASK], &mut noop_out).await?;
+
+    // Layers of DAG_WIDTH; each task depends on two of the layer before.
+    let mut w = crate::model::Workflow::new("bench-dag");
+    let mut edges = 0usize;
+    for i in 0..tasks {
+        let (layer, pos) = (i / DAG_WIDTH, i % DAG_WIDTH);
+        let mut t = Task::new(format!("{DAG_PREFIX}{layer}-{pos}")).with_kind(TaskKind::External);
+        if layer > 0 {
+            let prev = layer - 1;
+            let width_prev = DAG_WIDTH.min(tasks - prev * DAG_WIDTH);
+            t = t.depends_on(format!("{DAG_PREFIX}{prev}-{}", pos % width_prev));
+            edges += 1;
+            let second = (pos + 1) % width_prev;
+            if second != pos % width_prev {
+                t = t.depends_on(format!("{DAG_PREFIX}{prev}-{second}"));
+                edges += 1;
+            }
+        }
+        w = w.add_task(t);
+    }
+    let t = Instant::now();
+    let sub = queue.submit_workflow(w).await?;
+    out["submit_workflow_s"] = json!(round(t.elapsed().as_secs_f64(), 3));
+    out["layers"] = json!(tasks.div_ceil(DAG_WIDTH));
+    out["edges"] = json!(edges);
+    reset_peak_rss();
+    let start = Instant::now();
+    queue.run_until_idle().await?;
+    let elapsed = start.elapsed();
+    out["peak_rss_mb"] = json!(peak_rss_mb().map(|r| round(r, 1)));
+    let wf = queue.workflow(&sub.workflow_id).await?;
+    if wf.status != crate::model::WorkflowStatus::Succeeded || wf.tasks_done != tasks as u64 {
+        return Err(Error::Store(format!(
+            "the workflow ended {} with {} of {tasks} tasks done; the benchmark is not valid",
+            wf.status, wf.tasks_done
+        )));
+    }
+    let tps = tasks as f64 / elapsed.as_secs_f64();
+    out["tasks_per_sec"] = json!(round(tps, 0));
+    out["elapsed_s"] = json!(round(elapsed.as_secs_f64(), 3));
+    let per_task_us = 1e6 / tps;
+    let noop_per_task_us = 1e6 / noop_tps;
+    out["per_task_us"] = json!(round(per_task_us, 1));
+    out["baseline"] = json!({
+        "what": format!("the noop scenario with {tasks} independent tasks and concurrency {concurrency}, same run, same database"),
+        "tasks_per_sec": round(noop_tps, 0),
+        "per_task_us": round(noop_per_task_us, 1),
+        "p50_ms": noop_out["p50_ms"],
+    });
+    let ratio = per_task_us / noop_per_task_us;
+    out["overhead_ratio"] = json!(round(ratio, 3));
+    out["goal"] = json!({
+        "target": "time per task within 2x of the noop scenario",
+        "met": ratio <= 2.0,
     });
     Ok(())
 }

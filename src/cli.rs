@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::{TaskRecord, TaskStatus, parse_task_file};
+use crate::model::{Submission, TaskRecord, TaskStatus, parse_task_file};
 use crate::service::{ListOptions, TaskQueue};
 
 /// An MCP-first task orchestration server: durable queue, retries, timeouts, audit trail.
@@ -33,16 +33,46 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Submit a file of tasks, run them here until all finish; exit 0 only if all succeeded.
+    /// Submit a task or workflow file and run it here until every task
+    /// finishes; exit 0 only if none failed (skipped-by-design is fine).
     Run {
-        /// YAML or JSON file: `{tasks: [spec, ...]}`.
+        /// YAML or JSON file: `{tasks: [...]}` or a workflow `{name, tasks: [...]}`.
         file: PathBuf,
         /// Print one JSON summary at the end instead of progress lines.
         #[arg(long)]
         json: bool,
     },
-    /// Submit a file of tasks for a worker to run; prints the new ids as JSON.
+    /// Submit a task or workflow file for a worker to run; prints the new ids as JSON.
     Submit { file: PathBuf },
+    /// Check a task or workflow file without submitting it; prints its graph.
+    Check {
+        file: PathBuf,
+        /// Graph format: mermaid or dot.
+        #[arg(long, default_value = "mermaid")]
+        format: String,
+    },
+    /// Approve a task waiting in awaiting_approval, or reject it with --reject.
+    Approve {
+        id: String,
+        /// Reject instead: the task fails and its `failure` dependents run.
+        #[arg(long)]
+        reject: bool,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Who decides (recorded in the audit trail).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+    },
+    /// Workflow commands.
+    Workflow {
+        #[command(subcommand)]
+        command: WorkflowCommand,
+    },
+    /// Recurring schedule commands.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Run the engine: claim and execute tasks until stopped (SIGINT/SIGTERM).
     Worker {
         /// Exit when no task is left that this worker could run.
@@ -81,6 +111,44 @@ pub enum Command {
     },
     /// Measure throughput and latency; prints one JSON object with --json.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// List recent workflows.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show a workflow with its tasks.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a workflow's graph, nodes styled by status.
+    Graph {
+        id: String,
+        /// mermaid or dot.
+        #[arg(long, default_value = "mermaid")]
+        format: String,
+    },
+    /// Cancel every unfinished task of a workflow.
+    Cancel { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// List schedules as JSON.
+    List,
+    /// Stop a schedule firing (its upcoming run is cancelled).
+    Pause { id: String },
+    /// Start a paused schedule again.
+    Resume { id: String },
+    /// Delete a schedule (its upcoming run is cancelled).
+    Remove { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,15 +210,58 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Bench(args) => crate::bench::run(args, config).await,
         Command::Run { file, json } => {
-            let specs = read_tasks(&file)?;
+            let sub = read_tasks(&file)?;
             let queue = TaskQueue::open_with(config).await?;
-            run_file(&queue, specs, json).await
+            run_file(&queue, sub, json).await
         }
         Command::Submit { file } => {
-            let specs = read_tasks(&file)?;
+            let sub = read_tasks(&file)?;
             let queue = TaskQueue::open_with(config).await?;
-            let out = queue.submit_batch(specs).await?;
-            print_json(&json!({ "tasks": out }));
+            let (workflow, tasks) = queue.submit_file(sub).await?;
+            match workflow {
+                Some(w) => print_json(&serde_json::to_value(&w).unwrap_or_default()),
+                None => print_json(&json!({ "tasks": tasks })),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { file, format } => {
+            let sub = read_tasks(&file)?;
+            let text = crate::workflow::check_and_render(&sub, &format)?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve {
+            id,
+            reject,
+            comment,
+            by,
+        } => {
+            let queue = TaskQueue::open_with(config).await?;
+            let t = queue.approve(&id, !reject, comment, by).await?;
+            print_json(&summary(&t));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workflow { command } => {
+            let queue = TaskQueue::open_with(config).await?;
+            workflow_command(&queue, command).await
+        }
+        Command::Schedule { command } => {
+            let queue = TaskQueue::open_with(config).await?;
+            match command {
+                ScheduleCommand::List => {
+                    print_json(&json!({ "schedules": queue.list_schedules().await? }))
+                }
+                ScheduleCommand::Pause { id } => {
+                    print_json(&serde_json::to_value(queue.pause_schedule(&id).await?).unwrap_or_default())
+                }
+                ScheduleCommand::Resume { id } => {
+                    print_json(&serde_json::to_value(queue.resume_schedule(&id).await?).unwrap_or_default())
+                }
+                ScheduleCommand::Remove { id } => {
+                    queue.remove_schedule(&id).await?;
+                    print_json(&json!({ "removed": id }));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker {
@@ -223,7 +334,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn read_tasks(file: &PathBuf) -> Result<Vec<crate::model::TaskSpec>> {
+fn read_tasks(file: &PathBuf) -> Result<Submission> {
     let meta = std::fs::metadata(file)
         .map_err(|e| Error::invalid("file", format!("cannot read {}: {e}", file.display())))?;
     if meta.len() > crate::model::MAX_FILE_BYTES as u64 {
@@ -263,13 +374,15 @@ fn summary(t: &TaskRecord) -> serde_json::Value {
     })
 }
 
-async fn run_file(
-    queue: &TaskQueue,
-    specs: Vec<crate::model::TaskSpec>,
-    json_out: bool,
-) -> Result<ExitCode> {
+async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<ExitCode> {
     let mut events = queue.subscribe();
-    let submitted = queue.submit_batch(specs).await?;
+    let (workflow, submitted) = queue.submit_file(sub).await?;
+    let workflow_id = workflow.as_ref().map(|w| w.workflow_id.clone());
+    if let Some(w) = &workflow
+        && !json_out
+    {
+        eprintln!("workflow {} ({}): {} tasks", w.name, w.workflow_id, w.tasks.len());
+    }
     let ids: Vec<String> = submitted.iter().map(|s| s.id.clone()).collect();
     let names: HashMap<String, String> = submitted
         .iter()
@@ -290,6 +403,9 @@ async fn run_file(
                     if live {
                         let attempt = if e.attempt > 0 { format!(" (attempt {})", e.attempt) } else { String::new() };
                         eprintln!("{}  {:width$}  {}{}", e.at.to_rfc3339().get(11..23).unwrap_or(""), e.name, e.status, attempt);
+                    }
+                    if e.status == TaskStatus::AwaitingApproval && !json_out {
+                        eprintln!("  {} waits for approval: task-queue approve {} [--reject]", e.name, e.task_id);
                     }
                     if e.status.is_terminal() {
                         open.remove(&e.task_id);
@@ -319,7 +435,10 @@ async fn run_file(
     let mut tasks = queue.get_many(&ids).await?;
     let order: HashMap<&String, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
     tasks.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));
-    let all_ok = !interrupted && tasks.iter().all(|t| t.status == TaskStatus::Succeeded);
+    let all_ok = !interrupted
+        && tasks
+            .iter()
+            .all(|t| matches!(t.status, TaskStatus::Succeeded | TaskStatus::Skipped));
     let overall = if interrupted {
         "interrupted"
     } else if all_ok {
@@ -338,7 +457,14 @@ async fn run_file(
                 })
             })
             .collect();
-        println!("{}", json!({ "status": overall, "tasks": list }));
+        let mut out = json!({ "status": overall, "tasks": list });
+        if let Some(w) = &workflow_id {
+            out["workflow_id"] = json!(w);
+            if let Ok(r) = queue.workflow(w).await {
+                out["workflow_status"] = json!(r.status);
+            }
+        }
+        println!("{out}");
     } else {
         for t in &tasks {
             let detail = match (&t.error, t.result.as_ref().map(|r| r.duration_ms)) {
@@ -370,6 +496,56 @@ async fn run_file(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result<ExitCode> {
+    match command {
+        WorkflowCommand::List { json: j, limit } => {
+            let page = queue
+                .list_workflows(Vec::new(), None, Some(limit), None)
+                .await?;
+            if j {
+                print_json(&serde_json::to_value(&page).unwrap_or_default());
+            } else {
+                for w in &page.workflows {
+                    println!(
+                        "{}  {:9}  {}/{} done  {}",
+                        w.id,
+                        w.status.as_str(),
+                        w.tasks_done,
+                        w.tasks_total,
+                        w.name
+                    );
+                }
+            }
+        }
+        WorkflowCommand::Show { id, json: j } => {
+            let d = queue.get_workflow(&id).await?;
+            if j {
+                print_json(&serde_json::to_value(&d).unwrap_or_default());
+            } else {
+                println!("{}  {}  {}", d.workflow.id, d.workflow.name, d.workflow.status);
+                let width = d.tasks.iter().map(|t| t.name.len()).max().unwrap_or(8).min(40);
+                for t in &d.tasks {
+                    println!(
+                        "  {:width$}  {:17}  {}{}",
+                        t.name,
+                        t.status.as_str(),
+                        t.id,
+                        t.error.as_ref().map(|e| format!("  {e}")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        WorkflowCommand::Graph { id, format } => {
+            println!("{}", queue.workflow_graph(&id, &format).await?);
+        }
+        WorkflowCommand::Cancel { id } => {
+            let w = queue.cancel_workflow(&id).await?;
+            print_json(&serde_json::to_value(&w).unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal> {

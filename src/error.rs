@@ -90,6 +90,32 @@ impl Error {
         }
     }
 
+    /// Shorthand for a missing workflow.
+    pub fn workflow_not_found(id: impl Into<String>) -> Self {
+        Error::NotFound {
+            what: "workflow",
+            id: id.into(),
+        }
+    }
+
+    /// Shorthand for a missing schedule.
+    pub fn schedule_not_found(id: impl Into<String>) -> Self {
+        Error::NotFound {
+            what: "schedule",
+            id: id.into(),
+        }
+    }
+
+    /// The message without the field (for re-wrapping).
+    pub fn message(&self) -> String {
+        match self {
+            Error::InvalidInput { message, .. } | Error::Unsupported { message, .. } => {
+                message.clone()
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// Prefixes the field path of an input error (e.g. with `tasks[3]`).
     pub fn in_field(self, prefix: &str) -> Self {
         match self {

@@ -1,9 +1,11 @@
 //! # task-queue
 //!
 //! An MCP-first task orchestration server: a durable queue that runs
-//! commands with priorities, retries, timeouts and resource limits,
-//! survives crashes without losing or double-running a task, and records
-//! every transition in a hash-chained audit trail.
+//! commands, HTTP calls and external work as tasks and workflows (DAGs with
+//! conditions, approvals, service tasks and cron schedules), with
+//! priorities, retries, timeouts and resource limits; it survives crashes
+//! without losing or double-running a task, and records every transition in
+//! a hash-chained audit trail.
 //!
 //! ```no_run
 //! # async fn demo() -> task_queue::Result<()> {
@@ -17,17 +19,26 @@
 //!
 //! # Layout
 //!
-//! * [`service`] — `TaskQueue`, the one API every interface calls (submit,
-//!   get, list, cancel, wait, handlers, engine start).
-//! * [`model`] — plain data: task specs and their validation, statuses (the
-//!   state machine is documented on `TaskStatus`), records, durations.
+//! * [`service`] — `TaskQueue`, the one API every interface calls: submit
+//!   tasks and workflows (`service::prepare` turns specs into rows: defaults,
+//!   graph, schedules, hashes), get, list, cancel, wait, approvals,
+//!   schedules, the external-worker protocol (claim, heartbeat, complete,
+//!   fail), handlers, engine start.
+//! * [`model`] — plain data: task and workflow specs and their validation,
+//!   statuses (the state machine is documented on `TaskStatus`), records,
+//!   cron expressions, durations.
+//! * [`workflow`] — the dependency graph: submit-time checks (cycles,
+//!   unknown names) and Mermaid/DOT export.
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
-//!   (one group-committing writer, a read pool, WAL).
-//! * [`engine`] — the scheduler loop (claims, runs, finishes), lease renewal
-//!   and reclaim, retry decisions, crash recovery, the injected clock.
+//!   (one group-committing writer that also resolves dependents and moves
+//!   workflow counters in the same transaction, a read pool, WAL).
+//! * [`engine`] — the scheduler loop (claims, runs, finishes, fires due
+//!   schedules), lease renewal and reclaim, retry decisions, crash
+//!   recovery, service-task lifetimes, the injected clock.
 //! * [`executor`] — one attempt: child processes (process groups, rlimits,
-//!   timeouts, output capture, the crash guard), in-process handlers, result
-//!   files, validation, artifacts.
+//!   timeouts, output capture, the crash guard), service tasks with health
+//!   checks, HTTP requests, in-process handlers, result files, validation,
+//!   artifacts.
 //! * [`integrity`] — spec hashing and the audit hash chain.
 //! * [`config`] — `config.yml` sections and defaults.
 //! * [`cli`] — the `task-queue` command line; [`bench`] — `task-queue bench`.
@@ -43,11 +54,12 @@ pub mod integrity;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod workflow;
 
 pub use config::Config;
 pub use engine::EngineHandle;
 pub use error::{Error, Result};
 pub use executor::{HandlerError, TaskContext};
-pub use model::{Task, TaskSpec, TaskStatus};
-pub use service::{ListOptions, TaskQueue};
+pub use model::{Task, TaskSpec, TaskStatus, Workflow, WorkflowSpec, WorkflowStatus};
+pub use service::{ClaimFilter, ClaimedWork, ListOptions, TaskQueue, WorkflowSubmitted};
 pub use store::Submitted;

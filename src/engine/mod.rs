@@ -17,16 +17,26 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::executor::service::RunningService;
 use crate::executor::{self, ExecSettings, Handlers, StopReason, TaskContext, reaper::Reaper};
 use crate::integrity;
 use crate::model::{AttemptStatus, RetryPolicy, TaskKind, TaskSpec, TaskStatus};
-use crate::store::{ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, Reclaim, Store};
+use crate::store::{
+    ClaimRequest, ClaimedTask, ExternalFilter, FinishAttempt, FinishOutcome, Reclaim, Store,
+};
 use clock::Clock;
 
 /// A running attempt, as the engine tracks it.
 struct Running {
     attempt: u32,
     stop: watch::Sender<Option<StopReason>>,
+}
+
+/// A service task that passed its health check and keeps running here.
+struct LocalService {
+    attempt: u32,
+    workflow_id: Option<String>,
+    service: RunningService,
 }
 
 /// State shared by the service handle and the engine loops.
@@ -39,6 +49,7 @@ pub(crate) struct Shared {
     pub wake: Notify,
     pub worker_id: String,
     running: Mutex<HashMap<String, Running>>,
+    services: Mutex<HashMap<String, LocalService>>,
     pub exec: ExecSettings,
 }
 
@@ -64,6 +75,7 @@ impl Shared {
             wake: Notify::new(),
             worker_id,
             running: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
             exec,
         }
     }
@@ -97,8 +109,58 @@ impl Shared {
             now,
             lease_until: now + self.config.execution.lease_duration.as_millis() as i64,
             limit,
-            commands: true,
-            external_names: names,
+            server_kinds: true,
+            external: (!names.is_empty()).then(|| ExternalFilter {
+                names,
+                ..ExternalFilter::default()
+            }),
+        }
+    }
+
+    fn services(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalService>> {
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops a service task this process runs; false if it runs none by that id.
+    pub async fn stop_service(&self, task_id: &str) -> bool {
+        let svc = self.services().remove(task_id);
+        match svc {
+            Some(s) => {
+                self.end_service(task_id, s, StopReason::Cancelled).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the services of a workflow that finished or was cancelled.
+    pub async fn stop_workflow_services(&self, workflow_id: &str) {
+        let ids: Vec<String> = self
+            .services()
+            .iter()
+            .filter(|(_, s)| s.workflow_id.as_deref() == Some(workflow_id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let svc = self.services().remove(&id);
+            if let Some(s) = svc {
+                self.end_service(&id, s, StopReason::Cancelled).await;
+            }
+        }
+    }
+
+    async fn stop_all_services(&self) {
+        let all: Vec<(String, LocalService)> = self.services().drain().collect();
+        for (id, s) in all {
+            self.end_service(&id, s, StopReason::Shutdown).await;
+        }
+    }
+
+    async fn end_service(&self, task_id: &str, s: LocalService, reason: StopReason) {
+        tracing::info!(task = %task_id, ?reason, "stopping a service task");
+        let logs = s.service.stop(reason).await;
+        if let Err(e) = self.store.put_logs(task_id, s.attempt, logs).await {
+            tracing::warn!(task = %task_id, error = %e, "could not store the output of a stopped service");
         }
     }
 }
@@ -159,6 +221,9 @@ async fn run(
     };
     recovery::register_and_recover(&shared).await?;
     let leases = tokio::spawn(lease_loop(shared.clone()));
+    let watcher = tokio::spawn(service_watch(shared.clone()));
+    let queue = crate::service::TaskQueue::from_shared(shared.clone());
+    let mut last_schedule_check: Option<tokio::time::Instant> = None;
     let max = shared.config.execution.max_concurrent_tasks;
     let poll = shared.config.execution.poll_interval.0;
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -167,6 +232,16 @@ async fn run(
         while tasks.try_join_next().is_some() {}
         if *shutdown.borrow() != RUNNING {
             break;
+        }
+        // Schedules: at most once per poll interval, create the runs after
+        // those that came due.
+        if last_schedule_check.is_none_or(|t| t.elapsed() >= poll) {
+            last_schedule_check = Some(tokio::time::Instant::now());
+            match queue.fire_due_schedules().await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "firing schedules failed; retrying"),
+            }
         }
         // A slot frees when the attempt's execution ends; its finish may
         // still be on its way to the store.
@@ -215,6 +290,8 @@ async fn run(
     }
     // Graceful stop: wait for running attempts until the handle says stop.
     drain(&shared, &mut tasks, &mut shutdown).await;
+    shared.stop_all_services().await;
+    watcher.abort();
     leases.abort();
     drop(reaper);
     let _ = std::fs::remove_dir(&shared.exec.scratch_dir);
@@ -252,7 +329,17 @@ async fn run_attempt(
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
 ) {
-    let (report, policy) = execute(&shared, &c, reaper.as_deref(), stop.clone()).await;
+    let (report, policy, service) = execute(&shared, &c, reaper.clone(), stop.clone()).await;
+    if let Some(svc) = service {
+        shared.services().insert(
+            c.id.clone(),
+            LocalService {
+                attempt: c.attempt,
+                workflow_id: c.workflow_id.clone(),
+                service: svc,
+            },
+        );
+    }
     let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
     {
         let mut running = shared.running();
@@ -301,9 +388,13 @@ async fn run_attempt(
 async fn execute(
     shared: &Shared,
     c: &ClaimedTask,
-    reaper: Option<&Reaper>,
+    reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
-) -> (executor::AttemptReport, RetryPolicy) {
+) -> (
+    executor::AttemptReport,
+    RetryPolicy,
+    Option<RunningService>,
+) {
     let fatal = |msg: String| executor::AttemptReport {
         status: AttemptStatus::Failed,
         error: Some(msg),
@@ -323,6 +414,7 @@ async fn execute(
                 c.spec_hash
             )),
             RetryPolicy::default(),
+            None,
         );
     }
     let spec: TaskSpec = match serde_json::from_str(&c.spec_json) {
@@ -331,6 +423,7 @@ async fn execute(
             return (
                 fatal(format!("the stored spec cannot be read: {e}")),
                 RetryPolicy::default(),
+                None,
             );
         }
     };
@@ -345,15 +438,30 @@ async fn execute(
         attempt: c.attempt,
         spec: Arc::new(spec),
     };
+    let max_output = ctx
+        .spec
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_output_bytes)
+        .map(|b| b.0)
+        .unwrap_or(10 << 20);
+    let mut service = None;
     let report = match c.kind {
-        TaskKind::Command => executor::run_command(&ctx, &shared.exec, reaper, stop).await,
+        TaskKind::Command => match ctx.spec.health_check.clone() {
+            Some(h) => {
+                let (r, s) =
+                    executor::service::run_service(&ctx, &shared.exec, reaper, stop, &h).await;
+                service = s;
+                r
+            }
+            None => executor::run_command(&ctx, &shared.exec, reaper.as_deref(), stop).await,
+        },
+        TaskKind::Http => executor::http::run_http(&ctx, timeout, max_output, stop).await,
         TaskKind::External => {
-            let handler = shared
-                .handlers
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&c.name)
-                .cloned();
+            let handler = executor::find_handler(
+                &shared.handlers.read().unwrap_or_else(|e| e.into_inner()),
+                &c.name,
+            );
             match handler {
                 Some(h) => executor::run_handler(ctx, h, timeout, stop).await,
                 None => {
@@ -366,9 +474,53 @@ async fn execute(
                 }
             }
         }
-        TaskKind::Http => fatal("HTTP tasks are not supported yet".into()),
     };
-    (report, policy)
+    (report, policy, service)
+}
+
+/// Stops services whose workflow finished (here or in another process),
+/// and records the output of services that exited on their own.
+async fn service_watch(shared: Arc<Shared>) {
+    let mut events = shared.store.subscribe_workflows();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Ok(e) if e.status.is_terminal() => {
+                    shared.stop_workflow_services(&e.workflow_id).await;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let snapshot: Vec<(String, Option<String>, bool)> = shared
+                    .services()
+                    .iter()
+                    .map(|(id, s)| (id.clone(), s.workflow_id.clone(), s.service.is_finished()))
+                    .collect();
+                for (id, wf, exited) in snapshot {
+                    let done = match (&wf, exited) {
+                        (_, true) => true,
+                        (Some(w), false) => matches!(
+                            shared.store.workflow(w).await,
+                            Ok(Some(r)) if r.status.is_terminal()
+                        ),
+                        (None, false) => false,
+                    };
+                    if !done {
+                        continue;
+                    }
+                    let svc = shared.services().remove(&id);
+                    if let Some(s) = svc {
+                        if exited {
+                            tracing::warn!(task = %id, "a service task's process exited on its own");
+                        }
+                        shared.end_service(&id, s, StopReason::Cancelled).await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Renews this worker's leases; stops local attempts whose lease is gone

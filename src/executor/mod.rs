@@ -4,8 +4,10 @@
 //! The executor decides how an attempt ended and whether that failure is
 //! worth retrying; the scheduler turns that into the task's next state.
 
+pub mod http;
 pub mod process;
 pub mod reaper;
+pub mod service;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,8 +60,24 @@ pub enum HandlerError {
 pub type Handler =
     Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, HandlerError>> + Send + Sync>;
 
-/// The handlers registered on a queue, by task name.
+/// The handlers registered on a queue, by task name or `prefix*` pattern.
 pub type Handlers = HashMap<String, Handler>;
+
+/// The handler for a task name: an exact registration, else the longest
+/// matching `prefix*` pattern.
+pub fn find_handler(handlers: &Handlers, name: &str) -> Option<Handler> {
+    if let Some(h) = handlers.get(name) {
+        return Some(h.clone());
+    }
+    handlers
+        .iter()
+        .filter_map(|(k, h)| {
+            let prefix = k.strip_suffix('*')?;
+            name.starts_with(prefix).then_some((prefix.len(), h))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, h)| h.clone())
+}
 
 /// How an attempt ended, before the scheduler applies the retry policy.
 #[derive(Debug)]
@@ -73,7 +91,7 @@ pub struct AttemptReport {
 }
 
 impl AttemptReport {
-    fn fatal(attempt: u32, started: Instant, error: String) -> Self {
+    pub(crate) fn fatal(attempt: u32, started: Instant, error: String) -> Self {
         AttemptReport {
             status: AttemptStatus::Failed,
             error: Some(error),
@@ -97,25 +115,16 @@ pub struct ExecSettings {
     pub scratch_dir: PathBuf,
 }
 
-/// Runs a command task's attempt.
-pub async fn run_command(
+/// The process to start for a command task's attempt, and its result file.
+pub(crate) fn command_request(
     ctx: &TaskContext,
     settings: &ExecSettings,
-    reaper: Option<&Reaper>,
-    stop: watch::Receiver<Option<StopReason>>,
-) -> AttemptReport {
-    let started = Instant::now();
+) -> Result<(ProcessRequest, PathBuf), String> {
     let spec = &ctx.spec;
     let argv = match (&spec.command, &spec.argv) {
         (Some(c), _) => vec!["/bin/sh".to_string(), "-c".to_string(), c.clone()],
         (None, Some(a)) => a.clone(),
-        (None, None) => {
-            return AttemptReport::fatal(
-                ctx.attempt,
-                started,
-                "the task has no command or argv".into(),
-            );
-        }
+        (None, None) => return Err("the task has no command or argv".into()),
     };
     let result_path = settings
         .scratch_dir
@@ -152,22 +161,42 @@ pub async fn run_command(
             .unwrap_or(Duration::from_secs(3600)),
         kill_grace: settings.kill_grace,
     };
+    Ok((req, result_path))
+}
+
+/// Why a command could not be started, in words.
+pub(crate) fn spawn_error(spec: &TaskSpec, req: &ProcessRequest, e: &std::io::Error) -> String {
+    match (&spec.cwd, e.kind()) {
+        (Some(cwd), std::io::ErrorKind::NotFound) if !Path::new(cwd).is_dir() => {
+            format!("cannot start the command: working directory {cwd:?} does not exist")
+        }
+        (_, std::io::ErrorKind::NotFound) => {
+            format!(
+                "cannot start the command: program {:?} not found",
+                req.argv[0]
+            )
+        }
+        _ => format!("cannot start the command: {e}"),
+    }
+}
+
+/// Runs a command task's attempt.
+pub async fn run_command(
+    ctx: &TaskContext,
+    settings: &ExecSettings,
+    reaper: Option<&Reaper>,
+    stop: watch::Receiver<Option<StopReason>>,
+) -> AttemptReport {
+    let started = Instant::now();
+    let spec = &ctx.spec;
+    let (req, result_path) = match command_request(ctx, settings) {
+        Ok(r) => r,
+        Err(e) => return AttemptReport::fatal(ctx.attempt, started, e),
+    };
     let outcome = match process::run(&req, reaper, stop).await {
         Ok(o) => o,
         Err(e) => {
-            let what = match (&spec.cwd, e.kind()) {
-                (Some(cwd), std::io::ErrorKind::NotFound) if !Path::new(cwd).is_dir() => {
-                    format!("cannot start the command: working directory {cwd:?} does not exist")
-                }
-                (_, std::io::ErrorKind::NotFound) => {
-                    format!(
-                        "cannot start the command: program {:?} not found",
-                        req.argv[0]
-                    )
-                }
-                _ => format!("cannot start the command: {e}"),
-            };
-            return AttemptReport::fatal(ctx.attempt, started, what);
+            return AttemptReport::fatal(ctx.attempt, started, spawn_error(spec, &req, &e));
         }
     };
     let exit_msg = exit_error(&outcome, &req);
@@ -308,7 +337,7 @@ impl AttemptReport {
 }
 
 /// Validation and artifacts, after a successful exit.
-fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result<(), String> {
+pub(crate) fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result<(), String> {
     if let Some(schema) = &spec.validation {
         let validator = jsonschema::validator_for(schema)
             .map_err(|e| format!("validation schema is invalid: {e}"))?;
@@ -389,7 +418,7 @@ fn read_result_file(path: &Path) -> Result<Option<Value>, String> {
     Ok(Some(v))
 }
 
-fn exit_error(o: &process::ProcessOutcome, req: &ProcessRequest) -> String {
+pub(crate) fn exit_error(o: &process::ProcessOutcome, req: &ProcessRequest) -> String {
     let mut msg = match (o.exit_code, o.signal) {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
@@ -428,7 +457,7 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-fn tail(data: &[u8]) -> String {
+pub(crate) fn tail(data: &[u8]) -> String {
     let start = data.len().saturating_sub(TAIL_BYTES);
     String::from_utf8_lossy(&data[start..]).into_owned()
 }

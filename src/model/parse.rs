@@ -4,7 +4,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::spec::{MAX_SPEC_BYTES, TaskSpec};
+use super::spec::{MAX_SPEC_BYTES, Schedule, TaskSpec};
+use super::workflow::WorkflowSpec;
 use crate::error::{Error, Result};
 
 /// Largest accepted file for `task-queue run` and `submit`.
@@ -12,12 +13,43 @@ pub const MAX_FILE_BYTES: usize = 64 << 20;
 /// Most tasks accepted in one file or batch.
 pub const MAX_BATCH_TASKS: usize = 100_000;
 
-/// A file of tasks: `{tasks: [spec, ...]}`.
+/// A file of tasks: `{tasks: [spec, ...]}`, or a workflow when it has a
+/// `name`: `{name, project, tags, description, schedule, tasks}`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskFile {
+    /// Makes the file a workflow with this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
     /// The tasks to submit.
     pub tasks: Vec<TaskSpec>,
+}
+
+/// What a file asks to submit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// Independent tasks (they may still depend on each other by name).
+    Tasks(Vec<TaskSpec>),
+    /// A named workflow.
+    Workflow(WorkflowSpec),
+}
+
+impl Submission {
+    /// The task specs, whichever the form.
+    pub fn tasks(&self) -> &[TaskSpec] {
+        match self {
+            Submission::Tasks(t) => t,
+            Submission::Workflow(w) => &w.tasks,
+        }
+    }
 }
 
 /// Deserializes `T` from a JSON value; a failure names the path (`tasks[2].priority`).
@@ -57,8 +89,9 @@ pub fn parse_document(text: &str) -> Result<Value> {
     Ok(v)
 }
 
-/// Parses a task file's text into validated specs.
-pub fn parse_task_file(text: &str) -> Result<Vec<TaskSpec>> {
+/// Parses a task or workflow file's text; every task spec is validated on
+/// its own (the dependency graph is checked at submit).
+pub fn parse_task_file(text: &str) -> Result<Submission> {
     let v = parse_document(text)?;
     if !v.is_object() {
         return Err(Error::invalid(
@@ -85,7 +118,32 @@ pub fn parse_task_file(text: &str) -> Result<Vec<TaskSpec>> {
         t.validate()
             .map_err(|e| e.in_field(&format!("tasks[{i}]")))?;
     }
-    Ok(file.tasks)
+    let Some(name) = file.name else {
+        for (field, set) in [
+            ("project", file.project.is_some()),
+            ("tags", !file.tags.is_empty()),
+            ("description", file.description.is_some()),
+            ("schedule", file.schedule.is_some()),
+        ] {
+            if set {
+                return Err(Error::invalid(
+                    field,
+                    "belongs to a workflow; give the file a `name` to make it one",
+                ));
+            }
+        }
+        return Ok(Submission::Tasks(file.tasks));
+    };
+    let w = WorkflowSpec {
+        name,
+        project: file.project,
+        tags: file.tags,
+        description: file.description,
+        schedule: file.schedule,
+        tasks: file.tasks,
+    };
+    w.validate_header()?;
+    Ok(Submission::Workflow(w))
 }
 
 /// Serializes `v` with object keys sorted at every level: the canonical form hashed for integrity.
@@ -172,11 +230,21 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_refused_not_ignored() {
-        let err = parse_task_file("tasks:\n  - {name: b, command: 'true', depends_on: [a]}\n")
+    fn a_named_file_is_a_workflow() {
+        let sub = parse_task_file(
+            "name: ci\nproject: api\ntasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true', depends_on: [a]}\n",
+        )
+        .unwrap();
+        let Submission::Workflow(w) = sub else {
+            panic!("expected a workflow")
+        };
+        assert_eq!(w.name, "ci");
+        assert_eq!(w.project.as_deref(), Some("api"));
+        assert_eq!(w.tasks.len(), 2);
+        let err = parse_task_file("project: api\ntasks:\n  - {name: a, command: 'true'}\n")
             .unwrap_err();
-        assert_eq!(err.code(), "unsupported");
-        assert!(err.to_string().contains("tasks[0].depends_on"), "{err}");
+        assert!(err.to_string().contains("project"), "{err}");
+        assert!(err.to_string().contains("name"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,11 @@ use serde_json::Value;
 use super::spec::{TaskKind, TaskSpec};
 use super::status::TaskStatus;
 use super::units::Timestamp;
+use super::workflow::{Approval, WorkflowStatus};
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// A file a task produced, recorded after success.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -141,6 +146,18 @@ pub struct TaskRecord {
     /// Why the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The workflow the task belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// The schedule whose firing created the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
+    /// Dependencies not yet resolved (while `pending`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deps_pending: u32,
+    /// The approval decision, for tasks that required one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
     /// Hex SHA-256 of the canonical spec, fixed at submit.
     pub spec_hash: String,
     /// The spec with configured defaults filled in.
@@ -151,8 +168,19 @@ pub struct TaskRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskEvent {
     pub task_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
     pub name: String,
     pub status: TaskStatus,
     pub attempt: u32,
+    pub at: Timestamp,
+}
+
+/// A workflow state change, broadcast after it is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkflowEvent {
+    pub workflow_id: String,
+    pub name: String,
+    pub status: WorkflowStatus,
     pub at: Timestamp,
 }

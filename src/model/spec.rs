@@ -18,6 +18,7 @@ const MAX_PARAMETERS_BYTES: usize = 256 * 1024;
 const MAX_ENV_VARS: usize = 256;
 const MAX_TAGS: usize = 32;
 const MAX_ARTIFACTS: usize = 256;
+const MAX_DEPENDENCIES: usize = 1000;
 
 /// How a task is carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -71,6 +72,59 @@ pub enum Dependency {
     },
 }
 
+impl Dependency {
+    /// The name or task id depended on.
+    pub fn target(&self) -> &str {
+        match self {
+            Dependency::Name(s) => s,
+            Dependency::Detailed { task, .. } => task,
+        }
+    }
+    /// The condition (default `success`).
+    pub fn condition(&self) -> &Condition {
+        static SUCCESS: Condition = Condition::Success;
+        match self {
+            Dependency::Name(_) => &SUCCESS,
+            Dependency::Detailed { condition, .. } => condition,
+        }
+    }
+    fn validate(&self) -> Result<()> {
+        let target = self.target();
+        if uuid::Uuid::parse_str(target).is_err() {
+            validate_name(target).map_err(|e| {
+                Error::invalid(
+                    "task",
+                    format!(
+                        "must be a task name in this submission or an existing task id: {}",
+                        e.message()
+                    ),
+                )
+            })?;
+        }
+        if let Condition::Schema(schema) = self.condition()
+            && let Err(e) = jsonschema::validator_for(schema)
+        {
+            return Err(Error::invalid(
+                "condition.schema",
+                format!("is not a valid JSON Schema: {e}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Condition {
+    /// Short label: `success`, `failure`, `completion` or `schema`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Condition::Success => "success",
+            Condition::Failure => "failure",
+            Condition::Completion => "completion",
+            Condition::Schema(_) => "schema",
+        }
+    }
+}
+
 /// When a task runs: once at a time, or on a cron schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +149,43 @@ pub struct HealthCheck {
     pub interval: Option<Dur>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+}
+
+impl HealthCheck {
+    /// Time between probes (default 1s).
+    pub fn interval(&self) -> Duration {
+        self.interval.map(|d| d.0).unwrap_or(Duration::from_secs(1))
+    }
+    /// Time allowed from start to the first 2xx answer (default 60s).
+    pub fn timeout(&self) -> Duration {
+        self.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60))
+    }
+    fn validate(&self) -> Result<()> {
+        let ok = self.url.starts_with("http://") || self.url.starts_with("https://");
+        if !ok || self.url.len() > 2048 {
+            return Err(Error::invalid(
+                "url",
+                format!("must be an http:// or https:// URL, got {:?}", self.url),
+            ));
+        }
+        if let Some(i) = self.interval
+            && (i.0 < Duration::from_millis(50) || i.0 > Duration::from_secs(3600))
+        {
+            return Err(Error::invalid(
+                "interval",
+                format!("must be between 50ms and 1h, got {i}"),
+            ));
+        }
+        if let Some(t) = self.timeout
+            && (t.0 < Duration::from_millis(100) || t.0 > Duration::from_secs(86400))
+        {
+            return Err(Error::invalid(
+                "timeout",
+                format!("must be between 100ms and 24h, got {t}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The request of an HTTP task.
@@ -504,9 +595,13 @@ impl TaskSpec {
         self
     }
 
-    /// The effective kind: explicit, else `command`.
+    /// The effective kind: explicit, else `http` when `http` is given, else `command`.
     pub fn effective_kind(&self) -> TaskKind {
-        self.kind.unwrap_or(TaskKind::Command)
+        match (self.kind, &self.http) {
+            (Some(k), _) => k,
+            (None, Some(_)) => TaskKind::Http,
+            (None, None) => TaskKind::Command,
+        }
     }
 
     /// Parses a spec from JSON, naming the failing field on error.
@@ -563,12 +658,24 @@ impl TaskSpec {
                 }
             }
             TaskKind::Http => {
-                return Err(Error::unsupported(
-                    "kind",
-                    "HTTP tasks are not supported yet; use a command such as `curl -fsS URL`",
-                ));
+                if self.command.is_some() || self.argv.is_some() {
+                    return Err(Error::invalid(
+                        "command",
+                        "an HTTP task sends the request in `http`; remove command/argv or use kind: command",
+                    ));
+                }
+                let Some(h) = &self.http else {
+                    return Err(Error::invalid(
+                        "http",
+                        "is required for kind: http, e.g. {method: POST, url: \"https://example.com/hook\"}",
+                    ));
+                };
+                h.validate().map_err(|e| e.in_field("http"))?;
             }
             TaskKind::External => {
+                if self.http.is_some() {
+                    return Err(Error::invalid("http", "is only for kind: http"));
+                }
                 if self.command.is_some() || self.argv.is_some() {
                     return Err(Error::invalid(
                         "command",
@@ -642,11 +749,17 @@ impl TaskSpec {
                 return Err(too_long("parameters", MAX_PARAMETERS_BYTES, n));
             }
         }
-        if !self.depends_on.is_empty() {
-            return Err(Error::unsupported(
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            return Err(Error::invalid(
                 "depends_on",
-                "dependencies are not supported yet; submit the tasks in order or run them as separate submissions",
+                format!(
+                    "at most {MAX_DEPENDENCIES} dependencies, got {}",
+                    self.depends_on.len()
+                ),
             ));
+        }
+        for (i, d) in self.depends_on.iter().enumerate() {
+            d.validate().map_err(|e| e.in_field(&format!("depends_on[{i}]")))?;
         }
         if !(-100..=100).contains(&self.priority) {
             return Err(Error::invalid(
@@ -668,23 +781,17 @@ impl TaskSpec {
         if let Some(r) = &self.retry {
             r.validate().map_err(|e| e.in_field("retry"))?;
         }
-        if self.schedule.is_some() {
-            return Err(Error::unsupported(
-                "schedule",
-                "schedules are not supported yet",
-            ));
+        if let Some(s) = &self.schedule {
+            s.validate().map_err(|e| e.in_field("schedule"))?;
         }
-        if self.requires_approval {
-            return Err(Error::unsupported(
-                "requires_approval",
-                "manual approval is not supported yet",
-            ));
-        }
-        if self.health_check.is_some() {
-            return Err(Error::unsupported(
-                "health_check",
-                "service tasks with health checks are not supported yet",
-            ));
+        if let Some(h) = &self.health_check {
+            if kind != TaskKind::Command {
+                return Err(Error::invalid(
+                    "health_check",
+                    "only a command task can be a service with a health check",
+                ));
+            }
+            h.validate().map_err(|e| e.in_field("health_check"))?;
         }
         if let Some(schema) = &self.validation
             && let Err(e) = jsonschema::validator_for(schema)

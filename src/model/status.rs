@@ -1,10 +1,14 @@
 //! The task state machine.
 //!
 //! ```text
-//!   submit ──► queued ──claim──► running ──► succeeded
-//!                ▲                 │  ├────► failed / timed_out   (attempts exhausted or fatal error)
-//!                │                 │  └────► retrying ──(run_at)──► claimed again
-//!                │                 └─ lease lost (crash) ──► retrying / failed
+//!   submit ──► pending ──(dependencies met, time come)──► queued ──claim──► running ──► succeeded
+//!     │          │                     └─(requires_approval)─► awaiting_approval ─approve─► queued
+//!     │          │                                                      └─reject─► failed
+//!     │          └─(a dependency condition can no longer hold)─► skipped
+//!     └─(no dependencies, no future time)─► queued
+//!                                       running ──► failed / timed_out   (attempts exhausted or fatal error)
+//!                                          │  └───► retrying ──(run_at)──► claimed again
+//!                                          └─ lease lost (crash) ──► retrying / failed
 //!   cancel: any non-terminal state ──► cancelled
 //! ```
 //!
@@ -20,8 +24,10 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
-    /// Waiting on dependencies or a schedule. Entered at submit; left when the
-    /// scheduler finds it ready (→ queued) or a dependency rules it out (→ skipped).
+    /// Waiting on dependencies or its time (`schedule`). Entered at submit;
+    /// left in the store's writer when the last dependency is met and the
+    /// time has come (→ queued, or awaiting_approval), or when a dependency
+    /// condition can no longer hold (→ skipped).
     Pending,
     /// Ready to run. Entered at submit (no dependencies) or from pending;
     /// left when a worker claims it (→ running) or on cancel.
@@ -30,7 +36,9 @@ pub enum TaskStatus {
     /// ends (→ succeeded, failed, timed_out, retrying), the lease expires
     /// (→ retrying or failed) or it is cancelled (its processes are stopped).
     Running,
-    /// Waiting for a person or agent to approve it.
+    /// Waiting for a person or agent to approve it (`requires_approval`),
+    /// entered when it would otherwise be queued; approve → queued,
+    /// reject → failed.
     AwaitingApproval,
     /// An attempt failed and the next one waits for its backoff (`run_at`);
     /// a worker claims it again when that time comes.

@@ -16,7 +16,9 @@ use tokio::sync::broadcast;
 use crate::error::Result;
 use crate::integrity::{AuditEvent, AuditReport};
 use crate::model::{
-    Attempt, AttemptStatus, LogChunk, TaskEvent, TaskKind, TaskRecord, TaskResult, TaskStatus,
+    Attempt, AttemptStatus, Condition, DependencyEdge, LogChunk, ScheduleRecord, TaskEvent,
+    TaskKind, TaskRecord, TaskResult, TaskStatus, WorkflowDetail, WorkflowEvent, WorkflowRecord,
+    WorkflowStatus,
 };
 
 /// A validated, resolved task ready to insert.
@@ -34,6 +36,103 @@ pub struct NewTask {
     pub spec_json: String,
     pub spec_hash: String,
     pub now: i64,
+    pub workflow_id: Option<String>,
+    pub schedule_id: Option<String>,
+    /// Dependencies: ids of tasks in the same submission or already stored.
+    pub deps: Vec<NewDep>,
+    /// Not before this time (ms): `schedule.at`, or a scheduled run's slot.
+    pub run_at: i64,
+    /// Waits in `awaiting_approval` once ready.
+    pub needs_approval: bool,
+}
+
+/// One dependency of a new task.
+#[derive(Debug, Clone)]
+pub struct NewDep {
+    pub dep_id: String,
+    pub condition: Condition,
+}
+
+/// A new workflow row.
+#[derive(Debug, Clone)]
+pub struct NewWorkflow {
+    pub id: String,
+    pub name: String,
+    pub project: Option<String>,
+    pub tags: Vec<String>,
+    pub description: Option<String>,
+    pub schedule_id: Option<String>,
+    pub now: i64,
+}
+
+/// A new recurring schedule, stored with its first (upcoming) run.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub id: String,
+    pub name: String,
+    pub project: Option<String>,
+    pub cron: String,
+    pub timezone: Option<String>,
+    /// JSON of the submission each firing repeats.
+    pub template: String,
+    pub next_fire_at: i64,
+    /// Task or workflow id of the upcoming run.
+    pub upcoming_run: String,
+    pub now: i64,
+}
+
+/// Everything one submit stores, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct NewSubmission {
+    pub workflow: Option<NewWorkflow>,
+    pub schedules: Vec<NewSchedule>,
+    pub tasks: Vec<NewTask>,
+}
+
+/// The next run of a schedule, created when the current one comes due.
+#[derive(Debug, Clone)]
+pub struct FireSchedule {
+    pub schedule_id: String,
+    /// The `next_fire_at` this firing advances from (compare-and-set).
+    pub expected: i64,
+    pub next_fire_at: i64,
+    pub upcoming_run: String,
+    pub run: NewSubmission,
+    pub now: i64,
+}
+
+/// A change to a schedule.
+#[derive(Debug, Clone)]
+pub enum ScheduleChange {
+    /// Stop firing; the upcoming run, if it has not started, is cancelled.
+    Pause,
+    /// Fire again, starting with this run.
+    Resume {
+        next_fire_at: i64,
+        upcoming_run: String,
+        run: NewSubmission,
+    },
+    /// Delete the schedule; the upcoming run, if it has not started, is cancelled.
+    Remove,
+}
+
+/// An approval or rejection of a task waiting in `awaiting_approval`.
+#[derive(Debug, Clone)]
+pub struct ApprovalDecision {
+    pub approved: bool,
+    pub comment: Option<String>,
+    pub by: Option<String>,
+}
+
+/// A filter for listing workflows, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct WorkflowFilter {
+    pub statuses: Vec<WorkflowStatus>,
+    pub project: Option<String>,
+    pub name: Option<String>,
+    pub schedule_id: Option<String>,
+    pub limit: usize,
+    pub before_seq: Option<i64>,
 }
 
 /// What a submit did.
@@ -44,6 +143,9 @@ pub struct Submitted {
     /// False when an earlier task with the same idempotency key was returned.
     pub created: bool,
     pub status: TaskStatus,
+    /// The recurring schedule this task is the upcoming run of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
 }
 
 /// A request to claim ready tasks with a lease.
@@ -53,10 +155,20 @@ pub struct ClaimRequest {
     pub now: i64,
     pub lease_until: i64,
     pub limit: usize,
-    /// Claim command tasks.
-    pub commands: bool,
-    /// Claim external tasks with these names (in-process handlers).
-    pub external_names: Vec<String>,
+    /// Claim the kinds the server runs itself (command, http).
+    pub server_kinds: bool,
+    /// Claim external tasks matching this filter.
+    pub external: Option<ExternalFilter>,
+}
+
+/// Which external tasks a worker takes.
+#[derive(Debug, Clone, Default)]
+pub struct ExternalFilter {
+    /// Task names (empty: any).
+    pub names: Vec<String>,
+    pub project: Option<String>,
+    /// Tags the task must all carry.
+    pub tags: Vec<String>,
 }
 
 /// A task handed to a worker.
@@ -73,6 +185,7 @@ pub struct ClaimedTask {
     pub spec_json: String,
     pub spec_hash: String,
     pub started_at: i64,
+    pub workflow_id: Option<String>,
 }
 
 /// Where a task goes after an attempt.
@@ -157,8 +270,10 @@ pub type StatusCounts = BTreeMap<TaskStatus, u64>;
 /// when they return (per `storage.durability`).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Inserts tasks as `queued`; a task whose idempotency key exists returns the existing one.
-    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<Submitted>>;
+    /// Inserts tasks (`pending` until their dependencies and time allow,
+    /// then `queued` or `awaiting_approval`), with their workflow and
+    /// schedules; a task whose idempotency key exists returns the existing one.
+    async fn submit(&self, sub: NewSubmission) -> Result<Vec<Submitted>>;
     /// Atomically moves up to `limit` ready tasks to `running` under a lease.
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>>;
     /// Records an attempt and moves the task on, if the worker still holds its lease.
@@ -174,10 +289,49 @@ pub trait Store: Send + Sync + 'static {
     async fn reclaim(&self, scope: Reclaim, now: i64) -> Result<Vec<TaskEvent>>;
     /// Cancels a non-terminal task.
     async fn cancel(&self, id: &str, now: i64, reason: Option<String>) -> Result<TaskRecord>;
+    /// Cancels every non-terminal task of a workflow; returns the ids cancelled.
+    async fn cancel_workflow(
+        &self,
+        id: &str,
+        now: i64,
+        reason: Option<String>,
+    ) -> Result<Vec<String>>;
+    /// Approves (→ queued) or rejects (→ failed) a task in `awaiting_approval`.
+    async fn approve(&self, id: &str, d: ApprovalDecision, now: i64) -> Result<TaskRecord>;
+    /// Extends one task's lease for the worker holding it.
+    async fn heartbeat(
+        &self,
+        task_id: &str,
+        worker_id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<()>;
+    /// Replaces the stored output of an attempt (a service's, when it stops).
+    async fn put_logs(&self, task_id: &str, attempt: u32, logs: Vec<StreamLog>) -> Result<()>;
+    /// Creates a schedule's next run if its `next_fire_at` is still `expected`;
+    /// false if another engine already did.
+    async fn fire_schedule(&self, f: FireSchedule) -> Result<bool>;
+    /// Pauses, resumes or removes a schedule.
+    async fn change_schedule(
+        &self,
+        id: &str,
+        change: ScheduleChange,
+        now: i64,
+    ) -> Result<Option<ScheduleRecord>>;
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list(&self, filter: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>>;
     async fn attempts(&self, id: &str) -> Result<Vec<Attempt>>;
+    /// The dependency edges of a task: what it waits for and what waits for it.
+    async fn dependencies(&self, id: &str) -> Result<Vec<DependencyEdge>>;
+    async fn workflow(&self, id: &str) -> Result<Option<WorkflowRecord>>;
+    /// A workflow with its tasks and edges.
+    async fn workflow_detail(&self, id: &str) -> Result<Option<WorkflowDetail>>;
+    async fn list_workflows(&self, f: &WorkflowFilter) -> Result<Vec<(i64, WorkflowRecord)>>;
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleRecord>>;
+    async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>>;
+    /// Unpaused schedules whose upcoming run is due.
+    async fn due_schedules(&self, now: i64) -> Result<Vec<ScheduleRecord>>;
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>>;
     async fn audit_events(&self, task_id: Option<&str>, limit: usize) -> Result<Vec<AuditEvent>>;
     async fn verify_audit(&self) -> Result<AuditReport>;
@@ -185,7 +339,8 @@ pub trait Store: Send + Sync + 'static {
     /// Tasks a worker with this claim filter could run now or later, plus
     /// running tasks whose lease has expired (they will come back).
     async fn runnable_count(&self, req: &ClaimRequest) -> Result<u64>;
-    /// Earliest `run_at` among claimable tasks in the future, for sleeping precisely.
+    /// Earliest future time something becomes claimable or a schedule comes
+    /// due (retry backoffs, timers), for sleeping precisely.
     async fn next_run_at(&self, now: i64) -> Result<Option<i64>>;
 
     async fn register_worker(&self, w: WorkerInfo) -> Result<()>;
@@ -194,4 +349,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Committed task state changes.
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent>;
+    /// Committed workflow state changes.
+    fn subscribe_workflows(&self) -> broadcast::Receiver<WorkflowEvent>;
 }

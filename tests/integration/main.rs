@@ -8,3 +8,5 @@ mod bad_input;
 mod crash;
 mod execution;
 mod library;
+mod orchestration;
+mod workflows;

@@ -34,6 +34,7 @@ pub struct SqliteStore {
     ops: mpsc::Sender<Op>,
     read: SqlitePool,
     events: broadcast::Sender<TaskEvent>,
+    workflow_events: broadcast::Sender<WorkflowEvent>,
     path: PathBuf,
 }
 
@@ -115,12 +116,21 @@ impl SqliteStore {
             )
             .await?;
         let (events, _) = broadcast::channel(8192);
+        let (workflow_events, _) = broadcast::channel(1024);
         let (tx, rx) = mpsc::channel(16_384);
-        tokio::spawn(writer::run(conn, rx, events.clone()));
+        tokio::spawn(writer::run(
+            conn,
+            rx,
+            writer::Announce {
+                tasks: events.clone(),
+                workflows: workflow_events.clone(),
+            },
+        ));
         Ok(SqliteStore {
             ops: tx,
             read,
             events,
+            workflow_events,
             path: path.to_path_buf(),
         })
     }
@@ -159,15 +169,19 @@ pub async fn connect_raw(path: &Path) -> Result<sqlx::SqliteConnection> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<Submitted>> {
-        if tasks.is_empty() {
+    async fn submit(&self, sub: NewSubmission) -> Result<Vec<Submitted>> {
+        if sub.tasks.is_empty() && sub.workflow.is_none() && sub.schedules.is_empty() {
             return Ok(Vec::new());
         }
-        self.call(|reply| Op::Submit { tasks, reply }).await
+        self.call(|reply| Op::Submit {
+            sub: Box::new(sub),
+            reply,
+        })
+        .await
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>> {
-        if req.limit == 0 || (!req.commands && req.external_names.is_empty()) {
+        if req.limit == 0 || (!req.server_kinds && req.external.is_none()) {
             return Ok(Vec::new());
         }
         self.call(|reply| Op::Claim { req, reply }).await
@@ -211,6 +225,120 @@ impl Store for SqliteStore {
         })
         .await?;
         self.get(id).await?.ok_or_else(|| Error::task_not_found(id))
+    }
+
+    async fn cancel_workflow(
+        &self,
+        id: &str,
+        now: i64,
+        reason: Option<String>,
+    ) -> Result<Vec<String>> {
+        let id = id.to_string();
+        self.call(|reply| Op::CancelWorkflow {
+            id,
+            now,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    async fn approve(&self, id: &str, d: ApprovalDecision, now: i64) -> Result<TaskRecord> {
+        let id_owned = id.to_string();
+        self.call(|reply| Op::Approve {
+            id: id_owned,
+            decision: d,
+            now,
+            reply,
+        })
+        .await?;
+        self.get(id).await?.ok_or_else(|| Error::task_not_found(id))
+    }
+
+    async fn heartbeat(
+        &self,
+        task_id: &str,
+        worker_id: &str,
+        _now: i64,
+        lease_until: i64,
+    ) -> Result<()> {
+        let task_id = task_id.to_string();
+        let worker_id = worker_id.to_string();
+        self.call(|reply| Op::Heartbeat {
+            task_id,
+            worker_id,
+            lease_until,
+            reply,
+        })
+        .await
+    }
+
+    async fn put_logs(&self, task_id: &str, attempt: u32, logs: Vec<StreamLog>) -> Result<()> {
+        let task_id = task_id.to_string();
+        self.call(|reply| Op::PutLogs {
+            task_id,
+            attempt,
+            logs,
+            reply,
+        })
+        .await
+    }
+
+    async fn fire_schedule(&self, f: FireSchedule) -> Result<bool> {
+        self.call(|reply| Op::FireSchedule {
+            f: Box::new(f),
+            reply,
+        })
+        .await
+    }
+
+    async fn change_schedule(
+        &self,
+        id: &str,
+        change: ScheduleChange,
+        now: i64,
+    ) -> Result<Option<ScheduleRecord>> {
+        let id_owned = id.to_string();
+        let exists = self
+            .call(|reply| Op::ChangeSchedule {
+                id: id_owned,
+                change: Box::new(change),
+                now,
+                reply,
+            })
+            .await?;
+        if !exists {
+            return Err(Error::schedule_not_found(id));
+        }
+        read::schedule(&self.read, id).await
+    }
+
+    async fn dependencies(&self, id: &str) -> Result<Vec<DependencyEdge>> {
+        read::dependencies(&self.read, id).await
+    }
+
+    async fn workflow(&self, id: &str) -> Result<Option<WorkflowRecord>> {
+        read::workflow(&self.read, id).await
+    }
+
+    async fn workflow_detail(&self, id: &str) -> Result<Option<WorkflowDetail>> {
+        read::workflow_detail(&self.read, id).await
+    }
+
+    async fn list_workflows(&self, f: &WorkflowFilter) -> Result<Vec<(i64, WorkflowRecord)>> {
+        read::list_workflows(&self.read, f).await
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        read::schedule(&self.read, id).await
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+        read::list_schedules(&self.read).await
+    }
+
+    async fn due_schedules(&self, now: i64) -> Result<Vec<ScheduleRecord>> {
+        read::due_schedules(&self.read, now).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>> {
@@ -260,17 +388,41 @@ impl Store for SqliteStore {
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
         self.events.subscribe()
     }
+
+    fn subscribe_workflows(&self) -> broadcast::Receiver<WorkflowEvent> {
+        self.workflow_events.subscribe()
+    }
 }
 
-/// The claim query the writer runs (`?1` = now, `?2` = limit, `?3...` the
-/// external task names), for benchmarks and plan checks.
-pub fn claim_sql(commands: bool, external_names: usize) -> String {
-    writer::claim_sql(commands, external_names)
+/// The claim query the writer runs for `req` (`?1` = now, `?2` = limit,
+/// then [`claim_binds`]), for benchmarks and plan checks.
+pub fn claim_sql(req: &ClaimRequest) -> String {
+    writer::claim_sql(req)
+}
+
+/// The values bound from `?3` on in [`claim_sql`].
+pub fn claim_binds(req: &ClaimRequest) -> Vec<String> {
+    writer::claim_binds(req)
+}
+
+/// A claim request for the server's own kinds, as the engine sends.
+pub fn engine_claim_request() -> ClaimRequest {
+    ClaimRequest {
+        worker_id: String::new(),
+        now: 0,
+        lease_until: 0,
+        limit: 1,
+        server_kinds: true,
+        external: None,
+    }
 }
 
 /// Used by tests and `bench` to confirm the claim query is index-ordered.
 pub async fn explain_claim(pool: &SqlitePool) -> Result<Vec<String>> {
-    let sql = format!("EXPLAIN QUERY PLAN {}", writer::claim_sql(true, 0));
+    let sql = format!(
+        "EXPLAIN QUERY PLAN {}",
+        writer::claim_sql(&engine_claim_request())
+    );
     let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(0i64)
         .bind(1i64)

@@ -7,14 +7,15 @@ use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use crate::error::{Error, Result};
 use crate::integrity::{AuditEvent, AuditReport, ChainVerifier};
 use crate::model::{
-    Attempt, AttemptStatus, LogChunk, TaskKind, TaskRecord, TaskResult, TaskSpec, TaskStatus,
-    Timestamp,
+    Attempt, AttemptStatus, Condition, DependencyEdge, EdgeState, LogChunk, ScheduleRecord,
+    TaskKind, TaskRecord, TaskResult, TaskSpec, TaskStatus, Timestamp, WorkflowDetail,
+    WorkflowRecord,
 };
-use crate::store::{ClaimRequest, StatusCounts, TaskFilter, WorkerInfo};
+use crate::store::{ClaimRequest, StatusCounts, TaskFilter, WorkerInfo, WorkflowFilter};
 
 const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
     run_at, created_at, updated_at, started_at, finished_at, lease_owner, lease_expires_at, \
-    idempotency_key, spec, spec_hash, result, error";
+    idempotency_key, spec, spec_hash, result, error, workflow_id, schedule_id, deps_pending, approval";
 
 fn task_from_row(row: &SqliteRow) -> Result<(i64, TaskRecord)> {
     let id: String = row.get(1);
@@ -57,6 +58,13 @@ fn task_from_row(row: &SqliteRow) -> Result<(i64, TaskRecord)> {
             None => None,
         },
         error: row.get(21),
+        workflow_id: row.get(22),
+        schedule_id: row.get(23),
+        deps_pending: row.get::<i64, _>(24) as u32,
+        approval: match row.get::<Option<String>, _>(25) {
+            Some(a) => Some(serde_json::from_str(&a).map_err(|e| corrupt("approval", &e))?),
+            None => None,
+        },
     };
     Ok((row.get(0), record))
 }
@@ -236,34 +244,227 @@ pub(super) async fn counts(pool: &SqlitePool) -> Result<StatusCounts> {
 }
 
 pub(super) async fn runnable_count(pool: &SqlitePool, req: &ClaimRequest) -> Result<u64> {
-    let names = vec!["?"; req.external_names.len()].join(",");
-    let kind_filter = match (req.commands, req.external_names.is_empty()) {
-        (true, true) => "kind = 'command'".to_string(),
-        (true, false) => format!("(kind = 'command' OR (kind = 'external' AND name IN ({names})))"),
-        (false, false) => format!("(kind = 'external' AND name IN ({names}))"),
-        (false, true) => "0".to_string(),
+    // The claim query's filter, without its ordering and limit.
+    let claim = super::writer::claim_sql(req);
+    let filter_start = claim.find("AND kind").or_else(|| claim.find("AND (kind"));
+    let filter_end = claim.find(" ORDER BY");
+    let kind_filter = match (filter_start, filter_end) {
+        (Some(a), Some(b)) => &claim[a..b],
+        _ => "AND 0",
     };
+    let n = 3 + super::writer::claim_binds(req).len();
     let sql = format!(
-        "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'retrying') AND {kind_filter}) + \
-         (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND (lease_owner = ? OR lease_expires_at < ?))"
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'retrying') AND ?1 = ?1 AND ?2 = ?2 {kind_filter}) + \
+         (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND deps_pending = 0 AND schedule_id IS NULL {kind_filter}) + \
+         (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND (lease_owner = ?{n} OR lease_expires_at < ?1))"
     );
-    let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-    for n in &req.external_names {
-        q = q.bind(n);
+    let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+        .bind(req.now)
+        .bind(req.limit as i64);
+    for v in super::writer::claim_binds(req) {
+        q = q.bind(v);
     }
-    let n = q.bind(&req.worker_id).bind(req.now).fetch_one(pool).await?;
+    let n = q.bind(&req.worker_id).fetch_one(pool).await?;
     Ok(n as u64)
 }
 
 pub(super) async fn next_run_at(pool: &SqlitePool, now: i64) -> Result<Option<i64>> {
     let v: Option<i64> = sqlx::query_scalar(
-        // Only retrying tasks wait for a future run_at; queued ones are due.
-        "SELECT MIN(run_at) FROM tasks WHERE status = 'retrying' AND run_at > ?",
+        // Queued tasks are due; retrying ones and timers wait for run_at;
+        // schedules for their next firing.
+        "SELECT MIN(t) FROM ( \
+           SELECT MIN(run_at) AS t FROM tasks WHERE status = 'retrying' AND run_at > ?1 \
+           UNION ALL SELECT MIN(run_at) FROM tasks WHERE status = 'pending' AND deps_pending = 0 AND run_at > ?1 \
+           UNION ALL SELECT MIN(next_fire_at) FROM schedules WHERE paused = 0 AND next_fire_at > ?1)",
     )
     .bind(now)
     .fetch_one(pool)
     .await?;
     Ok(v)
+}
+
+pub(super) async fn dependencies(pool: &SqlitePool, id: &str) -> Result<Vec<DependencyEdge>> {
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT dep_id, task_id, condition, state FROM task_deps WHERE task_id = ?1 \
+         UNION ALL SELECT dep_id, task_id, condition, state FROM task_deps WHERE dep_id = ?1",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(edge_from).collect())
+}
+
+fn edge_from((dep_id, task_id, condition, state): (String, String, String, String)) -> DependencyEdge {
+    DependencyEdge {
+        dep_id,
+        task_id,
+        condition: serde_json::from_str(&condition).unwrap_or(Condition::Success),
+        state: EdgeState::parse(&state),
+    }
+}
+
+const WORKFLOW_COLUMNS: &str = "seq, id, name, project, tags, description, status, schedule_id, \
+    tasks_total, tasks_done, created_at, updated_at, finished_at";
+
+fn workflow_from_row(r: &SqliteRow) -> Result<(i64, WorkflowRecord)> {
+    let tags: String = r.get(4);
+    let status: String = r.get(6);
+    Ok((
+        r.get(0),
+        WorkflowRecord {
+            id: r.get(1),
+            name: r.get(2),
+            project: r.get(3),
+            tags: serde_json::from_str(&tags).unwrap_or_default(),
+            description: r.get(5),
+            status: status
+                .parse()
+                .map_err(|e: String| Error::Store(format!("workflow status: {e}")))?,
+            schedule_id: r.get(7),
+            tasks_total: r.get::<i64, _>(8) as u64,
+            tasks_done: r.get::<i64, _>(9) as u64,
+            created_at: Timestamp(r.get(10)),
+            updated_at: Timestamp(r.get(11)),
+            finished_at: r.get::<Option<i64>, _>(12).map(Timestamp),
+        },
+    ))
+}
+
+pub(super) async fn workflow(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowRecord>> {
+    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| workflow_from_row(&r).map(|(_, w)| w)).transpose()
+}
+
+pub(super) async fn workflow_detail(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowDetail>> {
+    let Some(workflow) = workflow(pool, id).await? else {
+        return Ok(None);
+    };
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE workflow_id = ?1 ORDER BY seq");
+    let tasks: Vec<TaskRecord> = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| task_from_row(r).map(|(_, t)| t))
+        .collect::<Result<_>>()?;
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT d.dep_id, d.task_id, d.condition, d.state FROM task_deps d \
+         JOIN tasks t ON t.id = d.task_id WHERE t.workflow_id = ?1 ORDER BY t.seq",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let mut counts = std::collections::BTreeMap::new();
+    for t in &tasks {
+        *counts.entry(t.status).or_insert(0u64) += 1;
+    }
+    Ok(Some(WorkflowDetail {
+        workflow,
+        counts,
+        tasks,
+        edges: rows.into_iter().map(edge_from).collect(),
+    }))
+}
+
+pub(super) async fn list_workflows(
+    pool: &SqlitePool,
+    f: &WorkflowFilter,
+) -> Result<Vec<(i64, WorkflowRecord)>> {
+    let mut sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE 1 = 1");
+    if !f.statuses.is_empty() {
+        sql.push_str(&format!(
+            " AND status IN ({})",
+            vec!["?"; f.statuses.len()].join(",")
+        ));
+    }
+    if f.project.is_some() {
+        sql.push_str(" AND project = ?");
+    }
+    if f.name.is_some() {
+        sql.push_str(" AND name = ?");
+    }
+    if f.schedule_id.is_some() {
+        sql.push_str(" AND schedule_id = ?");
+    }
+    if f.before_seq.is_some() {
+        sql.push_str(" AND seq < ?");
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT ?");
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for s in &f.statuses {
+        q = q.bind(s.as_str());
+    }
+    if let Some(p) = &f.project {
+        q = q.bind(p);
+    }
+    if let Some(n) = &f.name {
+        q = q.bind(n);
+    }
+    if let Some(s) = &f.schedule_id {
+        q = q.bind(s);
+    }
+    if let Some(b) = f.before_seq {
+        q = q.bind(b);
+    }
+    let limit = if f.limit == 0 { 100 } else { f.limit };
+    q = q.bind(limit as i64);
+    q.fetch_all(pool)
+        .await?
+        .iter()
+        .map(workflow_from_row)
+        .collect()
+}
+
+const SCHEDULE_COLUMNS: &str = "id, name, project, cron, timezone, paused, next_fire_at, \
+    upcoming_run, last_fired_at, runs, created_at, template";
+
+fn schedule_from_row(r: &SqliteRow) -> ScheduleRecord {
+    let template: String = r.get(11);
+    ScheduleRecord {
+        id: r.get(0),
+        name: r.get(1),
+        project: r.get(2),
+        cron: r.get(3),
+        timezone: r.get(4),
+        paused: r.get::<i64, _>(5) != 0,
+        next_fire_at: r.get::<Option<i64>, _>(6).map(Timestamp),
+        upcoming_run: r.get(7),
+        last_fired_at: r.get::<Option<i64>, _>(8).map(Timestamp),
+        runs: r.get::<i64, _>(9) as u64,
+        created_at: Timestamp(r.get(10)),
+        template: serde_json::from_str(&template).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+pub(super) async fn schedule(pool: &SqlitePool, id: &str) -> Result<Option<ScheduleRecord>> {
+    let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.as_ref().map(schedule_from_row))
+}
+
+pub(super) async fn list_schedules(pool: &SqlitePool) -> Result<Vec<ScheduleRecord>> {
+    let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY seq");
+    let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(pool).await?;
+    Ok(rows.iter().map(schedule_from_row).collect())
+}
+
+pub(super) async fn due_schedules(pool: &SqlitePool, now: i64) -> Result<Vec<ScheduleRecord>> {
+    let sql = format!(
+        "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE paused = 0 AND next_fire_at IS NOT NULL \
+         AND next_fire_at <= ?1 ORDER BY next_fire_at LIMIT 100"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.iter().map(schedule_from_row).collect())
 }
 
 pub(super) async fn workers_with_leases(pool: &SqlitePool, host: &str) -> Result<Vec<WorkerInfo>> {

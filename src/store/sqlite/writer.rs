@@ -10,11 +10,15 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::integrity::{EventContent, GENESIS_HASH, event_hash};
+use std::collections::{HashMap, HashSet};
+
 use crate::model::{
-    AttemptStatus, RetryPolicy, TaskEvent, TaskKind, TaskSpec, TaskStatus, Timestamp,
+    Approval, AttemptStatus, Condition, RetryPolicy, TaskEvent, TaskKind, TaskResult, TaskSpec,
+    TaskStatus, Timestamp, WorkflowEvent, WorkflowStatus,
 };
 use crate::store::{
-    ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, NewTask, Next, Reclaim, Submitted,
+    ApprovalDecision, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, FireSchedule,
+    NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog, Submitted,
     WorkerInfo,
 };
 
@@ -27,8 +31,42 @@ const ROWS_PER_INSERT: usize = 500;
 
 pub(super) enum Op {
     Submit {
-        tasks: Vec<NewTask>,
+        sub: Box<NewSubmission>,
         reply: Reply<Vec<Submitted>>,
+    },
+    CancelWorkflow {
+        id: String,
+        now: i64,
+        reason: Option<String>,
+        reply: Reply<Vec<String>>,
+    },
+    Approve {
+        id: String,
+        decision: ApprovalDecision,
+        now: i64,
+        reply: Reply<()>,
+    },
+    Heartbeat {
+        task_id: String,
+        worker_id: String,
+        lease_until: i64,
+        reply: Reply<()>,
+    },
+    PutLogs {
+        task_id: String,
+        attempt: u32,
+        logs: Vec<StreamLog>,
+        reply: Reply<()>,
+    },
+    FireSchedule {
+        f: Box<FireSchedule>,
+        reply: Reply<bool>,
+    },
+    ChangeSchedule {
+        id: String,
+        change: Box<ScheduleChange>,
+        now: i64,
+        reply: Reply<bool>,
     },
     Claim {
         req: ClaimRequest,
@@ -67,6 +105,8 @@ pub(super) enum Op {
 /// The answer computed for an op inside the transaction, sent after commit.
 enum Answer {
     Submit(Result<Vec<Submitted>>),
+    Ids(Result<Vec<String>>),
+    Bool(Result<bool>),
     Claim(Vec<ClaimedTask>),
     Finish(FinishOutcome),
     Renew(Vec<String>),
@@ -99,27 +139,81 @@ struct AttemptRow {
     result: String,
 }
 
+/// A task that reached a terminal state in this transaction.
+struct Terminal {
+    id: String,
+    status: TaskStatus,
+    workflow_id: Option<String>,
+}
+
 /// What one transaction accumulates besides its answers.
 #[derive(Default)]
 struct Batch {
     audit: Vec<AuditDraft>,
     attempts: Vec<AttemptRow>,
     events: Vec<TaskEvent>,
+    workflow_events: Vec<WorkflowEvent>,
+    /// Terminal transitions: their dependents are resolved and their
+    /// workflows' counters moved before commit.
+    terminal: Vec<Terminal>,
+    /// Finished tasks whose waiting dependents need resolving (terminal
+    /// transitions, and already-finished dependencies of new tasks).
+    resolve: Vec<(String, TaskStatus, Option<serde_json::Value>)>,
+    /// The latest status of tasks moved after their op answered (submit).
+    latest: HashMap<String, TaskStatus>,
 }
 
 impl Batch {
+    /// Records a task's move into a terminal state.
+    fn terminal(
+        &mut self,
+        id: &str,
+        status: TaskStatus,
+        output: Option<serde_json::Value>,
+        workflow_id: Option<String>,
+    ) {
+        self.resolve.push((id.to_string(), status, output));
+        self.terminal.push(Terminal {
+            id: id.to_string(),
+            status,
+            workflow_id,
+        });
+    }
+
+    /// An audit event for something that is not a task (workflow, schedule).
+    fn audit_other(
+        &mut self,
+        at: i64,
+        subject: &str,
+        kind: &'static str,
+        from: Option<&'static str>,
+        to: &'static str,
+        detail: String,
+    ) {
+        self.audit.push(AuditDraft {
+            at,
+            task_id: subject.to_string(),
+            kind,
+            from,
+            to,
+            detail,
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn transition(
         &mut self,
         at: i64,
         task_id: &str,
         name: &str,
+        workflow_id: Option<&str>,
         kind: &'static str,
         from: Option<TaskStatus>,
         to: TaskStatus,
         attempt: u32,
         detail: String,
     ) {
+        self.latest.insert(task_id.to_string(), to);
         self.audit.push(AuditDraft {
             at,
             task_id: task_id.to_string(),
@@ -130,6 +224,7 @@ impl Batch {
         });
         self.events.push(TaskEvent {
             task_id: task_id.to_string(),
+            workflow_id: workflow_id.map(str::to_string),
             name: name.to_string(),
             status: to,
             attempt,
@@ -138,11 +233,13 @@ impl Batch {
     }
 }
 
-pub(super) async fn run(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Op>,
-    events: broadcast::Sender<TaskEvent>,
-) {
+/// Where committed changes are announced.
+pub(super) struct Announce {
+    pub tasks: broadcast::Sender<TaskEvent>,
+    pub workflows: broadcast::Sender<WorkflowEvent>,
+}
+
+pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, announce: Announce) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     while let Some(op) = rx.recv().await {
         ops.push(op);
@@ -167,7 +264,10 @@ pub(super) async fn run(
                     deliver(op, Ok(answer));
                 }
                 for e in batch.events {
-                    let _ = events.send(e);
+                    let _ = announce.tasks.send(e);
+                }
+                for e in batch.workflow_events {
+                    let _ = announce.workflows.send(e);
                 }
             }
             Err(e) => {
@@ -195,7 +295,13 @@ fn deliver(op: Op, answer: Result<Answer>) {
         (Op::Finish { reply, .. }, Ok(Answer::Finish(v))) => send(reply, Ok(v)),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
+        (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
+        (Op::FireSchedule { reply, .. }, Ok(Answer::Bool(r)))
+        | (Op::ChangeSchedule { reply, .. }, Ok(Answer::Bool(r))) => send(reply, r),
         (Op::Cancel { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Approve { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Heartbeat { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::PutLogs { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::RegisterWorker { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::Close { reply }, Ok(Answer::Unit(r))) => send(reply, r),
         (op, Err(e)) => match op {
@@ -204,9 +310,16 @@ fn deliver(op: Op, answer: Result<Answer>) {
             Op::Finish { reply, .. } => send(reply, Err(e)),
             Op::Renew { reply, .. } => send(reply, Err(e)),
             Op::Reclaim { reply, .. } => send(reply, Err(e)),
-            Op::Cancel { reply, .. } | Op::RegisterWorker { reply, .. } | Op::Close { reply } => {
+            Op::CancelWorkflow { reply, .. } => send(reply, Err(e)),
+            Op::FireSchedule { reply, .. } | Op::ChangeSchedule { reply, .. } => {
                 send(reply, Err(e))
             }
+            Op::Cancel { reply, .. }
+            | Op::Approve { reply, .. }
+            | Op::Heartbeat { reply, .. }
+            | Op::PutLogs { reply, .. }
+            | Op::RegisterWorker { reply, .. }
+            | Op::Close { reply } => send(reply, Err(e)),
         },
         (_, Ok(_)) => unreachable!("answer kind always matches its op"),
     }
@@ -220,15 +333,14 @@ async fn apply_all(
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     // All submits of the batch go in together: one multi-row INSERT for
     // many concurrent submitters.
-    let new_tasks: Vec<&NewTask> = ops
+    let subs: Vec<&NewSubmission> = ops
         .iter()
         .filter_map(|op| match op {
-            Op::Submit { tasks, .. } => Some(tasks.iter()),
+            Op::Submit { sub, .. } => Some(sub.as_ref()),
             _ => None,
         })
-        .flatten()
         .collect();
-    let mut submitted = submit(&mut tx, &new_tasks, batch).await?.into_iter();
+    let mut submitted = submit_all(&mut tx, &subs, batch).await?.into_iter();
     // Likewise all finishes: one UPDATE for the whole batch.
     let finishes: Vec<&FinishAttempt> = ops
         .iter()
@@ -241,9 +353,7 @@ async fn apply_all(
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
         let answer = match op {
-            Op::Submit { tasks, .. } => {
-                Answer::Submit(Ok(submitted.by_ref().take(tasks.len()).collect()))
-            }
+            Op::Submit { .. } => Answer::Submit(submitted.next().expect("one answer per submit")),
             Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
             Op::Finish { .. } => Answer::Finish(finished.next().expect("one outcome per finish")),
             Op::Renew {
@@ -258,6 +368,31 @@ async fn apply_all(
             Op::Cancel {
                 id, now, reason, ..
             } => Answer::Unit(cancel(&mut tx, id, *now, reason, batch).await?),
+            Op::CancelWorkflow {
+                id, now, reason, ..
+            } => Answer::Ids(cancel_workflow(&mut tx, id, *now, reason, batch).await?),
+            Op::Approve {
+                id, decision, now, ..
+            } => Answer::Unit(approve(&mut tx, id, decision, *now, batch).await?),
+            Op::Heartbeat {
+                task_id,
+                worker_id,
+                lease_until,
+                ..
+            } => Answer::Unit(heartbeat(&mut tx, task_id, worker_id, *lease_until).await?),
+            Op::PutLogs {
+                task_id,
+                attempt,
+                logs,
+                ..
+            } => {
+                put_logs(&mut tx, task_id, *attempt, logs).await?;
+                Answer::Unit(Ok(()))
+            }
+            Op::FireSchedule { f, .. } => Answer::Bool(fire_schedule(&mut tx, f, batch).await?),
+            Op::ChangeSchedule {
+                id, change, now, ..
+            } => Answer::Bool(change_schedule(&mut tx, id, change, *now, batch).await?),
             Op::RegisterWorker { w, .. } => {
                 Answer::Unit(register_worker(&mut tx, w).await.map(|_| Ok(()))?)
             }
@@ -265,17 +400,46 @@ async fn apply_all(
         };
         answers.push(answer);
     }
+    resolve_dependents(&mut tx, batch).await?;
+    update_workflows(&mut tx, batch).await?;
+    // A new task may have been resolved within this transaction.
+    for a in &mut answers {
+        if let Answer::Submit(Ok(list)) = a {
+            for s in list.iter_mut() {
+                if let Some(st) = batch.latest.get(&s.id) {
+                    s.status = *st;
+                }
+            }
+        }
+    }
     flush_attempts(&mut tx, &batch.attempts).await?;
     flush_audit(&mut tx, &batch.audit).await?;
     tx.commit().await?;
     Ok(answers)
 }
 
-async fn submit(
+/// The status a task takes once its dependencies are met.
+fn ready_status(needs_approval: bool, run_at: i64, now: i64) -> TaskStatus {
+    if run_at > now {
+        TaskStatus::Pending
+    } else if needs_approval {
+        TaskStatus::AwaitingApproval
+    } else {
+        TaskStatus::Queued
+    }
+}
+
+/// Inserts the submissions of a batch. A submission whose dependency on an
+/// existing task cannot be satisfied is answered with an error and stores nothing.
+async fn submit_all(
     conn: &mut SqliteConnection,
-    tasks: &[&NewTask],
+    subs: &[&NewSubmission],
     batch: &mut Batch,
-) -> Result<Vec<Submitted>> {
+) -> Result<Vec<Result<Vec<Submitted>>>> {
+    let tasks: Vec<&NewTask> = subs.iter().flat_map(|s| s.tasks.iter()).collect();
+    if tasks.is_empty() && subs.iter().all(|s| s.workflow.is_none() && s.schedules.is_empty()) {
+        return Ok(subs.iter().map(|_| Ok(Vec::new())).collect());
+    }
     let mut out: Vec<Option<Submitted>> = vec![None; tasks.len()];
     // Idempotency: existing keys return the earlier task; repeated keys in
     // this batch return the first of them.
@@ -284,11 +448,11 @@ async fn submit(
         .enumerate()
         .filter_map(|(i, t)| t.idempotency_key.as_deref().map(|k| (i, k)))
         .collect();
-    let mut seen_keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut seen_keys: HashMap<&str, usize> = HashMap::new();
     if !keyed.is_empty() {
         for chunk in keyed.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "SELECT idempotency_key, id, name, status FROM tasks WHERE idempotency_key IN ({})",
+                "SELECT idempotency_key, id, name, status, schedule_id FROM tasks WHERE idempotency_key IN ({})",
                 placeholders(chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -305,13 +469,13 @@ async fn submit(
                             name: row.get(2),
                             created: false,
                             status: status.parse().unwrap_or(TaskStatus::Queued),
+                            schedule_id: row.get(4),
                         });
                     }
                 }
             }
         }
     }
-    let mut to_insert: Vec<&NewTask> = Vec::with_capacity(tasks.len());
     let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
         if out[i].is_some() {
@@ -324,89 +488,639 @@ async fn submit(
             }
             seen_keys.insert(k, i);
         }
+        let status = if t.deps.is_empty() {
+            ready_status(t.needs_approval, t.run_at, t.now)
+        } else {
+            TaskStatus::Pending
+        };
         out[i] = Some(Submitted {
             id: t.id.clone(),
             name: t.name.clone(),
             created: true,
-            status: TaskStatus::Queued,
+            status,
+            schedule_id: t.schedule_id.clone(),
         });
-        to_insert.push(t);
     }
     for (i, first) in duplicate_of {
         let mut s = out[first].clone().expect("first occurrence is set");
         s.created = false;
         out[i] = Some(s);
     }
-    if !to_insert.is_empty() {
-        // One statement, one bound JSON array: the SQL text never changes, so
-        // it is prepared once, and no per-value binding happens.
-        let rows: Vec<serde_json::Value> = to_insert
-            .iter()
-            .map(|t| {
-                serde_json::json!([
+    let out: Vec<Submitted> = out
+        .into_iter()
+        .map(|s| s.expect("every task answered"))
+        .collect();
+    // A task answered by an earlier one stands in for it as a dependency.
+    let remap: HashMap<&str, &str> = tasks
+        .iter()
+        .zip(&out)
+        .filter(|(t, s)| !s.created && t.id != s.id)
+        .map(|(t, s)| (t.id.as_str(), s.id.as_str()))
+        .collect();
+    let inserted: HashSet<&str> = tasks
+        .iter()
+        .zip(&out)
+        .filter(|(_, s)| s.created)
+        .map(|(t, _)| t.id.as_str())
+        .collect();
+    // Dependencies on tasks outside the inserted set must exist; their
+    // state decides at once if they already finished.
+    let mut outside: Vec<&str> = Vec::new();
+    for (t, s) in tasks.iter().zip(&out) {
+        if !s.created {
+            continue;
+        }
+        for d in &t.deps {
+            let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+            if !inserted.contains(id) {
+                outside.push(id);
+            }
+        }
+    }
+    outside.sort_unstable();
+    outside.dedup();
+    let mut known: HashMap<String, (TaskStatus, Option<String>)> = HashMap::new();
+    for chunk in outside.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "SELECT id, status, result FROM tasks WHERE id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let status: String = row.get(1);
+            known.insert(
+                row.get(0),
+                (status.parse().unwrap_or(TaskStatus::Failed), row.get(2)),
+            );
+        }
+    }
+    // Answer each submission; one with a missing dependency is refused whole.
+    let mut answers = Vec::with_capacity(subs.len());
+    let mut refused: HashSet<usize> = HashSet::new();
+    let mut offset = 0;
+    for (si, sub) in subs.iter().enumerate() {
+        let range = offset..offset + sub.tasks.len();
+        offset += sub.tasks.len();
+        let mut missing = None;
+        'find: for (ti, t) in sub.tasks.iter().enumerate() {
+            for (di, d) in t.deps.iter().enumerate() {
+                let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+                if !inserted.contains(id) && !known.contains_key(id) {
+                    missing = Some(Error::invalid(
+                        format!("tasks[{ti}].depends_on[{di}]"),
+                        format!("no task has id {id}"),
+                    ));
+                    break 'find;
+                }
+            }
+        }
+        match missing {
+            Some(e) => {
+                refused.insert(si);
+                answers.push(Err(e));
+            }
+            None => answers.push(Ok(out[range].to_vec())),
+        }
+    }
+    let mut task_rows = Vec::new();
+    let mut dep_rows = Vec::new();
+    let mut offset = 0;
+    let mut workflow_totals: HashMap<&str, i64> = HashMap::new();
+    for (si, sub) in subs.iter().enumerate() {
+        let range = offset..offset + sub.tasks.len();
+        offset += sub.tasks.len();
+        if refused.contains(&si) {
+            continue;
+        }
+        for (t, s) in sub.tasks.iter().zip(&out[range]) {
+            if !s.created {
+                continue;
+            }
+            if let Some(w) = &t.workflow_id {
+                *workflow_totals.entry(w.as_str()).or_default() += 1;
+            }
+            task_rows.push(serde_json::json!([
+                t.id,
+                t.name,
+                t.kind.as_str(),
+                t.project,
+                serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+                t.priority,
+                t.max_attempts,
+                t.now,
+                t.idempotency_key,
+                t.spec_json,
+                t.spec_hash,
+                s.status.as_str(),
+                t.run_at,
+                t.workflow_id,
+                t.schedule_id,
+                t.deps.len(),
+                t.needs_approval
+            ]));
+            for d in &t.deps {
+                let dep_id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+                dep_rows.push(serde_json::json!([
+                    dep_id,
                     t.id,
-                    t.name,
-                    t.kind.as_str(),
-                    t.project,
-                    serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
-                    t.priority,
-                    t.max_attempts,
-                    t.now,
-                    t.idempotency_key,
-                    t.spec_json,
-                    t.spec_hash
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
-             run_at, created_at, updated_at, idempotency_key, spec, spec_hash) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, 'queued', value ->> 5, 0, \
-             value ->> 6, value ->> 7, value ->> 7, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM json_each(jsonb(?1)) ORDER BY key",
-        )
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(&mut *conn)
-        .await?;
-        for t in &to_insert {
+                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into())
+                ]));
+                if let Some((st, result)) = known.get(dep_id)
+                    && st.is_terminal()
+                {
+                    let output = result
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+                        .and_then(|r| r.output);
+                    batch.resolve.push((dep_id.to_string(), *st, output));
+                }
+            }
             batch.transition(
                 t.now,
                 &t.id,
                 &t.name,
+                t.workflow_id.as_deref(),
                 "submitted",
                 None,
-                TaskStatus::Queued,
+                s.status,
                 0,
                 format!("{{\"spec_hash\":\"{}\"}}", t.spec_hash),
             );
         }
     }
-    Ok(out
-        .into_iter()
-        .map(|s| s.expect("every task answered"))
-        .collect())
+    // Workflows and schedules first, so the audit chain reads in order.
+    for (si, sub) in subs.iter().enumerate() {
+        if refused.contains(&si) {
+            continue;
+        }
+        for sc in &sub.schedules {
+            insert_schedule(conn, sc, batch).await?;
+        }
+        if let Some(w) = &sub.workflow {
+            // Every task may have been answered by an earlier one (idempotency
+            // keys): then the workflow has nothing of its own to run.
+            let total = workflow_totals.get(w.id.as_str()).copied().unwrap_or(0);
+            let status = if total == 0 {
+                WorkflowStatus::Succeeded
+            } else {
+                WorkflowStatus::Running
+            };
+            sqlx::query(
+                "INSERT INTO workflows (id, name, project, tags, description, status, schedule_id, \
+                 tasks_total, created_at, updated_at, finished_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?6, ?7, ?8, ?8, CASE WHEN ?7 = 0 THEN ?8 END)",
+            )
+            .bind(&w.id)
+            .bind(&w.name)
+            .bind(&w.project)
+            .bind(serde_json::to_string(&w.tags).unwrap_or_else(|_| "[]".into()))
+            .bind(&w.description)
+            .bind(&w.schedule_id)
+            .bind(total)
+            .bind(w.now)
+            .bind(status.as_str())
+            .execute(&mut *conn)
+            .await?;
+            batch.audit_other(
+                w.now,
+                &w.id,
+                "workflow_submitted",
+                None,
+                status.as_str(),
+                serde_json::json!({"name": w.name, "tasks": total}).to_string(),
+            );
+            batch.workflow_events.push(WorkflowEvent {
+                workflow_id: w.id.clone(),
+                name: w.name.clone(),
+                status,
+                at: Timestamp(w.now),
+            });
+        }
+    }
+    if !task_rows.is_empty() {
+        // One statement, one bound JSON array: the SQL text never changes, so
+        // it is prepared once, and no per-value binding happens.
+        sqlx::query(
+            "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
+             run_at, created_at, updated_at, idempotency_key, spec, spec_hash, workflow_id, schedule_id, \
+             deps_pending, needs_approval) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 11, value ->> 5, 0, \
+             value ->> 6, value ->> 12, value ->> 7, value ->> 7, value ->> 8, value ->> 9, value ->> 10, \
+             value ->> 13, value ->> 14, value ->> 15, value ->> 16 \
+             FROM json_each(jsonb(?1)) ORDER BY key",
+        )
+        .bind(serde_json::Value::Array(task_rows).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !dep_rows.is_empty() {
+        sqlx::query(
+            "INSERT OR IGNORE INTO task_deps (dep_id, task_id, condition) \
+             SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(jsonb(?1))",
+        )
+        .bind(serde_json::Value::Array(dep_rows).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(answers)
 }
 
-/// The claim query. `?1` = now, `?2` = limit, `?3...` the external names.
-/// (sqlx numbers anonymous `?` on its own, so never mix them with `?N`.)
-pub(super) fn claim_sql(commands: bool, external_names: usize) -> String {
-    let kind_filter = match (commands, external_names) {
-        (true, 0) => "AND kind = 'command'".to_string(),
-        (true, n) => format!(
-            "AND (kind = 'command' OR (kind = 'external' AND name IN ({})))",
-            numbered_placeholders(3, n)
-        ),
-        (false, n) => format!(
-            "AND kind = 'external' AND name IN ({})",
-            numbered_placeholders(3, n)
-        ),
+async fn insert_schedule(
+    conn: &mut SqliteConnection,
+    sc: &NewSchedule,
+    batch: &mut Batch,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO schedules (id, name, project, cron, timezone, template, next_fire_at, upcoming_run, \
+         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+    )
+    .bind(&sc.id)
+    .bind(&sc.name)
+    .bind(&sc.project)
+    .bind(&sc.cron)
+    .bind(&sc.timezone)
+    .bind(&sc.template)
+    .bind(sc.next_fire_at)
+    .bind(&sc.upcoming_run)
+    .bind(sc.now)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        sc.now,
+        &sc.id,
+        "schedule_created",
+        None,
+        "active",
+        serde_json::json!({"name": sc.name, "cron": sc.cron, "timezone": sc.timezone, "next_fire_at": sc.next_fire_at})
+            .to_string(),
+    );
+    Ok(())
+}
+
+/// Whether a finished dependency meets a condition: `Ok` if it does, else why not.
+fn condition_holds(
+    c: &Condition,
+    status: TaskStatus,
+    output: Option<&serde_json::Value>,
+) -> std::result::Result<(), String> {
+    let ok = match c {
+        Condition::Success => status == TaskStatus::Succeeded,
+        Condition::Failure => matches!(status, TaskStatus::Failed | TaskStatus::TimedOut),
+        Condition::Completion => true,
+        Condition::Schema(schema) => {
+            if status != TaskStatus::Succeeded {
+                false
+            } else {
+                let null = serde_json::Value::Null;
+                let out = output.unwrap_or(&null);
+                match jsonschema::validator_for(schema) {
+                    Ok(v) => {
+                        if let Some(e) = v.iter_errors(out).next() {
+                            return Err(format!(
+                                "its result output does not match the schema condition: {e}"
+                            ));
+                        }
+                        true
+                    }
+                    Err(e) => return Err(format!("the schema condition is invalid: {e}")),
+                }
+            }
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("it ended {status}, and the condition is {}", c.label()))
+    }
+}
+
+/// Resolves the dependents of every task that finished in this
+/// transaction: met edges count down, an unmet one skips the dependent,
+/// and skips cascade. A dependent whose count reaches zero becomes ready.
+async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> Result<()> {
+    while !batch.resolve.is_empty() {
+        let round = std::mem::take(&mut batch.resolve);
+        let mut finished: HashMap<String, (TaskStatus, Option<serde_json::Value>)> =
+            HashMap::with_capacity(round.len());
+        for (id, st, out) in round {
+            finished.insert(id, (st, out));
+        }
+        let ids: Vec<&String> = finished.keys().collect();
+        let rows = sqlx::query(
+            "SELECT d.dep_id, d.task_id, d.condition, t.status, t.deps_pending, t.needs_approval, \
+             t.run_at, t.name, t.workflow_id, t.attempts, \
+             (SELECT name FROM tasks WHERE id = d.dep_id) \
+             FROM task_deps d JOIN tasks t ON t.id = d.task_id \
+             WHERE d.dep_id IN (SELECT value FROM json_each(?1)) AND d.state = 'waiting'",
+        )
+        .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        struct Dependent {
+            status: TaskStatus,
+            pending: i64,
+            needs_approval: bool,
+            run_at: i64,
+            name: String,
+            workflow_id: Option<String>,
+            attempts: u32,
+            skip: Option<String>,
+        }
+        let mut dependents: HashMap<String, Dependent> = HashMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut edges = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dep_id: String = row.get(0);
+            let task_id: String = row.get(1);
+            let cond_json: String = row.get(2);
+            let condition: Condition =
+                serde_json::from_str(&cond_json).unwrap_or(Condition::Success);
+            let (dst, dout) = finished
+                .get(&dep_id)
+                .map(|(s, o)| (*s, o.as_ref()))
+                .unwrap_or((TaskStatus::Failed, None));
+            let verdict = condition_holds(&condition, dst, dout);
+            edges.push(serde_json::json!([
+                dep_id,
+                task_id,
+                if verdict.is_ok() { "met" } else { "unmet" }
+            ]));
+            let d = dependents.entry(task_id.clone()).or_insert_with(|| {
+                order.push(task_id.clone());
+                let status: String = row.get(3);
+                Dependent {
+                    status: status.parse().unwrap_or(TaskStatus::Failed),
+                    pending: row.get(4),
+                    needs_approval: row.get::<i64, _>(5) != 0,
+                    run_at: row.get(6),
+                    name: row.get(7),
+                    workflow_id: row.get(8),
+                    attempts: row.get::<i64, _>(9) as u32,
+                    skip: None,
+                }
+            });
+            if d.status != TaskStatus::Pending {
+                continue;
+            }
+            match verdict {
+                Ok(()) => d.pending -= 1,
+                Err(why) => {
+                    if d.skip.is_none() {
+                        let dep_name: Option<String> = row.get(10);
+                        d.skip = Some(format!(
+                            "skipped: dependency {} ({dep_id}) can no longer meet its condition: {why}",
+                            dep_name.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+        let now = batch_now(batch);
+        let mut updates = Vec::new();
+        for id in order {
+            let d = &dependents[&id];
+            if d.status != TaskStatus::Pending {
+                continue;
+            }
+            let (to, finished_at, error) = match &d.skip {
+                Some(why) => (TaskStatus::Skipped, Some(now), Some(why.clone())),
+                None if d.pending <= 0 => (ready_status(d.needs_approval, d.run_at, now), None, None),
+                None => (TaskStatus::Pending, None, None),
+            };
+            updates.push(serde_json::json!([
+                id,
+                to.as_str(),
+                d.pending.max(0),
+                finished_at,
+                error
+            ]));
+            if to == TaskStatus::Pending {
+                continue;
+            }
+            let detail = match &error {
+                Some(e) => serde_json::json!({ "reason": e }).to_string(),
+                None => "{}".to_string(),
+            };
+            batch.transition(
+                now,
+                &id,
+                &d.name,
+                d.workflow_id.as_deref(),
+                if to == TaskStatus::Skipped { "skipped" } else { "ready" },
+                Some(TaskStatus::Pending),
+                to,
+                d.attempts,
+                detail,
+            );
+            if to.is_terminal() {
+                batch.terminal(&id, to, None, d.workflow_id.clone());
+            }
+        }
+        sqlx::query(
+            "UPDATE task_deps SET state = v.value ->> 2 FROM json_each(jsonb(?1)) AS v \
+             WHERE task_deps.dep_id = v.value ->> 0 AND task_deps.task_id = v.value ->> 1",
+        )
+        .bind(serde_json::Value::Array(edges).to_string())
+        .execute(&mut *conn)
+        .await?;
+        if !updates.is_empty() {
+            sqlx::query(
+                "UPDATE tasks SET status = v.value ->> 1, deps_pending = v.value ->> 2, \
+                 finished_at = v.value ->> 3, error = COALESCE(v.value ->> 4, tasks.error), \
+                 updated_at = ?2 FROM json_each(jsonb(?1)) AS v WHERE tasks.id = v.value ->> 0",
+            )
+            .bind(serde_json::Value::Array(updates).to_string())
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The time of the transaction's latest change (dependents resolve "now").
+fn batch_now(batch: &Batch) -> i64 {
+    batch
+        .audit
+        .iter()
+        .map(|a| a.at)
+        .max()
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        })
+}
+
+/// Moves the counters of workflows whose tasks finished, and finishes a
+/// workflow when its last task does.
+async fn update_workflows(conn: &mut SqliteConnection, batch: &mut Batch) -> Result<()> {
+    if batch.terminal.iter().all(|t| t.workflow_id.is_none()) {
+        batch.terminal.clear();
+        return Ok(());
+    }
+    let mut per: HashMap<String, (i64, i64, i64)> = HashMap::new();
+    for t in batch.terminal.drain(..) {
+        let Some(w) = t.workflow_id else { continue };
+        let e = per.entry(w).or_default();
+        e.0 += 1;
+        if matches!(t.status, TaskStatus::Failed | TaskStatus::TimedOut) {
+            e.1 += 1;
+        }
+        if t.status == TaskStatus::Cancelled {
+            e.2 += 1;
+        }
+        let _ = t.id;
+    }
+    let rows: Vec<serde_json::Value> = per
+        .iter()
+        .map(|(w, (d, f, c))| serde_json::json!([w, d, f, c]))
+        .collect();
+    let now = batch_now(batch);
+    let done: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "UPDATE workflows SET tasks_done = tasks_done + (v.value ->> 1), \
+         tasks_failed = tasks_failed + (v.value ->> 2), tasks_cancelled = tasks_cancelled + (v.value ->> 3), \
+         updated_at = ?2 FROM json_each(jsonb(?1)) AS v WHERE workflows.id = v.value ->> 0 \
+         RETURNING workflows.id, workflows.name, workflows.status, workflows.tasks_total, \
+         workflows.tasks_done, workflows.tasks_failed, workflows.tasks_cancelled",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, name, status, total, done, failed, cancelled) in done {
+        if status != "running" || done < total {
+            continue;
+        }
+        let to = if failed > 0 {
+            WorkflowStatus::Failed
+        } else if cancelled > 0 {
+            WorkflowStatus::Cancelled
+        } else {
+            WorkflowStatus::Succeeded
+        };
+        sqlx::query("UPDATE workflows SET status = ?1, finished_at = ?2 WHERE id = ?3")
+            .bind(to.as_str())
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+        batch.audit_other(
+            now,
+            &id,
+            "workflow_finished",
+            Some(WorkflowStatus::Running.as_str()),
+            to.as_str(),
+            serde_json::json!({"tasks": total, "failed": failed, "cancelled": cancelled}).to_string(),
+        );
+        batch.workflow_events.push(WorkflowEvent {
+            workflow_id: id,
+            name,
+            status: to,
+            at: Timestamp(now),
+        });
+    }
+    Ok(())
+}
+
+/// The claim query. `?1` = now, `?2` = limit; the filter's values follow
+/// from `?3` in the order [`claim_binds`] gives them. (sqlx numbers
+/// anonymous `?` on its own, so never mix them with `?N`.)
+pub(super) fn claim_sql(req: &ClaimRequest) -> String {
+    let mut n = 3;
+    let mut next = || {
+        let p = format!("?{n}");
+        n += 1;
+        p
+    };
+    let external = req.external.as_ref().map(|f| {
+        let mut c = "kind = 'external'".to_string();
+        if !f.names.is_empty() {
+            // `prefix*` names are prefix patterns (task names cannot hold GLOB syntax).
+            let exact: Vec<String> = f
+                .names
+                .iter()
+                .filter(|n| !n.ends_with('*'))
+                .map(|_| next())
+                .collect();
+            let mut alts = Vec::new();
+            if !exact.is_empty() {
+                alts.push(format!("name IN ({})", exact.join(",")));
+            }
+            for _ in f.names.iter().filter(|n| n.ends_with('*')) {
+                alts.push(format!("name GLOB {}", next()));
+            }
+            c.push_str(&format!(" AND ({})", alts.join(" OR ")));
+        }
+        if f.project.is_some() {
+            c.push_str(&format!(" AND project = {}", next()));
+        }
+        for _ in &f.tags {
+            c.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE json_each.value = {})",
+                next()
+            ));
+        }
+        c
+    });
+    let kind_filter = match (req.server_kinds, external) {
+        (true, None) => "AND kind IN ('command', 'http')".to_string(),
+        (true, Some(e)) => format!("AND (kind IN ('command', 'http') OR ({e}))"),
+        (false, Some(e)) => format!("AND {e}"),
+        (false, None) => "AND 0".to_string(),
     };
     format!(
-        "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash \
+        "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, workflow_id \
          FROM tasks INDEXED BY tasks_ready \
          WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
          ORDER BY priority DESC, seq LIMIT ?2"
     )
+}
+
+/// The values bound after `?1`/`?2` in [`claim_sql`], in order.
+pub(super) fn claim_binds(req: &ClaimRequest) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(f) = &req.external {
+        v.extend(f.names.iter().filter(|n| !n.ends_with('*')).cloned());
+        v.extend(f.names.iter().filter(|n| n.ends_with('*')).cloned());
+        v.extend(f.project.iter().cloned());
+        v.extend(f.tags.iter().cloned());
+    }
+    v
+}
+
+/// Moves pending tasks whose time came (and whose dependencies are met) on.
+async fn promote_timers(conn: &mut SqliteConnection, now: i64, batch: &mut Batch) -> Result<()> {
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END, \
+         updated_at = ?1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1 \
+         RETURNING id, name, status, workflow_id",
+    )
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, name, status, wf) in rows {
+        let to: TaskStatus = status.parse().unwrap_or(TaskStatus::Queued);
+        batch.transition(
+            now,
+            &id,
+            &name,
+            wf.as_deref(),
+            "ready",
+            Some(TaskStatus::Pending),
+            to,
+            0,
+            "{\"reason\":\"its time came\"}".to_string(),
+        );
+    }
+    Ok(())
 }
 
 async fn claim(
@@ -414,12 +1128,13 @@ async fn claim(
     req: &ClaimRequest,
     batch: &mut Batch,
 ) -> Result<Vec<ClaimedTask>> {
-    let sql = claim_sql(req.commands, req.external_names.len());
+    promote_timers(conn, req.now, batch).await?;
+    let sql = claim_sql(req);
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(req.now)
         .bind(req.limit as i64);
-    for n in &req.external_names {
-        q = q.bind(n);
+    for v in claim_binds(req) {
+        q = q.bind(v);
     }
     let rows = q.fetch_all(&mut *conn).await?;
     if rows.is_empty() {
@@ -435,10 +1150,10 @@ async fn claim(
             seq: row.get(0),
             id: row.get(1),
             name: row.get(2),
-            kind: if kind == "external" {
-                TaskKind::External
-            } else {
-                TaskKind::Command
+            kind: match kind.as_str() {
+                "external" => TaskKind::External,
+                "http" => TaskKind::Http,
+                _ => TaskKind::Command,
             },
             priority: row.get(4),
             attempt: attempts as u32 + 1,
@@ -446,6 +1161,7 @@ async fn claim(
             spec_json: row.get(8),
             spec_hash: row.get(9),
             started_at: req.now,
+            workflow_id: row.get(10),
         });
         from.push(if status == "retrying" {
             TaskStatus::Retrying
@@ -471,6 +1187,7 @@ async fn claim(
             req.now,
             &c.id,
             &c.name,
+            c.workflow_id.as_deref(),
             "claimed",
             Some(f),
             TaskStatus::Running,
@@ -547,22 +1264,25 @@ async fn finish_all(
             .await?;
         }
     }
-    let applied: Vec<(String, String)> = sqlx::query_as(
+    let applied: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
          finished_at = v.value ->> 3, updated_at = v.value ->> 4, lease_owner = NULL, \
          lease_expires_at = NULL, result = v.value ->> 5, error = v.value ->> 6 \
          FROM json_each(jsonb(?1)) AS v \
          WHERE tasks.id = v.value ->> 0 AND +tasks.status = 'running' \
          AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8 \
-         RETURNING tasks.id, tasks.name",
+         RETURNING tasks.id, tasks.name, tasks.workflow_id",
     )
     .bind(serde_json::Value::Array(rows).to_string())
     .fetch_all(&mut *conn)
     .await?;
-    let applied: std::collections::HashMap<String, String> = applied.into_iter().collect();
+    let applied: HashMap<String, (String, Option<String>)> = applied
+        .into_iter()
+        .map(|(id, name, wf)| (id, (name, wf)))
+        .collect();
     let mut out = Vec::with_capacity(finishes.len());
     for (f, (status, run_at)) in finishes.iter().zip(planned) {
-        let Some(name) = applied.get(&f.task_id) else {
+        let Some((name, wf)) = applied.get(&f.task_id) else {
             let current: Option<String> =
                 sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?1")
                     .bind(&f.task_id)
@@ -591,12 +1311,16 @@ async fn finish_all(
             f.now,
             &f.task_id,
             name,
+            wf.as_deref(),
             "finished",
             Some(TaskStatus::Running),
             status,
             f.attempt,
             detail.to_string(),
         );
+        if status.is_terminal() {
+            batch.terminal(&f.task_id, status, f.result.output.clone(), wf.clone());
+        }
         out.push(FinishOutcome::Applied(status));
     }
     Ok(out)
@@ -629,7 +1353,7 @@ async fn reclaim(
     now: i64,
     batch: &mut Batch,
 ) -> Result<Vec<TaskEvent>> {
-    let base = "SELECT id, name, attempts, max_attempts, spec, lease_owner, started_at FROM tasks WHERE status = 'running'";
+    let base = "SELECT id, name, attempts, max_attempts, spec, lease_owner, started_at, workflow_id FROM tasks WHERE status = 'running'";
     let rows = match scope {
         Reclaim::Expired => {
             sqlx::query(AssertSqlSafe(format!("{base} AND lease_expires_at < ?1")))
@@ -658,6 +1382,7 @@ async fn reclaim(
         let spec: String = row.get(4);
         let owner: Option<String> = row.get(5);
         let started_at: Option<i64> = row.get(6);
+        let wf: Option<String> = row.get(7);
         let owner = owner.unwrap_or_default();
         let error = format!(
             "attempt {attempts} was lost: worker {owner} stopped renewing its lease (crashed, killed or cut off from the database)"
@@ -710,12 +1435,16 @@ async fn reclaim(
             now,
             &id,
             &name,
+            wf.as_deref(),
             "lease_expired",
             Some(TaskStatus::Running),
             status,
             attempts,
             format!("{{\"attempt\":{attempts},\"worker\":{}}}", json_str(&owner)),
         );
+        if status.is_terminal() {
+            batch.terminal(&id, status, None, wf);
+        }
     }
     Ok(batch.events[first..].to_vec())
 }
@@ -727,7 +1456,7 @@ async fn cancel(
     reason: &Option<String>,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row = sqlx::query("SELECT status, name, attempts FROM tasks WHERE id = ?")
+    let row = sqlx::query("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -740,6 +1469,7 @@ async fn cancel(
         .unwrap_or(TaskStatus::Failed);
     let name: String = row.get(1);
     let attempts = row.get::<i64, _>(2) as u32;
+    let wf: Option<String> = row.get(3);
     if status == TaskStatus::Cancelled {
         return Ok(Ok(()));
     }
@@ -764,13 +1494,373 @@ async fn cancel(
         now,
         id,
         &name,
+        wf.as_deref(),
         "cancelled",
         Some(status),
         TaskStatus::Cancelled,
         attempts,
         format!("{{\"reason\":{}}}", json_str(&error)),
     );
+    batch.terminal(id, TaskStatus::Cancelled, None, wf);
     Ok(Ok(()))
+}
+
+async fn cancel_workflow(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+    reason: &Option<String>,
+    batch: &mut Batch,
+) -> Result<Result<Vec<String>>> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT status, name FROM workflows WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((status, wf_name)) = row else {
+        return Ok(Err(Error::workflow_not_found(id)));
+    };
+    match status.as_str() {
+        "running" => {}
+        "cancelled" => return Ok(Ok(Vec::new())),
+        other => {
+            return Ok(Err(Error::Conflict(format!(
+                "workflow {id} already {other}; only a running workflow can be cancelled"
+            ))));
+        }
+    }
+    let error = reason
+        .clone()
+        .unwrap_or_else(|| "cancelled with its workflow".to_string());
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT id, name, status, attempts FROM tasks WHERE workflow_id = ?1 \
+         AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying') ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \
+         lease_expires_at = NULL, error = ?2 WHERE workflow_id = ?3 \
+         AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying')",
+    )
+    .bind(now)
+    .bind(&error)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE workflows SET status = 'cancelled', finished_at = ?1, updated_at = ?1 WHERE id = ?2",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        now,
+        id,
+        "workflow_cancelled",
+        Some(WorkflowStatus::Running.as_str()),
+        WorkflowStatus::Cancelled.as_str(),
+        format!("{{\"reason\":{}}}", json_str(&error)),
+    );
+    batch.workflow_events.push(WorkflowEvent {
+        workflow_id: id.to_string(),
+        name: wf_name,
+        status: WorkflowStatus::Cancelled,
+        at: Timestamp(now),
+    });
+    let mut ids = Vec::with_capacity(rows.len());
+    for (tid, name, st, attempts) in rows {
+        let from: TaskStatus = st.parse().unwrap_or(TaskStatus::Pending);
+        batch.transition(
+            now,
+            &tid,
+            &name,
+            Some(id),
+            "cancelled",
+            Some(from),
+            TaskStatus::Cancelled,
+            attempts as u32,
+            format!("{{\"reason\":{}}}", json_str(&error)),
+        );
+        batch.terminal(&tid, TaskStatus::Cancelled, None, Some(id.to_string()));
+        ids.push(tid);
+    }
+    Ok(Ok(ids))
+}
+
+async fn approve(
+    conn: &mut SqliteConnection,
+    id: &str,
+    d: &ApprovalDecision,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<()>> {
+    let row: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((status, name, attempts, wf)) = row else {
+        return Ok(Err(Error::task_not_found(id)));
+    };
+    let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
+    if status != TaskStatus::AwaitingApproval {
+        let hint = match status {
+            TaskStatus::Pending => "it is still waiting for its dependencies or its time; it can be decided once it is awaiting_approval",
+            s if s.is_terminal() => "it has already finished",
+            _ => "it did not require an approval or was already approved",
+        };
+        return Ok(Err(Error::Conflict(format!(
+            "task {id} is {status}, not awaiting_approval: {hint}"
+        ))));
+    }
+    let approval = Approval {
+        approved: d.approved,
+        comment: d.comment.clone(),
+        by: d.by.clone(),
+        at: Timestamp(now),
+    };
+    let approval_json = serde_json::to_string(&approval).map_err(|e| Error::Store(e.to_string()))?;
+    let (to, error, finished_at) = if d.approved {
+        (TaskStatus::Queued, None, None)
+    } else {
+        let why = match &d.comment {
+            Some(c) => format!("rejected: {c}"),
+            None => "rejected".to_string(),
+        };
+        (TaskStatus::Failed, Some(why), Some(now))
+    };
+    sqlx::query(
+        "UPDATE tasks SET status = ?1, approval = ?2, error = ?3, finished_at = ?4, updated_at = ?5, \
+         run_at = ?5 WHERE id = ?6",
+    )
+    .bind(to.as_str())
+    .bind(&approval_json)
+    .bind(&error)
+    .bind(finished_at)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.transition(
+        now,
+        id,
+        &name,
+        wf.as_deref(),
+        if d.approved { "approved" } else { "rejected" },
+        Some(TaskStatus::AwaitingApproval),
+        to,
+        attempts as u32,
+        approval_json,
+    );
+    if to.is_terminal() {
+        batch.terminal(id, to, None, wf);
+    }
+    Ok(Ok(()))
+}
+
+async fn heartbeat(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    worker_id: &str,
+    lease_until: i64,
+) -> Result<Result<()>> {
+    let done = sqlx::query(
+        "UPDATE tasks SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3",
+    )
+    .bind(lease_until)
+    .bind(task_id)
+    .bind(worker_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        return Ok(Ok(()));
+    }
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, lease_owner FROM tasks WHERE id = ?1")
+            .bind(task_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(Err(match row {
+        None => Error::task_not_found(task_id),
+        Some((status, owner)) => Error::Conflict(format!(
+            "worker {worker_id} does not hold task {task_id} (it is {status}{}); its lease expired or the task was cancelled — stop working on it",
+            owner.map(|o| format!(", held by {o}")).unwrap_or_default()
+        )),
+    }))
+}
+
+async fn put_logs(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    attempt: u32,
+    logs: &[StreamLog],
+) -> Result<()> {
+    for log in logs {
+        sqlx::query(
+            "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(task_id)
+        .bind(attempt as i64)
+        .bind(log.stream)
+        .bind(&log.data)
+        .bind(log.dropped_bytes as i64)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn fire_schedule(
+    conn: &mut SqliteConnection,
+    f: &FireSchedule,
+    batch: &mut Batch,
+) -> Result<Result<bool>> {
+    let row: Option<(Option<i64>, i64, String)> =
+        sqlx::query_as("SELECT next_fire_at, paused, name FROM schedules WHERE id = ?1")
+            .bind(&f.schedule_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((next, paused, name)) = row else {
+        return Ok(Ok(false));
+    };
+    if paused != 0 || next != Some(f.expected) {
+        return Ok(Ok(false));
+    }
+    let answers = submit_all(conn, &[&f.run], batch).await?;
+    if let Some(Err(e)) = answers.into_iter().next() {
+        return Ok(Err(e));
+    }
+    sqlx::query(
+        "UPDATE schedules SET next_fire_at = ?1, upcoming_run = ?2, last_fired_at = ?3, runs = runs + 1, \
+         updated_at = ?4 WHERE id = ?5",
+    )
+    .bind(f.next_fire_at)
+    .bind(&f.upcoming_run)
+    .bind(f.expected)
+    .bind(f.now)
+    .bind(&f.schedule_id)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        f.now,
+        &f.schedule_id,
+        "schedule_fired",
+        Some("active"),
+        "active",
+        serde_json::json!({"name": name, "slot": f.expected, "next_fire_at": f.next_fire_at, "upcoming_run": f.upcoming_run})
+            .to_string(),
+    );
+    Ok(Ok(true))
+}
+
+async fn change_schedule(
+    conn: &mut SqliteConnection,
+    id: &str,
+    change: &ScheduleChange,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<bool>> {
+    let row: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT paused, upcoming_run FROM schedules WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((paused, upcoming)) = row else {
+        return Ok(Ok(false));
+    };
+    let was = if paused != 0 { "paused" } else { "active" };
+    match change {
+        ScheduleChange::Pause | ScheduleChange::Remove => {
+            if let Some(run) = upcoming {
+                cancel_upcoming(conn, &run, now, batch).await?;
+            }
+            let (kind, to) = if matches!(change, ScheduleChange::Remove) {
+                sqlx::query("DELETE FROM schedules WHERE id = ?1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                ("schedule_removed", "removed")
+            } else {
+                sqlx::query(
+                    "UPDATE schedules SET paused = 1, next_fire_at = NULL, upcoming_run = NULL, updated_at = ?1 WHERE id = ?2",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+                ("schedule_paused", "paused")
+            };
+            batch.audit_other(now, id, kind, Some(was), to, "{}".into());
+        }
+        ScheduleChange::Resume {
+            next_fire_at,
+            upcoming_run,
+            run,
+        } => {
+            if paused == 0 {
+                return Ok(Ok(true));
+            }
+            let answers = submit_all(conn, &[run], batch).await?;
+            if let Some(Err(e)) = answers.into_iter().next() {
+                return Ok(Err(e));
+            }
+            sqlx::query(
+                "UPDATE schedules SET paused = 0, next_fire_at = ?1, upcoming_run = ?2, updated_at = ?3 WHERE id = ?4",
+            )
+            .bind(next_fire_at)
+            .bind(upcoming_run)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+            batch.audit_other(
+                now,
+                id,
+                "schedule_resumed",
+                Some(was),
+                "active",
+                serde_json::json!({"next_fire_at": next_fire_at}).to_string(),
+            );
+        }
+    }
+    Ok(Ok(true))
+}
+
+/// Cancels a schedule's upcoming run if it has not started (all its tasks pending).
+async fn cancel_upcoming(
+    conn: &mut SqliteConnection,
+    run: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<()> {
+    let started: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE workflow_id = ?1 AND status != 'pending') + \
+         (SELECT COUNT(*) FROM tasks WHERE id = ?1 AND status != 'pending')",
+    )
+    .bind(run)
+    .fetch_one(&mut *conn)
+    .await?;
+    if started > 0 {
+        return Ok(());
+    }
+    let reason = Some("the schedule was paused or removed before this run started".to_string());
+    let is_workflow: Option<String> =
+        sqlx::query_scalar("SELECT id FROM workflows WHERE id = ?1")
+            .bind(run)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if is_workflow.is_some() {
+        let _ = cancel_workflow(conn, run, now, &reason, batch).await?;
+    } else {
+        let _ = cancel(conn, run, now, &reason, batch).await?;
+    }
+    Ok(())
 }
 
 async fn register_worker(conn: &mut SqliteConnection, w: &WorkerInfo) -> Result<()> {

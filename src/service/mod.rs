@@ -2,6 +2,12 @@
 //! REST layers) call. Clones are shallow: every clone shares one store and
 //! one engine state.
 
+mod prepare;
+mod workflows;
+
+pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
+pub(crate) use prepare::{RunOf, prepare};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +21,10 @@ use crate::engine::clock::{Clock, SystemClock};
 use crate::engine::{self, EngineHandle, Shared};
 use crate::error::{Error, Result};
 use crate::executor::{Handler, HandlerError, StopReason, TaskContext};
-use crate::integrity::{self, AuditEvent, AuditReport};
-use crate::model::{
-    Attempt, LogChunk, MAX_BATCH_TASKS, TaskEvent, TaskKind, TaskRecord, TaskSpec, TaskStatus,
-    canonical_json,
-};
+use crate::integrity::{AuditEvent, AuditReport};
+use crate::model::{Attempt, LogChunk, TaskEvent, TaskRecord, TaskSpec, TaskStatus};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NewTask, StatusCounts, Store, Submitted, TaskFilter};
+use crate::store::{StatusCounts, Store, Submitted, TaskFilter};
 
 /// Handle to a task queue. Clones are shallow.
 #[derive(Clone)]
@@ -82,6 +85,11 @@ impl TaskQueue {
         Ok(Self::with_store(Arc::new(store), config, clock))
     }
 
+    /// A handle over engine state that already exists.
+    pub(crate) fn from_shared(inner: Arc<Shared>) -> Self {
+        TaskQueue { inner }
+    }
+
     /// Builds a queue over any store.
     pub fn with_store(store: Arc<dyn Store>, config: Config, clock: Arc<dyn Clock>) -> Self {
         let worker_id = format!("w-{}", uuid::Uuid::now_v7());
@@ -105,81 +113,60 @@ impl TaskQueue {
         &self.inner.store
     }
 
-    /// Validates and submits one task.
+    /// Validates and submits one task. Its `depends_on` may name existing task ids.
     pub async fn submit(&self, spec: impl Into<TaskSpec>) -> Result<Submitted> {
-        let mut v = self.submit_batch(vec![spec.into()]).await?;
+        let mut v = self.submit_specs(vec![spec.into()], true).await?;
         Ok(v.pop().expect("one result per task"))
     }
 
     /// Validates and submits tasks atomically: all are stored, or none.
-    /// Errors name the task's index (`tasks[3].priority`).
+    /// They may depend on each other by name. Errors name the task's index
+    /// (`tasks[3].priority`).
     pub async fn submit_batch(&self, specs: Vec<TaskSpec>) -> Result<Vec<Submitted>> {
-        if specs.len() > MAX_BATCH_TASKS {
-            return Err(Error::invalid(
-                "tasks",
-                format!(
-                    "{} tasks in one batch; at most {MAX_BATCH_TASKS}",
-                    specs.len()
-                ),
-            ));
-        }
-        let single = specs.len() == 1;
+        self.submit_specs(specs, false).await
+    }
+
+    async fn submit_specs(&self, specs: Vec<TaskSpec>, single: bool) -> Result<Vec<Submitted>> {
         let now = self.inner.clock.now_ms();
-        let mut rows = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.into_iter().enumerate() {
-            let row = self.resolve(spec, now);
-            rows.push(if single {
-                row?
-            } else {
-                row.map_err(|e| e.in_field(&format!("tasks[{i}]")))?
-            });
-        }
-        let out = self.inner.store.submit(rows).await?;
+        self.check_existing_deps(&specs).await?;
+        let p = prepare(
+            &self.inner.config,
+            None,
+            None,
+            specs,
+            &RunOf::default(),
+            now,
+            single,
+        )?;
+        let out = self.inner.store.submit(p.sub).await?;
         self.inner.wake.notify_one();
         Ok(out)
     }
 
-    /// Fills configured defaults, checks the result, and hashes the canonical spec.
-    fn resolve(&self, mut spec: TaskSpec, now: i64) -> Result<NewTask> {
-        spec.validate()?;
-        let exec = &self.inner.config.execution;
-        let kind = spec.effective_kind();
-        spec.kind = Some(kind);
-        spec.timeout = Some(spec.timeout.unwrap_or(exec.default_timeout));
-        let retry = spec
-            .retry
-            .take()
-            .unwrap_or_default()
-            .merged_over(&exec.default_retry);
-        spec.retry = Some(retry);
-        if kind == TaskKind::Command {
-            spec.limits = Some(
-                spec.limits
-                    .take()
-                    .unwrap_or_default()
-                    .merged_over(&exec.default_limits),
-            );
+    /// Dependencies on existing tasks must name tasks that exist.
+    async fn check_existing_deps(&self, specs: &[TaskSpec]) -> Result<()> {
+        let fields = prepare::external_dep_fields(specs);
+        if fields.is_empty() {
+            return Ok(());
         }
-        // The merged retry policy can break a rule neither part broke alone
-        // (initial_delay above a default max_delay, say).
-        if let Some(r) = &spec.retry {
-            r.validate().map_err(|e| e.in_field("retry"))?;
+        let ids: Vec<String> = fields.keys().cloned().collect();
+        let found: std::collections::HashSet<String> =
+            self.get_many(&ids).await?.into_iter().map(|t| t.id).collect();
+        let mut missing: Vec<(&String, &String)> =
+            fields.iter().filter(|(id, _)| !found.contains(*id)).collect();
+        missing.sort_by(|a, b| a.1.cmp(b.1));
+        if let Some((id, field)) = missing.first() {
+            let field = if specs.len() == 1 {
+                field.trim_start_matches("tasks[0].").to_string()
+            } else {
+                field.to_string()
+            };
+            return Err(Error::invalid(
+                field,
+                format!("no task has id {id}; depend on an existing task's id or on a task name in this submission"),
+            ));
         }
-        let spec_json = canonical_json(&spec)?;
-        let spec_hash = integrity::spec_hash(&spec_json);
-        Ok(NewTask {
-            id: uuid::Uuid::now_v7().to_string(),
-            name: spec.name.clone(),
-            kind,
-            project: spec.project.clone(),
-            tags: spec.tags.clone(),
-            priority: spec.priority,
-            max_attempts: spec.retry.as_ref().map(|r| r.max_attempts()).unwrap_or(1),
-            idempotency_key: spec.idempotency_key.clone(),
-            spec_json,
-            spec_hash,
-            now,
-        })
+        Ok(())
     }
 
     /// A task by id.
@@ -250,9 +237,13 @@ impl TaskQueue {
         Ok(out)
     }
 
-    /// Cancels a task that has not finished; a running one has its process group stopped.
+    /// Cancels a task that has not finished; a running one has its process
+    /// group stopped. A service task that already succeeded has its process stopped.
     pub async fn cancel(&self, id: &str) -> Result<TaskRecord> {
         check_id(id)?;
+        if self.inner.stop_service(id).await {
+            return self.get(id).await;
+        }
         let t = self
             .inner
             .store
@@ -324,8 +315,10 @@ impl TaskQueue {
         self.inner.store.subscribe()
     }
 
-    /// Registers an in-process handler for external tasks named `name`.
-    /// Register before starting the engine so it claims them.
+    /// Registers an in-process handler for external tasks named `name`, or,
+    /// when `name` ends in `*`, for every external task whose name starts
+    /// with the part before it (`"label-*"`). An exact name wins over a
+    /// pattern, a longer pattern over a shorter one.
     pub fn register_handler<F, Fut>(&self, name: impl Into<String>, f: F)
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
@@ -362,7 +355,7 @@ async fn wait_for_event(events: &mut broadcast::Receiver<TaskEvent>, id: &str) {
     }
 }
 
-fn check_id(id: &str) -> Result<()> {
+pub(crate) fn check_id(id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(Error::invalid(
             "id",
