@@ -251,12 +251,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ScheduleCommand::List => {
                     print_json(&json!({ "schedules": queue.list_schedules().await? }))
                 }
-                ScheduleCommand::Pause { id } => {
-                    print_json(&serde_json::to_value(queue.pause_schedule(&id).await?).unwrap_or_default())
-                }
-                ScheduleCommand::Resume { id } => {
-                    print_json(&serde_json::to_value(queue.resume_schedule(&id).await?).unwrap_or_default())
-                }
+                ScheduleCommand::Pause { id } => print_json(
+                    &serde_json::to_value(queue.pause_schedule(&id).await?).unwrap_or_default(),
+                ),
+                ScheduleCommand::Resume { id } => print_json(
+                    &serde_json::to_value(queue.resume_schedule(&id).await?).unwrap_or_default(),
+                ),
                 ScheduleCommand::Remove { id } => {
                     queue.remove_schedule(&id).await?;
                     print_json(&json!({ "removed": id }));
@@ -381,7 +381,12 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
     if let Some(w) = &workflow
         && !json_out
     {
-        eprintln!("workflow {} ({}): {} tasks", w.name, w.workflow_id, w.tasks.len());
+        eprintln!(
+            "workflow {} ({}): {} tasks",
+            w.name,
+            w.workflow_id,
+            w.tasks.len()
+        );
     }
     let ids: Vec<String> = submitted.iter().map(|s| s.id.clone()).collect();
     let names: HashMap<String, String> = submitted
@@ -524,15 +529,27 @@ async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result
             if j {
                 print_json(&serde_json::to_value(&d).unwrap_or_default());
             } else {
-                println!("{}  {}  {}", d.workflow.id, d.workflow.name, d.workflow.status);
-                let width = d.tasks.iter().map(|t| t.name.len()).max().unwrap_or(8).min(40);
+                println!(
+                    "{}  {}  {}",
+                    d.workflow.id, d.workflow.name, d.workflow.status
+                );
+                let width = d
+                    .tasks
+                    .iter()
+                    .map(|t| t.name.len())
+                    .max()
+                    .unwrap_or(8)
+                    .min(40);
                 for t in &d.tasks {
                     println!(
                         "  {:width$}  {:17}  {}{}",
                         t.name,
                         t.status.as_str(),
                         t.id,
-                        t.error.as_ref().map(|e| format!("  {e}")).unwrap_or_default()
+                        t.error
+                            .as_ref()
+                            .map(|e| format!("  {e}"))
+                            .unwrap_or_default()
                     );
                 }
             }

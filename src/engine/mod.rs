@@ -221,7 +221,8 @@ async fn run(
     };
     recovery::register_and_recover(&shared).await?;
     let leases = tokio::spawn(lease_loop(shared.clone()));
-    let watcher = tokio::spawn(service_watch(shared.clone()));
+    let (watch_stop, watch_stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(service_watch(shared.clone(), watch_stop_rx));
     let queue = crate::service::TaskQueue::from_shared(shared.clone());
     let mut last_schedule_check: Option<tokio::time::Instant> = None;
     let max = shared.config.execution.max_concurrent_tasks;
@@ -290,8 +291,10 @@ async fn run(
     }
     // Graceful stop: wait for running attempts until the handle says stop.
     drain(&shared, &mut tasks, &mut shutdown).await;
+    // Let the watcher finish a service it is stopping, then stop the rest.
+    let _ = watch_stop.send(true);
+    let _ = watcher.await;
     shared.stop_all_services().await;
-    watcher.abort();
     leases.abort();
     drop(reaper);
     let _ = std::fs::remove_dir(&shared.exec.scratch_dir);
@@ -390,11 +393,7 @@ async fn execute(
     c: &ClaimedTask,
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
-) -> (
-    executor::AttemptReport,
-    RetryPolicy,
-    Option<RunningService>,
-) {
+) -> (executor::AttemptReport, RetryPolicy, Option<RunningService>) {
     let fatal = |msg: String| executor::AttemptReport {
         status: AttemptStatus::Failed,
         error: Some(msg),
@@ -480,11 +479,12 @@ async fn execute(
 
 /// Stops services whose workflow finished (here or in another process),
 /// and records the output of services that exited on their own.
-async fn service_watch(shared: Arc<Shared>) {
+async fn service_watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut events = shared.store.subscribe_workflows();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = stop.changed() => return,
             e = events.recv() => match e {
                 Ok(e) if e.status.is_terminal() => {
                     shared.stop_workflow_services(&e.workflow_id).await;

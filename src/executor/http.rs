@@ -22,10 +22,7 @@ const MAX_URL_BYTES: usize = 8192;
 impl HttpSpec {
     /// The method, upper-cased (default GET).
     pub fn method(&self) -> String {
-        self.method
-            .as_deref()
-            .unwrap_or("GET")
-            .to_ascii_uppercase()
+        self.method.as_deref().unwrap_or("GET").to_ascii_uppercase()
     }
 
     /// Checks method, URL and headers. Fields are relative to `http`.
@@ -48,7 +45,10 @@ impl HttpSpec {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(Error::invalid(
                 "url",
-                format!("must be an http:// or https:// URL with a host, got {:?}", self.url),
+                format!(
+                    "must be an http:// or https:// URL with a host, got {:?}",
+                    self.url
+                ),
             ));
         }
         if self.headers.len() > MAX_HEADERS {
@@ -97,7 +97,11 @@ pub async fn run_http(
 ) -> AttemptReport {
     let started = Instant::now();
     let Some(spec) = ctx.spec.http.as_ref() else {
-        return AttemptReport::fatal(ctx.attempt, started, "the task has no `http` request".into());
+        return AttemptReport::fatal(
+            ctx.attempt,
+            started,
+            "the task has no `http` request".into(),
+        );
     };
     let method = Method::from_bytes(spec.method().as_bytes()).unwrap_or(Method::GET);
     let url = spec.url.clone();

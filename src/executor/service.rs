@@ -10,8 +10,8 @@ use tokio::task::JoinHandle;
 
 use super::process::{self, ProcessOutcome};
 use super::{
-    AttemptReport, ExecSettings, StopReason, TaskContext, command_request, exit_error,
-    spawn_error, tail,
+    AttemptReport, ExecSettings, StopReason, TaskContext, command_request, exit_error, spawn_error,
+    tail,
 };
 use crate::model::{AttemptStatus, Dur, HealthCheck, TaskResult};
 use crate::store::StreamLog;
@@ -77,9 +77,8 @@ pub async fn run_service(
     let (inner_tx, inner_rx) = watch::channel(None);
     let spec = ctx.spec.clone();
     let req_for_task = req.clone();
-    let handle = tokio::spawn(async move {
-        process::run(&req_for_task, reaper.as_deref(), inner_rx).await
-    });
+    let handle =
+        tokio::spawn(async move { process::run(&req_for_task, reaper.as_deref(), inner_rx).await });
     let mut handle = Some(handle);
     let client = super::http::client();
     let deadline = started + health.timeout();
@@ -109,12 +108,7 @@ pub async fn run_service(
             };
             return (report, None);
         }
-        match client
-            .get(&health.url)
-            .timeout(probe_timeout)
-            .send()
-            .await
-        {
+        match client.get(&health.url).timeout(probe_timeout).send().await {
             Ok(r) if r.status().is_success() => {
                 let report = AttemptReport {
                     status: AttemptStatus::Succeeded,

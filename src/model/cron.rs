@@ -51,9 +51,12 @@ impl CronSchedule {
             .seconds(Seconds::Optional)
             .year(Year::Disallowed)
             .build();
-        let cron = parser
-            .parse(expr)
-            .map_err(|e| Error::invalid("cron", format!("{expr:?} is not a valid cron expression: {e}")))?;
+        let cron = parser.parse(expr).map_err(|e| {
+            Error::invalid(
+                "cron",
+                format!("{expr:?} is not a valid cron expression: {e}"),
+            )
+        })?;
         Ok(CronSchedule {
             cron,
             tz,

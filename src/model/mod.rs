@@ -12,15 +12,15 @@ mod units;
 mod workflow;
 
 pub use parse::{
-    MAX_BATCH_TASKS, MAX_FILE_BYTES, TaskFile, canonical_json, from_value, parse_document,
-    parse_task_file, Submission,
+    MAX_BATCH_TASKS, MAX_FILE_BYTES, Submission, TaskFile, canonical_json, from_value,
+    parse_document, parse_task_file,
 };
-pub use record::{Artifact, Attempt, AttemptStatus, LogChunk, TaskEvent, TaskRecord, TaskResult,
-    WorkflowEvent,
+pub use record::{
+    Artifact, Attempt, AttemptStatus, LogChunk, TaskEvent, TaskRecord, TaskResult, WorkflowEvent,
 };
 pub use spec::{
-    Condition, Dependency, HealthCheck, validate_name, HttpSpec, Limits, MAX_SPEC_BYTES, RetryPolicy, Schedule,
-    TaskKind, TaskSpec,
+    Condition, Dependency, HealthCheck, HttpSpec, Limits, MAX_SPEC_BYTES, RetryPolicy, Schedule,
+    TaskKind, TaskSpec, validate_name,
 };
 pub use status::TaskStatus;
 pub use units::{ByteSize, Dur, Timestamp};

@@ -241,8 +241,8 @@ mod tests {
         assert_eq!(w.name, "ci");
         assert_eq!(w.project.as_deref(), Some("api"));
         assert_eq!(w.tasks.len(), 2);
-        let err = parse_task_file("project: api\ntasks:\n  - {name: a, command: 'true'}\n")
-            .unwrap_err();
+        let err =
+            parse_task_file("project: api\ntasks:\n  - {name: a, command: 'true'}\n").unwrap_err();
         assert!(err.to_string().contains("project"), "{err}");
         assert!(err.to_string().contains("name"), "{err}");
     }

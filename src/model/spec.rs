@@ -759,7 +759,8 @@ impl TaskSpec {
             ));
         }
         for (i, d) in self.depends_on.iter().enumerate() {
-            d.validate().map_err(|e| e.in_field(&format!("depends_on[{i}]")))?;
+            d.validate()
+                .map_err(|e| e.in_field(&format!("depends_on[{i}]")))?;
         }
         if !(-100..=100).contains(&self.priority) {
             return Err(Error::invalid(

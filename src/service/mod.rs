@@ -5,8 +5,8 @@
 mod prepare;
 mod workflows;
 
-pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 pub(crate) use prepare::{RunOf, prepare};
+pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -150,10 +150,16 @@ impl TaskQueue {
             return Ok(());
         }
         let ids: Vec<String> = fields.keys().cloned().collect();
-        let found: std::collections::HashSet<String> =
-            self.get_many(&ids).await?.into_iter().map(|t| t.id).collect();
-        let mut missing: Vec<(&String, &String)> =
-            fields.iter().filter(|(id, _)| !found.contains(*id)).collect();
+        let found: std::collections::HashSet<String> = self
+            .get_many(&ids)
+            .await?
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        let mut missing: Vec<(&String, &String)> = fields
+            .iter()
+            .filter(|(id, _)| !found.contains(*id))
+            .collect();
         missing.sort_by(|a, b| a.1.cmp(b.1));
         if let Some((id, field)) = missing.first() {
             let field = if specs.len() == 1 {
@@ -163,7 +169,9 @@ impl TaskQueue {
             };
             return Err(Error::invalid(
                 field,
-                format!("no task has id {id}; depend on an existing task's id or on a task name in this submission"),
+                format!(
+                    "no task has id {id}; depend on an existing task's id or on a task name in this submission"
+                ),
             ));
         }
         Ok(())

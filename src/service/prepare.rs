@@ -114,9 +114,9 @@ pub(crate) fn prepare(
         if let Some(expr) = &sch.cron {
             let cron = CronSchedule::parse(expr, sch.timezone.as_deref())
                 .map_err(|e| e.in_field("schedule"))?;
-            let first = cron.next_after(now).ok_or_else(|| {
-                Error::invalid("schedule.cron", format!("{expr:?} never fires"))
-            })?;
+            let first = cron
+                .next_after(now)
+                .ok_or_else(|| Error::invalid("schedule.cron", format!("{expr:?} never fires")))?;
             let id = uuid::Uuid::now_v7().to_string();
             let template = TaskFile {
                 name: Some(h.name.clone()),
@@ -187,7 +187,10 @@ pub(crate) fn prepare(
                 let cron = CronSchedule::parse(expr, sch.timezone.as_deref())
                     .map_err(|e| field(i)(e.in_field("schedule")))?;
                 let first = cron.next_after(now).ok_or_else(|| {
-                    field(i)(Error::invalid("schedule.cron", format!("{expr:?} never fires")))
+                    field(i)(Error::invalid(
+                        "schedule.cron",
+                        format!("{expr:?} never fires"),
+                    ))
                 })?;
                 let id = uuid::Uuid::now_v7().to_string();
                 let template = TaskFile {

@@ -545,7 +545,7 @@ impl TaskQueue {
                 ScheduleChange::Resume {
                     next_fire_at: next,
                     upcoming_run: upcoming,
-                    run,
+                    run: Box::new(run),
                 },
                 now,
             )
@@ -575,9 +575,11 @@ impl TaskQueue {
         fired_slot: Option<i64>,
     ) -> Result<(i64, crate::store::NewSubmission, String)> {
         let cron = CronSchedule::parse(&s.cron, s.timezone.as_deref())?;
-        let next = cron.next_after(now.max(fired_slot.unwrap_or(now))).ok_or_else(|| {
-            Error::invalid("cron", format!("schedule {} never fires again", s.id))
-        })?;
+        let next = cron
+            .next_after(now.max(fired_slot.unwrap_or(now)))
+            .ok_or_else(|| {
+                Error::invalid("cron", format!("schedule {} never fires again", s.id))
+            })?;
         let file: TaskFile = serde_json::from_value(s.template.clone())
             .map_err(|e| Error::Store(format!("schedule {}: template unreadable: {e}", s.id)))?;
         let header = file.name.clone().map(|name| Header {

@@ -110,7 +110,7 @@ pub enum ScheduleChange {
     Resume {
         next_fire_at: i64,
         upcoming_run: String,
-        run: NewSubmission,
+        run: Box<NewSubmission>,
     },
     /// Delete the schedule; the upcoming run, if it has not started, is cancelled.
     Remove,

@@ -361,7 +361,9 @@ pub fn dot(g: &GraphView) -> String {
 }
 
 fn dot_text(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -431,9 +433,15 @@ mod tests {
         assert!(e.contains("tasks[1].depends_on[0]"), "{e}");
         assert!(e.contains("did you mean \"build\""), "{e}");
         let e = err(&[t("a", &["a"])]);
-        assert!(e.contains("tasks[0].depends_on[0]") && e.contains("itself"), "{e}");
+        assert!(
+            e.contains("tasks[0].depends_on[0]") && e.contains("itself"),
+            "{e}"
+        );
         let e = err(&[t("a", &[]), t("b", &["a", "a"])]);
-        assert!(e.contains("tasks[1].depends_on[1]") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("tasks[1].depends_on[1]") && e.contains("duplicate"),
+            "{e}"
+        );
         let e = err(&[t("a", &[]), t("a", &[])]);
         assert!(e.contains("tasks[1].name") && e.contains("tasks[0]"), "{e}");
     }
@@ -487,7 +495,10 @@ mod tests {
         assert!(m.contains("#quot;prod#quot;"), "{m}");
         let d = dot(&g);
         assert!(d.starts_with("digraph workflow {"), "{d}");
-        assert!(d.contains("\"t0\" -> \"t1\" [label=\"failure\", style=dashed];"), "{d}");
+        assert!(
+            d.contains("\"t0\" -> \"t1\" [label=\"failure\", style=dashed];"),
+            "{d}"
+        );
         assert!(d.contains("deploy \\\"prod\\\""), "{d}");
     }
 }

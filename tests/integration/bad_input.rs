@@ -68,15 +68,39 @@ fn malformed_and_mistyped_files_are_rejected_with_the_field() {
         ),
         (
             "tasks:\n  - {name: a, command: 'true', depends_on: [b]}\n",
-            &["tasks[0].depends_on", "not supported yet"],
+            &["tasks[0].depends_on[0]", "unknown task \"b\""],
         ),
         (
-            "tasks:\n  - {name: a, command: 'true', schedule: {cron: '* * * * *'}}\n",
-            &["tasks[0].schedule", "not supported yet"],
+            "tasks:\n  - {name: a, command: 'true', schedule: {cron: 'every tuesday'}}\n",
+            &["tasks[0].schedule.cron"],
         ),
         (
-            "tasks:\n  - {name: a, kind: http, http: {url: 'http://x'}}\n",
-            &["tasks[0].kind", "not supported yet"],
+            "tasks:\n  - {name: a, command: 'true', schedule: {at: tomorrow}}\n",
+            &["tasks[0].schedule.at"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', schedule: {cron: '* * * * *', timezone: Mars/Base}}\n",
+            &["tasks[0].schedule.timezone", "IANA"],
+        ),
+        (
+            "tasks:\n  - {name: a, kind: http, http: {url: 'ftp://x'}}\n",
+            &["tasks[0].http.url", "http://"],
+        ),
+        (
+            "tasks:\n  - {name: a, http: {method: FETCH, url: 'http://x'}}\n",
+            &["tasks[0].http.method"],
+        ),
+        (
+            "tasks:\n  - {name: a, kind: http}\n",
+            &["tasks[0].http", "required"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', health_check: {url: 'localhost:80'}}\n",
+            &["tasks[0].health_check.url"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', depends_on: [{task: b, condition: {schema: {type: 3}}}]}\n  - {name: b, command: 'true'}\n",
+            &["tasks[0].depends_on[0].condition.schema", "JSON Schema"],
         ),
         ("tasks:\n  - {name: a, kind: rocket}\n", &["tasks[0].kind"]),
         ("tasks: []\n", &["at least one"]),

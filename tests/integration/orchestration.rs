@@ -26,11 +26,7 @@ async fn builder_workflow_runs_and_draws_its_graph() {
         .with_project("api")
         .add_task(Task::new("compile").with_command("true"))
         .add_task(Task::new("unit").with_command("true").depends_on("compile"))
-        .add_task(
-            Task::new("report")
-                .with_command("true")
-                .depends_on("unit"),
-        )
+        .add_task(Task::new("report").with_command("true").depends_on("unit"))
         .add_task({
             let mut t = Task::new("on-fail").with_command("true");
             t.depends_on.push(Dependency::Detailed {
@@ -52,7 +48,12 @@ async fn builder_workflow_runs_and_draws_its_graph() {
     let detail = q.get_workflow(&sub.workflow_id).await.unwrap();
     assert_eq!(detail.edges.len(), 3);
     // Tasks take the workflow's project.
-    assert!(detail.tasks.iter().all(|t| t.project.as_deref() == Some("api")));
+    assert!(
+        detail
+            .tasks
+            .iter()
+            .all(|t| t.project.as_deref() == Some("api"))
+    );
     assert_eq!(detail.counts.get(&TaskStatus::Skipped), Some(&1));
     let mermaid = q.workflow_graph(&sub.workflow_id, "mermaid").await.unwrap();
     assert!(mermaid.contains("flowchart"), "{mermaid}");
@@ -64,7 +65,11 @@ async fn builder_workflow_runs_and_draws_its_graph() {
     // A later task can depend on a finished one by id.
     let compile = &sub.tasks[0].id;
     let t = q
-        .submit(Task::new("after").with_command("true").depends_on(compile.as_str()))
+        .submit(
+            Task::new("after")
+                .with_command("true")
+                .depends_on(compile.as_str()),
+        )
         .await
         .unwrap();
     let t = q.wait(&t.id, Some(Duration::from_secs(20))).await.unwrap();
@@ -175,7 +180,10 @@ async fn external_workers_claim_heartbeat_complete_and_fail() {
     assert_eq!(got[0].task_id, review.id);
     assert_eq!(got[0].spec.parameters, Some(json!({"pr": 42})));
     // Another worker cannot report for it.
-    let err = q.complete(&review.id, "agent-2", Some(json!({}))).await.unwrap_err();
+    let err = q
+        .complete(&review.id, "agent-2", Some(json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "conflict");
     // Output that breaks the validation schema is refused; the task stays claimed.
     let err = q
@@ -203,7 +211,10 @@ async fn external_workers_claim_heartbeat_complete_and_fail() {
         .await
         .unwrap();
     assert_eq!(t.status, TaskStatus::Succeeded);
-    assert_eq!(t.result.unwrap().output, Some(json!({"verdict": "approve"})));
+    assert_eq!(
+        t.result.unwrap().output,
+        Some(json!({"verdict": "approve"}))
+    );
 
     // Retryable failure goes back to the queue; the last attempt fails for good.
     let c = q
@@ -244,7 +255,12 @@ async fn external_workers_claim_heartbeat_complete_and_fail() {
 
     // Bad input names the field.
     let err = q
-        .claim("bad worker!", ClaimFilter::default(), Duration::from_secs(10), 1)
+        .claim(
+            "bad worker!",
+            ClaimFilter::default(),
+            Duration::from_secs(10),
+            1,
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("worker_id"), "{err}");
@@ -279,7 +295,14 @@ async fn an_expired_external_lease_returns_the_task() {
         .unwrap();
     assert_eq!(c.len(), 1);
     clock.advance_ms(6_000);
-    // Backoff after a lost attempt, then the next worker gets it.
+    // The next claim takes the expired lease back: the attempt is counted
+    // as lost and the task waits for its backoff.
+    let c = q
+        .claim("b", ClaimFilter::default(), Duration::from_secs(5), 1)
+        .await
+        .unwrap();
+    assert!(c.is_empty());
+    assert_eq!(q.get(&t.id).await.unwrap().status, TaskStatus::Retrying);
     clock.advance_ms(10 * 60_000);
     let c = q
         .claim("b", ClaimFilter::default(), Duration::from_secs(5), 1)
@@ -296,8 +319,9 @@ async fn an_expired_external_lease_returns_the_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cron_fires_each_slot_and_a_missed_stretch_once() {
     let dir = tempfile::tempdir().unwrap();
-    // 2027-01-15T10:00:00Z, on a 10-second boundary.
-    let t0 = 1_800_000_000_000i64 - (1_800_000_000_000i64 % 10_000);
+    // 2027-01-15T08:00:00Z: on a 10-second boundary.
+    let t0 = 1_800_000_000_000i64;
+    assert_eq!(t0 % 10_000, 0);
     let clock = ManualClock::new(t0 + 1);
     let q = TaskQueue::open_with_clock(config(&dir), Arc::new(clock.clone()))
         .await
@@ -373,7 +397,10 @@ async fn cron_fires_each_slot_and_a_missed_stretch_once() {
     assert!(!s.paused);
     assert!(s.next_fire_at.unwrap().0 > clock_now(&clock));
     q.remove_schedule(&schedule_id).await.unwrap();
-    assert_eq!(q.get_schedule(&schedule_id).await.unwrap_err().code(), "not_found");
+    assert_eq!(
+        q.get_schedule(&schedule_id).await.unwrap_err().code(),
+        "not_found"
+    );
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
     assert!(q.verify_audit().await.unwrap().ok);
 }

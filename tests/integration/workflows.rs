@@ -30,7 +30,7 @@ fn conditions_skips_and_cascades() {
 name: conditions
 tasks:
   - name: ok
-    command: echo '{"version": 2}' > "$TASK_QUEUE_RESULT"
+    command: "echo '{\"version\": 2}' > \"$TASK_QUEUE_RESULT\""
   - name: bad
     command: exit 3
     retry: {max_attempts: 1}
@@ -85,7 +85,10 @@ tasks:
     let skipped = ws.status(task_by_name(&v, "cascade")["id"].as_str().unwrap());
     assert_eq!(skipped["attempts"], 0);
     assert!(
-        skipped["error"].as_str().unwrap().contains("on-bad-success"),
+        skipped["error"]
+            .as_str()
+            .unwrap()
+            .contains("on-bad-success"),
         "{skipped}"
     );
     let no = ws.status(task_by_name(&v, "schema-no")["id"].as_str().unwrap());
@@ -129,9 +132,7 @@ fn fan_out_and_fan_in_of_a_thousand_tasks() {
         "config.yml",
         "execution:\n  max_concurrent_tasks: 64\n  poll_interval: 100ms\n",
     );
-    let mut yaml = String::from(
-        "name: fan\ntasks:\n  - {name: split, argv: [\"true\"]}\n",
-    );
+    let mut yaml = String::from("name: fan\ntasks:\n  - {name: split, argv: [\"true\"]}\n");
     let mut join = Vec::new();
     for i in 0..1000 {
         yaml.push_str(&format!(
@@ -144,13 +145,20 @@ fn fan_out_and_fan_in_of_a_thousand_tasks() {
         join.join(", ")
     ));
     let (code, v) = ws.run_file(&yaml);
-    assert_eq!(code, 0, "{}", &v.to_string()[..500.min(v.to_string().len())]);
+    assert_eq!(
+        code,
+        0,
+        "{}",
+        &v.to_string()[..500.min(v.to_string().len())]
+    );
     assert_eq!(v["tasks"].as_array().unwrap().len(), 1002);
     assert_eq!(v["workflow_status"], "succeeded");
     // The join started after every leaf finished.
     let join_id = task_by_name(&v, "join")["id"].as_str().unwrap().to_string();
     let started: i64 = ws
-        .sqlite(&format!("SELECT started_at FROM tasks WHERE id = '{join_id}'"))
+        .sqlite(&format!(
+            "SELECT started_at FROM tasks WHERE id = '{join_id}'"
+        ))
         .trim()
         .parse()
         .unwrap();
@@ -159,9 +167,16 @@ fn fan_out_and_fan_in_of_a_thousand_tasks() {
         .trim()
         .parse()
         .unwrap();
-    assert!(started >= last_leaf, "join {started} vs last leaf {last_leaf}");
+    assert!(
+        started >= last_leaf,
+        "join {started} vs last leaf {last_leaf}"
+    );
     let out = ws.run(&["audit", "verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -246,7 +261,11 @@ fn id_of(sub: &Value, name: &str) -> String {
 
 fn workflow_status(ws: &Workspace, id: &str) -> Value {
     let out = ws.run(&["workflow", "show", id, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -270,15 +289,22 @@ tasks:
     );
     let a = submit_workflow(&ws, &approve_yaml);
     let gate = id_of(&a, "gate");
-    assert!(wait_until(Duration::from_secs(15), || ws.status(&gate)["status"]
-        == "awaiting_approval"));
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || ws.status(&gate)["status"] == "awaiting_approval"
+    ));
     // Nothing downstream moved while it waits.
     assert_eq!(ws.status(&id_of(&a, "deploy"))["status"], "pending");
     let out = ws.run(&["approve", &gate, "--comment", "ship it", "--by", "alice"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wf = a["workflow_id"].as_str().unwrap();
-    assert!(wait_until(Duration::from_secs(15), || workflow_status(&ws, wf)
-        ["status"]
+    assert!(wait_until(Duration::from_secs(15), || workflow_status(
+        &ws, wf
+    )["status"]
         == "succeeded"));
     let g = ws.status(&gate);
     assert_eq!(g["approval"]["approved"], true);
@@ -289,17 +315,24 @@ tasks:
     // Rejection: the gate fails, its failure handler runs, deploy is skipped.
     let r = submit_workflow(&ws, yaml);
     let gate = id_of(&r, "gate");
-    assert!(wait_until(Duration::from_secs(15), || ws.status(&gate)["status"]
-        == "awaiting_approval"));
+    assert!(wait_until(
+        Duration::from_secs(15),
+        || ws.status(&gate)["status"] == "awaiting_approval"
+    ));
     // Approving twice or too early is a clear conflict.
     let early = ws.run(&["approve", &id_of(&r, "deploy")]);
     assert_eq!(early.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&early.stderr).contains("not awaiting_approval"));
     let out = ws.run(&["approve", &gate, "--reject", "--comment", "not today"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wf = r["workflow_id"].as_str().unwrap();
-    assert!(wait_until(Duration::from_secs(15), || workflow_status(&ws, wf)
-        ["status"]
+    assert!(wait_until(Duration::from_secs(15), || workflow_status(
+        &ws, wf
+    )["status"]
         == "failed"));
     assert_eq!(ws.status(&gate)["status"], "failed");
     assert!(
@@ -348,7 +381,8 @@ tasks:
     );
     // The workflow finished, so the service was stopped.
     assert!(
-        wait_until(Duration::from_secs(10), || processes_with(&marker).is_empty()),
+        wait_until(Duration::from_secs(10), || processes_with(&marker)
+            .is_empty()),
         "the service still runs: {:?}",
         processes_with(&marker)
     );
@@ -393,16 +427,21 @@ fn http_tasks_call_a_local_server() {
     std::fs::create_dir_all(ws.path("www")).unwrap();
     ws.write("www/build.json", r#"{"version": "1.4.2", "ok": true}"#);
     let mut server = Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
         .current_dir(ws.path("www"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("python3");
-    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
-        ("127.0.0.1", port)
-    )
-    .is_ok()));
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
     let (code, v) = ws.run_file(&format!(
         r#"
 name: http
@@ -467,7 +506,11 @@ tasks:
     worker.kill().unwrap();
     worker.wait().unwrap();
     let out = ws.run(&["worker", "--until-idle"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wf = sub["workflow_id"].as_str().unwrap();
     assert_eq!(workflow_status(&ws, wf)["status"], "succeeded");
     let text = std::fs::read_to_string(log).unwrap();
@@ -475,7 +518,11 @@ tasks:
     for once in ["a", "b", "c", "f1", "f2", "end"] {
         assert_eq!(count(once), 1, "{once} in {text}");
     }
-    assert_eq!(count("b-start"), 2, "b was re-run as a second attempt: {text}");
+    assert_eq!(
+        count("b-start"),
+        2,
+        "b was re-run as a second attempt: {text}"
+    );
     assert_eq!(ws.status(&id_of(&sub, "b"))["attempts"], 2);
     let out = ws.run(&["audit", "verify"]);
     assert!(out.status.success());
@@ -497,12 +544,20 @@ fn a_cron_schedule_fires_every_second_until_paused() {
     let mut worker = ws.spawn(&["worker"]);
     assert!(
         wait_until(Duration::from_secs(15), || {
-            std::fs::read_to_string(&log).unwrap_or_default().lines().count() >= 3
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= 3
         }),
         "three firings"
     );
     let out = ws.run(&["schedule", "pause", &schedule]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let paused: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(paused["paused"], true);
     std::thread::sleep(Duration::from_millis(1500));
@@ -515,7 +570,10 @@ fn a_cron_schedule_fires_every_second_until_paused() {
     );
     let out = ws.run(&["schedule", "list"]);
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(list["schedules"][0]["runs"].as_u64().unwrap() >= 2, "{list}");
+    assert!(
+        list["schedules"][0]["runs"].as_u64().unwrap() >= 2,
+        "{list}"
+    );
     // Each firing is its own workflow run, linked to the schedule.
     let runs = ws.sqlite(&format!(
         "SELECT COUNT(*) FROM workflows WHERE schedule_id = '{schedule}' AND status = 'succeeded'"

@@ -91,7 +91,12 @@ impl SqliteStore {
         let mut conn = opts.connect().await.map_err(|e| {
             Error::Store(format!("cannot open the database {}: {e}", path.display()))
         })?;
-        MIGRATOR.run(&mut conn).await?;
+        // Processes opening a new file at once must not both migrate it:
+        // SQLite has no advisory lock for sqlx's migrator, so take a file lock.
+        let lock = migration_lock(path).await?;
+        let migrated = MIGRATOR.run(&mut conn).await;
+        drop(lock);
+        migrated?;
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(&mut conn)
             .await?;
@@ -159,6 +164,32 @@ impl SqliteStore {
         let _ = self.call(|reply| Op::Close { reply }).await;
         self.read.close().await;
     }
+}
+
+/// An exclusive `flock` on `<db>.migrate-lock`, held while migrating.
+async fn migration_lock(db: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let mut name = db.as_os_str().to_owned();
+    name.push(".migrate-lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(name))
+        .map_err(|e| Error::Store(format!("cannot create the migration lock: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: flock on a file descriptor this closure owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(Error::Store(format!(
+                "cannot lock the database for migration: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(|e| Error::Store(format!("migration lock task failed: {e}")))?
 }
 
 /// Opens a one-off connection with the store's settings (used by `audit verify`, benches).

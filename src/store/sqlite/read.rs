@@ -294,7 +294,9 @@ pub(super) async fn dependencies(pool: &SqlitePool, id: &str) -> Result<Vec<Depe
     Ok(rows.into_iter().map(edge_from).collect())
 }
 
-fn edge_from((dep_id, task_id, condition, state): (String, String, String, String)) -> DependencyEdge {
+fn edge_from(
+    (dep_id, task_id, condition, state): (String, String, String, String),
+) -> DependencyEdge {
     DependencyEdge {
         dep_id,
         task_id,
@@ -336,7 +338,8 @@ pub(super) async fn workflow(pool: &SqlitePool, id: &str) -> Result<Option<Workf
         .bind(id)
         .fetch_optional(pool)
         .await?;
-    row.map(|r| workflow_from_row(&r).map(|(_, w)| w)).transpose()
+    row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
+        .transpose()
 }
 
 pub(super) async fn workflow_detail(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowDetail>> {

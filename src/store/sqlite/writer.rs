@@ -239,7 +239,11 @@ pub(super) struct Announce {
     pub workflows: broadcast::Sender<WorkflowEvent>,
 }
 
-pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, announce: Announce) {
+pub(super) async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Op>,
+    announce: Announce,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     while let Some(op) = rx.recv().await {
         ops.push(op);
@@ -437,7 +441,11 @@ async fn submit_all(
     batch: &mut Batch,
 ) -> Result<Vec<Result<Vec<Submitted>>>> {
     let tasks: Vec<&NewTask> = subs.iter().flat_map(|s| s.tasks.iter()).collect();
-    if tasks.is_empty() && subs.iter().all(|s| s.workflow.is_none() && s.schedules.is_empty()) {
+    if tasks.is_empty()
+        && subs
+            .iter()
+            .all(|s| s.workflow.is_none() && s.schedules.is_empty())
+    {
         return Ok(subs.iter().map(|_| Ok(Vec::new())).collect());
     }
     let mut out: Vec<Option<Submitted>> = vec![None; tasks.len()];
@@ -793,7 +801,10 @@ fn condition_holds(
     if ok {
         Ok(())
     } else {
-        Err(format!("it ended {status}, and the condition is {}", c.label()))
+        Err(format!(
+            "it ended {status}, and the condition is {}",
+            c.label()
+        ))
     }
 }
 
@@ -890,7 +901,9 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
             }
             let (to, finished_at, error) = match &d.skip {
                 Some(why) => (TaskStatus::Skipped, Some(now), Some(why.clone())),
-                None if d.pending <= 0 => (ready_status(d.needs_approval, d.run_at, now), None, None),
+                None if d.pending <= 0 => {
+                    (ready_status(d.needs_approval, d.run_at, now), None, None)
+                }
                 None => (TaskStatus::Pending, None, None),
             };
             updates.push(serde_json::json!([
@@ -912,7 +925,11 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
                 &id,
                 &d.name,
                 d.workflow_id.as_deref(),
-                if to == TaskStatus::Skipped { "skipped" } else { "ready" },
+                if to == TaskStatus::Skipped {
+                    "skipped"
+                } else {
+                    "ready"
+                },
                 Some(TaskStatus::Pending),
                 to,
                 d.attempts,
@@ -946,17 +963,12 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
 
 /// The time of the transaction's latest change (dependents resolve "now").
 fn batch_now(batch: &Batch) -> i64 {
-    batch
-        .audit
-        .iter()
-        .map(|a| a.at)
-        .max()
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0)
-        })
+    batch.audit.iter().map(|a| a.at).max().unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })
 }
 
 /// Moves the counters of workflows whose tasks finished, and finishes a
@@ -1018,7 +1030,8 @@ async fn update_workflows(conn: &mut SqliteConnection, batch: &mut Batch) -> Res
             "workflow_finished",
             Some(WorkflowStatus::Running.as_str()),
             to.as_str(),
-            serde_json::json!({"tasks": total, "failed": failed, "cancelled": cancelled}).to_string(),
+            serde_json::json!({"tasks": total, "failed": failed, "cancelled": cancelled})
+                .to_string(),
         );
         batch.workflow_events.push(WorkflowEvent {
             workflow_id: id,
@@ -1597,19 +1610,20 @@ async fn approve(
     now: i64,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
-        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row: Option<(String, String, i64, Option<String>)> =
+        sqlx::query_as("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some((status, name, attempts, wf)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
     let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
     if status != TaskStatus::AwaitingApproval {
         let hint = match status {
-            TaskStatus::Pending => "it is still waiting for its dependencies or its time; it can be decided once it is awaiting_approval",
+            TaskStatus::Pending => {
+                "it is still waiting for its dependencies or its time; it can be decided once it is awaiting_approval"
+            }
             s if s.is_terminal() => "it has already finished",
             _ => "it did not require an approval or was already approved",
         };
@@ -1623,7 +1637,8 @@ async fn approve(
         by: d.by.clone(),
         at: Timestamp(now),
     };
-    let approval_json = serde_json::to_string(&approval).map_err(|e| Error::Store(e.to_string()))?;
+    let approval_json =
+        serde_json::to_string(&approval).map_err(|e| Error::Store(e.to_string()))?;
     let (to, error, finished_at) = if d.approved {
         (TaskStatus::Queued, None, None)
     } else {
@@ -1806,7 +1821,7 @@ async fn change_schedule(
             if paused == 0 {
                 return Ok(Ok(true));
             }
-            let answers = submit_all(conn, &[run], batch).await?;
+            let answers = submit_all(conn, &[run.as_ref()], batch).await?;
             if let Some(Err(e)) = answers.into_iter().next() {
                 return Ok(Err(e));
             }
@@ -1850,11 +1865,10 @@ async fn cancel_upcoming(
         return Ok(());
     }
     let reason = Some("the schedule was paused or removed before this run started".to_string());
-    let is_workflow: Option<String> =
-        sqlx::query_scalar("SELECT id FROM workflows WHERE id = ?1")
-            .bind(run)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let is_workflow: Option<String> = sqlx::query_scalar("SELECT id FROM workflows WHERE id = ?1")
+        .bind(run)
+        .fetch_optional(&mut *conn)
+        .await?;
     if is_workflow.is_some() {
         let _ = cancel_workflow(conn, run, now, &reason, batch).await?;
     } else {
