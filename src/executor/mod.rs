@@ -233,19 +233,7 @@ pub async fn run_command(
             )),
             true,
         ),
-        Ending::Stopped(StopReason::Cancelled) => {
-            (AttemptStatus::Cancelled, Some("cancelled".into()), false)
-        }
-        Ending::Stopped(StopReason::LeaseLost) => (
-            AttemptStatus::Lost,
-            Some("stopped: this worker lost the task's lease".into()),
-            true,
-        ),
-        Ending::Stopped(StopReason::Shutdown) => (
-            AttemptStatus::Lost,
-            Some("stopped: the engine shut down".into()),
-            true,
-        ),
+        Ending::Stopped(reason) => stopped(reason),
         Ending::Exited if outcome.exit_code == Some(0) => (AttemptStatus::Succeeded, None, false),
         Ending::Exited => (AttemptStatus::Failed, Some(exit_msg), true),
     };
@@ -325,6 +313,23 @@ pub async fn run_handler(
         return report.into_fatal(e);
     }
     report
+}
+
+/// Status, error and retryability of an attempt stopped from outside.
+pub(crate) fn stopped(reason: StopReason) -> (AttemptStatus, Option<String>, bool) {
+    match reason {
+        StopReason::Cancelled => (AttemptStatus::Cancelled, Some("cancelled".into()), false),
+        StopReason::LeaseLost => (
+            AttemptStatus::Lost,
+            Some("stopped: this worker lost the task's lease".into()),
+            true,
+        ),
+        StopReason::Shutdown => (
+            AttemptStatus::Lost,
+            Some("stopped: the engine shut down".into()),
+            true,
+        ),
+    }
 }
 
 impl AttemptReport {

@@ -153,7 +153,8 @@ pub async fn run(
     })
 }
 
-async fn wait_stop(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
+/// Resolves with the first stop reason sent; never, once the sender is gone.
+pub(super) async fn wait_stop(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
     loop {
         if let Some(r) = *stop.borrow_and_update() {
             return r;

@@ -158,13 +158,10 @@ pub async fn run_service(
                 if let Some(reason) = reason {
                     let _ = inner_tx.send(Some(reason));
                     let o = handle.take().expect("still running").await;
-                    let (status, msg) = match reason {
-                        StopReason::Cancelled => (AttemptStatus::Cancelled, "cancelled".to_string()),
-                        StopReason::LeaseLost => (AttemptStatus::Lost, "stopped: this worker lost the task's lease".to_string()),
-                        StopReason::Shutdown => (AttemptStatus::Lost, "stopped: the engine shut down".to_string()),
-                    };
+                    let (status, msg, retryable) = super::stopped(reason);
+                    let msg = msg.unwrap_or_default();
                     let report = match o {
-                        Ok(Ok(o)) => failed_report(ctx, started, o, status, msg, status != AttemptStatus::Cancelled),
+                        Ok(Ok(o)) => failed_report(ctx, started, o, status, msg, retryable),
                         _ => AttemptReport::fatal(ctx.attempt, started, msg),
                     };
                     return (report, None);

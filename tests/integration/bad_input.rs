@@ -84,7 +84,7 @@ fn malformed_and_mistyped_files_are_rejected_with_the_field() {
         ),
         (
             "tasks:\n  - {name: a, kind: http, http: {url: 'ftp://x'}}\n",
-            &["tasks[0].http.url", "http://"],
+            &["tasks[0].http.url", "http or https"],
         ),
         (
             "tasks:\n  - {name: a, http: {method: FETCH, url: 'http://x'}}\n",
