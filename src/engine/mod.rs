@@ -372,6 +372,10 @@ async fn run_attempt(
         match shared.store.finish(finish.clone()).await {
             Ok(FinishOutcome::Applied(s)) => {
                 tracing::debug!(task = %c.id, name = %c.name, attempt = c.attempt, status = %s, "attempt finished");
+                // The commit may have made dependents ready.
+                if s.is_terminal() {
+                    shared.wake.notify_one();
+                }
                 break;
             }
             Ok(FinishOutcome::Stale(s)) => {

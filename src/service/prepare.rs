@@ -95,7 +95,7 @@ pub(crate) fn prepare(
     for (i, s) in specs.iter().enumerate() {
         s.validate().map_err(field(i))?;
     }
-    let plan = graph::plan(&specs)?;
+    let plan = graph::plan_with(&specs, header.is_some())?;
     let ids: Vec<String> = (0..specs.len())
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();

@@ -61,21 +61,33 @@ pub struct Plan {
 /// (`tasks[2].depends_on[0]`, or `tasks` for a cycle). Runs in time linear
 /// in tasks plus dependencies.
 pub fn plan(tasks: &[TaskSpec]) -> Result<Plan> {
+    plan_with(tasks, true)
+}
+
+/// [`plan`] with a choice: a workflow requires unique names; a plain batch
+/// of tasks (`unique_names: false`) may repeat a name, as long as no task
+/// depends on a repeated one.
+pub fn plan_with(tasks: &[TaskSpec], unique_names: bool) -> Result<Plan> {
     let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(tasks.len());
+    // Names given to more than one task (batches only): index of the second.
+    let mut repeated: HashMap<&str, (usize, usize)> = HashMap::new();
     for (j, t) in tasks.iter().enumerate() {
         match by_name.entry(&t.name) {
             Entry::Vacant(slot) => {
                 slot.insert(j);
             }
             Entry::Occupied(first) => {
-                return Err(Error::invalid(
-                    format!("tasks[{j}].name"),
-                    format!(
-                        "duplicate task name {:?} (also tasks[{}]); names must be unique in a workflow",
-                        t.name,
-                        first.get()
-                    ),
-                ));
+                if unique_names {
+                    return Err(Error::invalid(
+                        format!("tasks[{j}].name"),
+                        format!(
+                            "duplicate task name {:?} (also tasks[{}]); names must be unique in a workflow",
+                            t.name,
+                            first.get()
+                        ),
+                    ));
+                }
+                repeated.entry(&t.name).or_insert((*first.get(), j));
             }
         }
     }
@@ -126,6 +138,14 @@ pub fn plan(tasks: &[TaskSpec]) -> Result<Plan> {
                 }
                 return Err(Error::invalid(field(), message));
             };
+            if let Some((a, b)) = repeated.get(target) {
+                return Err(Error::invalid(
+                    field(),
+                    format!(
+                        "{target:?} is ambiguous: tasks[{a}] and tasks[{b}] both have that name; give tasks that others depend on unique names"
+                    ),
+                ));
+            }
             if listed_by[from] == i {
                 return Err(duplicate());
             }
@@ -557,6 +577,18 @@ mod tests {
             Err(Error::InvalidInput { field, message }) => (field, message),
             other => panic!("expected invalid input, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_may_repeat_names_nobody_depends_on() {
+        let tasks = vec![task("noop", &[]), task("noop", &[]), task("x", &[])];
+        assert!(plan_with(&tasks, false).is_ok());
+        let (field, _) = invalid(plan_with(&tasks, true));
+        assert_eq!(field, "tasks[1].name");
+        let tasks = vec![task("a", &[]), task("a", &[]), task("b", &["a"])];
+        let (field, message) = invalid(plan_with(&tasks, false));
+        assert_eq!(field, "tasks[2].depends_on[0]");
+        assert!(message.contains("ambiguous"), "{message}");
     }
 
     #[test]

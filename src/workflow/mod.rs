@@ -24,7 +24,7 @@ pub fn check_and_render(sub: &Submission, format: &str) -> Result<String> {
         s.validate()
             .map_err(|e| e.in_field(&format!("tasks[{i}]")))?;
     }
-    let plan = graph::plan(specs)?;
+    let plan = graph::plan_with(specs, matches!(sub, Submission::Workflow(_)))?;
     let view = graph::GraphView {
         title,
         nodes: specs

@@ -582,3 +582,26 @@ fn a_cron_schedule_fires_every_second_until_paused() {
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+#[test]
+fn every_example_file_checks() {
+    let ws = Workspace::new();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yml") {
+            continue;
+        }
+        seen += 1;
+        let out = ws.run(&["check", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("flowchart TD"));
+    }
+    assert!(seen >= 5, "the examples are there");
+}

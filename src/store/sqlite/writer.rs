@@ -822,8 +822,7 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
         let ids: Vec<&String> = finished.keys().collect();
         let rows = sqlx::query(
             "SELECT d.dep_id, d.task_id, d.condition, t.status, t.deps_pending, t.needs_approval, \
-             t.run_at, t.name, t.workflow_id, t.attempts, \
-             (SELECT name FROM tasks WHERE id = d.dep_id) \
+             t.run_at, t.name, t.workflow_id, t.attempts \
              FROM task_deps d JOIN tasks t ON t.id = d.task_id \
              WHERE d.dep_id IN (SELECT value FROM json_each(?1)) AND d.state = 'waiting'",
         )
@@ -841,7 +840,8 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
             name: String,
             workflow_id: Option<String>,
             attempts: u32,
-            skip: Option<String>,
+            /// The dependency that ruled it out, and why.
+            skip: Option<(String, String)>,
         }
         let mut dependents: HashMap<String, Dependent> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
@@ -883,16 +883,27 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
                 Ok(()) => d.pending -= 1,
                 Err(why) => {
                     if d.skip.is_none() {
-                        let dep_name: Option<String> = row.get(10);
-                        d.skip = Some(format!(
-                            "skipped: dependency {} ({dep_id}) can no longer meet its condition: {why}",
-                            dep_name.unwrap_or_default()
-                        ));
+                        d.skip = Some((dep_id.clone(), why));
                     }
                 }
             }
         }
         let now = batch_now(batch);
+        // Names of the dependencies that skipped something, for the reason text.
+        let mut dep_names: HashMap<String, String> = HashMap::new();
+        for d in dependents.values() {
+            if let Some((dep, _)) = &d.skip
+                && d.status == TaskStatus::Pending
+                && !dep_names.contains_key(dep)
+            {
+                let name: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM tasks WHERE id = ?1")
+                        .bind(dep)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                dep_names.insert(dep.clone(), name.unwrap_or_default());
+            }
+        }
         let mut updates = Vec::new();
         for id in order {
             let d = &dependents[&id];
@@ -900,7 +911,14 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
                 continue;
             }
             let (to, finished_at, error) = match &d.skip {
-                Some(why) => (TaskStatus::Skipped, Some(now), Some(why.clone())),
+                Some((dep, why)) => (
+                    TaskStatus::Skipped,
+                    Some(now),
+                    Some(format!(
+                        "skipped: dependency {} ({dep}) can no longer meet its condition: {why}",
+                        dep_names.get(dep).map(String::as_str).unwrap_or("")
+                    )),
+                ),
                 None if d.pending <= 0 => {
                     (ready_status(d.needs_approval, d.run_at, now), None, None)
                 }
