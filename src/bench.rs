@@ -4,6 +4,7 @@
 //! task-queue bench submit  [--tasks N] [--concurrency C] [--batch B] [--history H] [--json]
 //! task-queue bench noop    [--tasks N] [--concurrency C] [--history H] [--json]
 //! task-queue bench command [--tasks N] [--concurrency C] [--history H] [--json]
+//! task-queue bench dag     [--tasks N] [--concurrency C] [--json]
 //! ```
 //!
 //! Every run works on a fresh database in a new directory that is removed at
@@ -30,6 +31,12 @@
 //!   Baseline: spawning `true` with tokio (`posix_spawn`), C at a time; a
 //!   second one (`baseline_fork`) adds a no-op `pre_exec` hook, which forces
 //!   the fork+exec path the executor has to take.
+//!
+//! * `dag`: a workflow of N no-op external tasks in layers of 100, each
+//!   depending on two tasks of the layer before, drained by one handler
+//!   registered for `dag-*`. Baseline: the `noop` scenario with N
+//!   independent tasks, run first on the same database; the result is the
+//!   ratio of time per task (goal: at most 2).
 //!
 //! `--history H` first inserts H finished tasks directly (multi-row INSERTs,
 //! no audit or attempt rows), then runs the scenario; `submit` then also
