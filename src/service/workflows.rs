@@ -300,6 +300,20 @@ impl TaskQueue {
         Ok(t)
     }
 
+    /// Runs a failed, timed-out or cancelled task again with a fresh
+    /// allowance of attempts; tasks that were skipped because of it are
+    /// decided again, and its workflow is running again.
+    pub async fn retry(&self, id: &str) -> Result<TaskRecord> {
+        check_id(id)?;
+        let t = self
+            .inner
+            .store
+            .retry(id, self.inner.clock.now_ms())
+            .await?;
+        self.inner.wake.notify_one();
+        Ok(t)
+    }
+
     /// Claims up to `limit` ready external tasks for `worker_id` under a
     /// lease of `lease`. Renew with [`TaskQueue::heartbeat`]; finish with
     /// [`TaskQueue::complete`] or [`TaskQueue::fail`].

@@ -298,6 +298,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>>;
     /// Approves (→ queued) or rejects (→ failed) a task in `awaiting_approval`.
     async fn approve(&self, id: &str, d: ApprovalDecision, now: i64) -> Result<TaskRecord>;
+    /// Runs a failed, timed-out or cancelled task again (a fresh allowance
+    /// of attempts); tasks skipped because of it are decided again.
+    async fn retry(&self, id: &str, now: i64) -> Result<TaskRecord>;
     /// Extends one task's lease for the worker holding it.
     async fn heartbeat(
         &self,

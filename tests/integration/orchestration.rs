@@ -404,3 +404,59 @@ async fn cron_fires_each_slot_and_a_missed_stretch_once() {
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
     assert!(q.verify_audit().await.unwrap().ok);
 }
+
+/// A failed task retried after the cause is fixed: what was skipped
+/// because of it runs, and the workflow succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_failed_task_reopens_what_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("fixed");
+    let q = TaskQueue::open_with(config(&dir)).await.unwrap();
+    let engine = q.start();
+    let sub = q
+        .submit_workflow(
+            Workflow::new("fix-and-retry")
+                .add_task(
+                    Task::new("check")
+                        .with_command(format!("test -f {}", flag.display()))
+                        .with_max_attempts(1),
+                )
+                .add_task(Task::new("deploy").with_command("true").depends_on("check"))
+                .add_task(
+                    Task::new("announce")
+                        .with_command("true")
+                        .depends_on("deploy"),
+                ),
+        )
+        .await
+        .unwrap();
+    let w = q
+        .wait_workflow(&sub.workflow_id, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    let announce = &sub.tasks[2].id;
+    assert_eq!(q.get(announce).await.unwrap().status, TaskStatus::Skipped);
+    // Only finished, unsuccessful tasks can be retried.
+    assert_eq!(q.retry(announce).await.unwrap_err().code(), "conflict");
+
+    std::fs::write(&flag, "").unwrap();
+    let t = q.retry(&sub.tasks[0].id).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Queued);
+    assert_eq!(t.max_attempts, 2);
+    assert_eq!(q.get(announce).await.unwrap().status, TaskStatus::Pending);
+    assert_eq!(
+        q.workflow(&sub.workflow_id).await.unwrap().status,
+        WorkflowStatus::Running
+    );
+    let w = q
+        .wait_workflow(&sub.workflow_id, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(w.status, WorkflowStatus::Succeeded);
+    assert_eq!(w.tasks_done, 3);
+    let check = q.attempts(&sub.tasks[0].id).await.unwrap();
+    assert_eq!(check.len(), 2, "the history of the first attempt stays");
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(q.verify_audit().await.unwrap().ok);
+}

@@ -286,6 +286,17 @@ impl Store for SqliteStore {
         self.get(id).await?.ok_or_else(|| Error::task_not_found(id))
     }
 
+    async fn retry(&self, id: &str, now: i64) -> Result<TaskRecord> {
+        let id_owned = id.to_string();
+        self.call(|reply| Op::Retry {
+            id: id_owned,
+            now,
+            reply,
+        })
+        .await?;
+        self.get(id).await?.ok_or_else(|| Error::task_not_found(id))
+    }
+
     async fn heartbeat(
         &self,
         task_id: &str,

@@ -46,6 +46,11 @@ pub(super) enum Op {
         now: i64,
         reply: Reply<()>,
     },
+    Retry {
+        id: String,
+        now: i64,
+        reply: Reply<()>,
+    },
     Heartbeat {
         task_id: String,
         worker_id: String,
@@ -304,6 +309,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
         | (Op::ChangeSchedule { reply, .. }, Ok(Answer::Bool(r))) => send(reply, r),
         (Op::Cancel { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::Approve { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Retry { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::Heartbeat { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::PutLogs { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::RegisterWorker { reply, .. }, Ok(Answer::Unit(r)))
@@ -320,6 +326,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
             }
             Op::Cancel { reply, .. }
             | Op::Approve { reply, .. }
+            | Op::Retry { reply, .. }
             | Op::Heartbeat { reply, .. }
             | Op::PutLogs { reply, .. }
             | Op::RegisterWorker { reply, .. }
@@ -378,6 +385,7 @@ async fn apply_all(
             Op::Approve {
                 id, decision, now, ..
             } => Answer::Unit(approve(&mut tx, id, decision, *now, batch).await?),
+            Op::Retry { id, now, .. } => Answer::Unit(retry(&mut tx, id, *now, batch).await?),
             Op::Heartbeat {
                 task_id,
                 worker_id,
@@ -1691,6 +1699,179 @@ async fn approve(
     );
     if to.is_terminal() {
         batch.terminal(id, to, None, wf);
+    }
+    Ok(Ok(()))
+}
+
+/// Runs a finished task again: it goes back to `queued` with a fresh
+/// allowance of attempts (its history stays), and every task skipped
+/// because of it goes back to `pending` to be decided again. Workflows
+/// involved are running again.
+async fn retry(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<()>> {
+    let row: Option<(String, String, i64, Option<String>, String)> =
+        sqlx::query_as("SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((status, name, attempts, wf, spec)) = row else {
+        return Ok(Err(Error::task_not_found(id)));
+    };
+    let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
+    if !matches!(
+        status,
+        TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+    ) {
+        let hint = match status {
+            TaskStatus::Succeeded => "it succeeded; submit it again to run it once more",
+            TaskStatus::Skipped => "it was skipped; retry the dependency that caused it",
+            _ => "it has not finished",
+        };
+        return Ok(Err(Error::Conflict(format!(
+            "task {id} is {status}, so it cannot be retried: {hint}"
+        ))));
+    }
+    let allowance = serde_json::from_str::<TaskSpec>(&spec)
+        .ok()
+        .and_then(|s| s.retry)
+        .map(|r| r.max_attempts())
+        .unwrap_or(1) as i64;
+    sqlx::query(
+        "UPDATE tasks SET status = 'queued', max_attempts = ?1, finished_at = NULL, error = NULL, \
+         run_at = ?2, updated_at = ?2, approval = CASE WHEN needs_approval THEN NULL ELSE approval END \
+         WHERE id = ?3",
+    )
+    .bind(attempts + allowance)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    // An approval gate that was rejected asks again.
+    let to: TaskStatus = sqlx::query_scalar::<_, String>(
+        "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END \
+         WHERE id = ?1 RETURNING status",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?
+    .parse()
+    .unwrap_or(TaskStatus::Queued);
+    batch.transition(
+        now,
+        id,
+        &name,
+        wf.as_deref(),
+        "retried",
+        Some(status),
+        to,
+        attempts as u32,
+        format!("{{\"max_attempts\":{}}}", attempts + allowance),
+    );
+    let mut reopened: Vec<(Option<String>, TaskStatus)> = vec![(wf, status)];
+    // Tasks skipped because of it (transitively) are decided again.
+    let mut frontier = vec![id.to_string()];
+    while let Some(dep) = frontier.pop() {
+        let skipped: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT t.id, t.name, t.workflow_id, t.attempts FROM task_deps d JOIN tasks t ON t.id = d.task_id \
+             WHERE d.dep_id = ?1 AND t.status = 'skipped'",
+        )
+        .bind(&dep)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (tid, tname, twf, tattempts) in skipped {
+            sqlx::query(
+                "UPDATE task_deps SET state = 'waiting' WHERE task_id = ?1 AND state != 'met'",
+            )
+            .bind(&tid)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE tasks SET status = 'pending', finished_at = NULL, error = NULL, updated_at = ?2, \
+                 deps_pending = (SELECT COUNT(*) FROM task_deps WHERE task_id = ?1 AND state = 'waiting') \
+                 WHERE id = ?1",
+            )
+            .bind(&tid)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            batch.transition(
+                now,
+                &tid,
+                &tname,
+                twf.as_deref(),
+                "reopened",
+                Some(TaskStatus::Skipped),
+                TaskStatus::Pending,
+                tattempts as u32,
+                format!("{{\"because\":{}}}", json_str(id)),
+            );
+            // Its other finished dependencies decide again.
+            let others: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
+                 WHERE d.task_id = ?1 AND d.state = 'waiting' \
+                 AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
+            )
+            .bind(&tid)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (oid, ost, ores) in others {
+                let output = ores
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+                    .and_then(|r| r.output);
+                batch
+                    .resolve
+                    .push((oid, ost.parse().unwrap_or(TaskStatus::Failed), output));
+            }
+            reopened.push((twf, TaskStatus::Skipped));
+            frontier.push(tid);
+        }
+    }
+    // Workflow counters give the reopened tasks back.
+    for (w, was) in reopened {
+        let Some(w) = w else { continue };
+        let failed = i64::from(matches!(was, TaskStatus::Failed | TaskStatus::TimedOut));
+        let cancelled = i64::from(was == TaskStatus::Cancelled);
+        let prev: Option<(String, String)> = sqlx::query_as(
+            "UPDATE workflows SET tasks_done = tasks_done - 1, tasks_failed = tasks_failed - ?2, \
+             tasks_cancelled = tasks_cancelled - ?3, updated_at = ?4 WHERE id = ?1 \
+             RETURNING status, name",
+        )
+        .bind(&w)
+        .bind(failed)
+        .bind(cancelled)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((wstatus, wname)) = prev
+            && wstatus != "running"
+        {
+            sqlx::query(
+                "UPDATE workflows SET status = 'running', finished_at = NULL WHERE id = ?1",
+            )
+            .bind(&w)
+            .execute(&mut *conn)
+            .await?;
+            let from: WorkflowStatus = wstatus.parse().unwrap_or(WorkflowStatus::Failed);
+            batch.audit_other(
+                now,
+                &w,
+                "workflow_reopened",
+                Some(from.as_str()),
+                WorkflowStatus::Running.as_str(),
+                format!("{{\"because\":{}}}", json_str(id)),
+            );
+            batch.workflow_events.push(WorkflowEvent {
+                workflow_id: w.clone(),
+                name: wname,
+                status: WorkflowStatus::Running,
+                at: Timestamp(now),
+            });
+        }
     }
     Ok(Ok(()))
 }
