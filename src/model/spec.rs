@@ -59,7 +59,7 @@ pub enum Condition {
 }
 
 /// A dependency: a task name in the same submission or an existing task id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Dependency {
     /// Shorthand for `{task: NAME, condition: success}`.
@@ -70,6 +70,44 @@ pub enum Dependency {
         #[serde(default)]
         condition: Condition,
     },
+}
+
+const DEPENDENCY_SHAPE: &str = "expected a task name or id, or {task: NAME_OR_ID, condition: success | failure | completion | {schema: <JSON Schema>}}";
+
+impl<'de> Deserialize<'de> for Dependency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::String(s) => Ok(Dependency::Name(s)),
+            Value::Object(mut map) => {
+                let task = match map.remove("task") {
+                    Some(Value::String(t)) => t,
+                    Some(_) => return Err(D::Error::custom("`task` must be a task name or id")),
+                    None => {
+                        return Err(D::Error::custom(format!(
+                            "missing `task`; {DEPENDENCY_SHAPE}"
+                        )));
+                    }
+                };
+                let condition = match map.remove("condition") {
+                    None => Condition::Success,
+                    Some(c) => serde_json::from_value::<Condition>(c.clone()).map_err(|_| {
+                        D::Error::custom(format!(
+                            "condition {c} is not one of success, failure, completion or {{schema: <JSON Schema>}}"
+                        ))
+                    })?,
+                };
+                if let Some(k) = map.keys().next() {
+                    return Err(D::Error::custom(format!(
+                        "unknown field `{k}` in a dependency; {DEPENDENCY_SHAPE}"
+                    )));
+                }
+                Ok(Dependency::Detailed { task, condition })
+            }
+            other => Err(D::Error::custom(format!("got {other}; {DEPENDENCY_SHAPE}"))),
+        }
+    }
 }
 
 impl Dependency {

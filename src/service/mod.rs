@@ -5,7 +5,7 @@
 mod prepare;
 mod workflows;
 
-pub(crate) use prepare::{RunOf, prepare};
+pub(crate) use prepare::{Header, RunOf, prepare};
 pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 
 use std::path::Path;
@@ -316,6 +316,11 @@ impl TaskQueue {
     /// Tasks by status.
     pub async fn counts(&self) -> Result<StatusCounts> {
         self.inner.store.counts().await
+    }
+
+    /// Queue depth by status, workflows, ready backlog age, schedules, leases.
+    pub async fn stats(&self) -> Result<crate::store::QueueStats> {
+        self.inner.store.stats(self.inner.clock.now_ms()).await
     }
 
     /// Committed state changes, as they happen in this process.

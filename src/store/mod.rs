@@ -266,6 +266,25 @@ pub struct WorkerInfo {
 /// Counts of tasks by status.
 pub type StatusCounts = BTreeMap<TaskStatus, u64>;
 
+/// A snapshot of the queue for dashboards and agents.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct QueueStats {
+    /// Tasks by status (statuses with no task are left out).
+    pub tasks: StatusCounts,
+    /// Workflows by status.
+    pub workflows: BTreeMap<WorkflowStatus, u64>,
+    /// Ready tasks (queued, or retrying whose backoff is over).
+    pub ready: u64,
+    /// How long the oldest ready task has waited, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_ready_ms: Option<i64>,
+    /// Schedules that fire, and paused ones.
+    pub schedules_active: u64,
+    pub schedules_paused: u64,
+    /// Leases held, by worker (engines and external workers).
+    pub leases_by_worker: BTreeMap<String, u64>,
+}
+
 /// The persistence contract. Every method is atomic; writes are durable
 /// when they return (per `storage.durability`).
 #[async_trait]
@@ -339,6 +358,7 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_events(&self, task_id: Option<&str>, limit: usize) -> Result<Vec<AuditEvent>>;
     async fn verify_audit(&self) -> Result<AuditReport>;
     async fn counts(&self) -> Result<StatusCounts>;
+    async fn stats(&self, now: i64) -> Result<QueueStats>;
     /// Tasks a worker with this claim filter could run now or later, plus
     /// running tasks whose lease has expired (they will come back).
     async fn runnable_count(&self, req: &ClaimRequest) -> Result<u64>;

@@ -10,20 +10,29 @@ use crate::model::{Submission, TaskStatus};
 /// dependency graph, schedules) without storing anything, and renders its
 /// graph with every task pending.
 pub fn check_and_render(sub: &Submission, format: &str) -> Result<String> {
-    let (title, specs, schedule) = match sub {
-        Submission::Tasks(t) => (None, t, None),
+    let (header, schedule, specs) = match sub {
+        Submission::Tasks(t) => (None, None, t),
         Submission::Workflow(w) => {
             w.validate_header()?;
-            (Some(w.name.clone()), &w.tasks, w.schedule.as_ref())
+            (
+                Some(crate::service::Header::of(w)),
+                w.schedule.as_ref(),
+                &w.tasks,
+            )
         }
     };
-    if let Some(s) = schedule {
-        s.validate().map_err(|e| e.in_field("schedule"))?;
-    }
-    for (i, s) in specs.iter().enumerate() {
-        s.validate()
-            .map_err(|e| e.in_field(&format!("tasks[{i}]")))?;
-    }
+    // The same preparation a submit does (defaults, graph, schedules);
+    // only dependencies on existing task ids need the database.
+    crate::service::prepare(
+        &crate::config::Config::default(),
+        header.as_ref(),
+        schedule,
+        specs.clone(),
+        &crate::service::RunOf::default(),
+        crate::model::Timestamp::now().0,
+        false,
+    )?;
+    let title = header.map(|h| h.name);
     let plan = graph::plan_with(specs, matches!(sub, Submission::Workflow(_)))?;
     let view = graph::GraphView {
         title,

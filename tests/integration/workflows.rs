@@ -209,7 +209,7 @@ fn bad_graphs_are_rejected_whole_and_store_nothing() {
         ),
         (
             "tasks:\n  - {name: a, command: 'true', depends_on: [{task: b, condition: sometimes}]}\n  - {name: b, command: 'true'}\n",
-            "tasks[0].depends_on[0]",
+            "tasks[0].depends_on[0]: condition \"sometimes\" is not one of success, failure, completion",
         ),
     ];
     for (yaml, want) in cases {

@@ -411,6 +411,10 @@ impl Store for SqliteStore {
         read::counts(&self.read).await
     }
 
+    async fn stats(&self, now: i64) -> Result<QueueStats> {
+        read::stats(&self.read, now).await
+    }
+
     async fn runnable_count(&self, req: &ClaimRequest) -> Result<u64> {
         read::runnable_count(&self.read, req).await
     }

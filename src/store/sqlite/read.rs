@@ -6,12 +6,15 @@ use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use crate::error::{Error, Result};
 use crate::integrity::{AuditEvent, AuditReport, ChainVerifier};
+use crate::model::WorkflowStatus;
 use crate::model::{
     Attempt, AttemptStatus, Condition, DependencyEdge, EdgeState, LogChunk, ScheduleRecord,
     TaskKind, TaskRecord, TaskResult, TaskSpec, TaskStatus, Timestamp, WorkflowDetail,
     WorkflowRecord,
 };
-use crate::store::{ClaimRequest, StatusCounts, TaskFilter, WorkerInfo, WorkflowFilter};
+use crate::store::{
+    ClaimRequest, QueueStats, StatusCounts, TaskFilter, WorkerInfo, WorkflowFilter,
+};
 
 const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
     run_at, created_at, updated_at, started_at, finished_at, lease_owner, lease_expires_at, \
@@ -240,6 +243,46 @@ pub(super) async fn counts(pool: &SqlitePool) -> Result<StatusCounts> {
             out.insert(st, n as u64);
         }
     }
+    Ok(out)
+}
+
+pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
+    let mut out = QueueStats {
+        tasks: counts(pool).await?,
+        ..QueueStats::default()
+    };
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM workflows GROUP BY status")
+            .fetch_all(pool)
+            .await?;
+    for (s, n) in rows {
+        if let Ok(st) = s.parse::<WorkflowStatus>() {
+            out.workflows.insert(st, n as u64);
+        }
+    }
+    let (ready, oldest): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(run_at) FROM tasks INDEXED BY tasks_ready \
+         WHERE status IN ('queued', 'retrying') AND run_at <= ?1",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    out.ready = ready as u64;
+    out.oldest_ready_ms = oldest.map(|t| (now - t).max(0));
+    let (active, paused): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(paused = 0), 0), COALESCE(SUM(paused != 0), 0) FROM schedules",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.schedules_active = active as u64;
+    out.schedules_paused = paused as u64;
+    let leases: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT lease_owner, COUNT(*) FROM tasks INDEXED BY tasks_running \
+         WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.leases_by_worker = leases.into_iter().map(|(w, n)| (w, n as u64)).collect();
     Ok(out)
 }
 

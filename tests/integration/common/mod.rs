@@ -11,12 +11,32 @@ use serde_json::Value;
 
 pub struct Workspace {
     pub dir: tempfile::TempDir,
+    /// Processes started with `spawn`, killed when the workspace goes (a
+    /// failing test must not leave workers behind).
+    spawned: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        for pid in self.spawned.lock().unwrap().drain(..) {
+            // SAFETY: kill(2) on a pid this workspace started; harmless if it is gone.
+            unsafe {
+                libc_kill(pid as i32, 9);
+            }
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 impl Workspace {
     pub fn new() -> Self {
         let ws = Workspace {
             dir: tempfile::tempdir().expect("temp dir"),
+            spawned: std::sync::Mutex::new(Vec::new()),
         };
         // Short leases and polls keep crash and cancel tests fast.
         ws.write(
@@ -64,11 +84,14 @@ impl Workspace {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd(args)
+        let child = self
+            .cmd(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn task-queue")
+            .expect("spawn task-queue");
+        self.spawned.lock().unwrap().push(child.id());
+        child
     }
 
     /// `task-queue run FILE --json`: exit code and the summary.
