@@ -109,6 +109,18 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Serve MCP over stdio (for Claude Desktop, Claude Code, Cursor), with
+    /// the engine running in this process. Logs go to stderr.
+    Mcp,
+    /// Serve over HTTP: MCP (streamable HTTP at /mcp, legacy SSE at /sse),
+    /// with the engine running in this process.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:16080", env = "TASK_QUEUE_BIND")]
+        bind: std::net::SocketAddr,
+    },
+    /// Print the MCP `tools/list` payload (the content of tools.schema).
+    ToolsSchema,
     /// Measure throughput and latency; prints one JSON object with --json.
     Bench(crate::bench::BenchArgs),
 }
@@ -239,6 +251,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let queue = TaskQueue::open_with(config).await?;
             let t = queue.approve(&id, !reject, comment, by).await?;
             print_json(&summary(&t));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mcp => {
+            let queue = TaskQueue::open_with(config).await?;
+            mcp_stdio(&queue).await
+        }
+        Command::Serve { bind } => {
+            let queue = TaskQueue::open_with(config).await?;
+            let grace = Duration::from_secs(30);
+            crate::server::serve(queue, bind, grace, async {
+                let mut term = match signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ToolsSchema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::mcp::McpServer::tools_list())
+                    .unwrap_or_default()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Workflow { command } => {
@@ -501,6 +541,28 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
     } else {
         ExitCode::from(1)
     })
+}
+
+/// MCP over stdio until the client closes stdin or a signal arrives.
+async fn mcp_stdio(queue: &TaskQueue) -> Result<ExitCode> {
+    use rmcp::ServiceExt;
+    let engine = queue.start();
+    let service = crate::mcp::McpServer::new(queue.clone())
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(format!("MCP handshake failed: {e}"))))?;
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = service.waiting() => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "the MCP session ended with an error");
+            }
+        }
+        _ = sigterm.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    engine.shutdown(Duration::from_secs(10)).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result<ExitCode> {

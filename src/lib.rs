@@ -39,6 +39,9 @@
 //!   timeouts, output capture, the crash guard), service tasks with health
 //!   checks, HTTP requests, in-process handlers, result files, validation,
 //!   artifacts.
+//! * [`mcp`] — the MCP server (rmcp): tools, resources, and the legacy
+//!   HTTP+SSE transport; [`server`] — `task-queue serve` (axum: `/mcp`,
+//!   `/sse`, `/messages`).
 //! * [`integrity`] — spec hashing and the audit hash chain.
 //! * [`config`] — `config.yml` sections and defaults.
 //! * [`cli`] — the `task-queue` command line; [`bench`] — `task-queue bench`.
@@ -51,7 +54,9 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod integrity;
+pub mod mcp;
 pub mod model;
+pub mod server;
 pub mod service;
 pub mod store;
 pub mod workflow;

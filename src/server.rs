@@ -1,0 +1,74 @@
+//! `task-queue serve`: one HTTP server on the queue (MCP over streamable
+//! HTTP at `/mcp`, the legacy SSE transport at `/sse` + `/messages`), with
+//! the engine running in the same process.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::mcp::McpServer;
+use crate::service::TaskQueue;
+
+/// The HTTP routes of a queue.
+pub fn router(
+    queue: TaskQueue,
+    allowed_hosts: Option<Vec<String>>,
+    ct: &CancellationToken,
+) -> axum::Router {
+    let mut config =
+        StreamableHttpServerConfig::default().with_cancellation_token(ct.child_token());
+    if let Some(hosts) = allowed_hosts {
+        config = config.with_allowed_hosts(hosts);
+    }
+    let q = queue.clone();
+    let mcp = StreamableHttpService::new(
+        move || Ok(McpServer::new(q.clone())),
+        LocalSessionManager::default().into(),
+        config,
+    );
+    axum::Router::new()
+        .nest_service("/mcp", mcp)
+        .merge(crate::mcp::sse::router(queue))
+}
+
+/// Binds `addr`, prints the address on stderr, serves until `shutdown`
+/// resolves, then stops the engine (running tasks get `grace` to finish).
+pub async fn serve(
+    queue: TaskQueue,
+    addr: SocketAddr,
+    grace: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener.local_addr()?;
+    let hosts = if local.ip().is_loopback() {
+        None
+    } else {
+        Some(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+            local.ip().to_string(),
+        ])
+    };
+    let ct = CancellationToken::new();
+    let app = router(queue.clone(), hosts, &ct);
+    let engine = queue.start();
+    eprintln!("task-queue listening on http://{local} (MCP: /mcp, legacy SSE: /sse)");
+    tracing::info!(%local, "serving");
+    let stop = ct.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stop.cancel();
+        })
+        .await
+        .map_err(Error::from)?;
+    engine.shutdown(grace).await
+}
