@@ -673,7 +673,7 @@ async fn status(
                 for a in &attempts {
                     println!(
                         "  #{} {} exit={:?} signal={:?} {} ms{}",
-                        a.attempt,
+                        a.result.attempt,
                         a.status.as_str(),
                         a.result.exit_code,
                         a.result.signal,

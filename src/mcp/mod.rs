@@ -132,13 +132,35 @@ impl McpServer {
     pub fn new(queue: TaskQueue) -> Self {
         McpServer {
             queue,
-            tool_router: Self::tool_router(),
+            tool_router: Self::router(),
         }
+    }
+
+    /// The tools, with schemas cleaned of the integer `format`s schemars
+    /// emits (`uint32`, ...): they are not JSON Schema formats, and
+    /// validating clients warn about every one of them.
+    fn router() -> ToolRouter<Self> {
+        let mut r = Self::tool_router();
+        for route in r.map.values_mut() {
+            let mut input = Value::Object((*route.attr.input_schema).clone());
+            strip_int_formats(&mut input);
+            if let Value::Object(m) = input {
+                route.attr.input_schema = std::sync::Arc::new(m);
+            }
+            if let Some(out) = &route.attr.output_schema {
+                let mut v = Value::Object((**out).clone());
+                strip_int_formats(&mut v);
+                if let Value::Object(m) = v {
+                    route.attr.output_schema = Some(std::sync::Arc::new(m));
+                }
+            }
+        }
+        r
     }
 
     /// The `tools/list` payload this server answers with.
     pub fn tools_list() -> Value {
-        let mut tools = Self::tool_router().list_all();
+        let mut tools = Self::router().list_all();
         tools.sort_by(|a, b| a.name.cmp(&b.name));
         serde_json::json!({ "tools": tools })
     }
@@ -825,6 +847,36 @@ impl McpServer {
             s.schedules_active
         );
         ok(&s, text)
+    }
+}
+
+fn strip_int_formats(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.get("format").and_then(Value::as_str).is_some_and(|f| {
+                matches!(
+                    f,
+                    "uint"
+                        | "uint8"
+                        | "uint16"
+                        | "uint32"
+                        | "uint64"
+                        | "int8"
+                        | "int16"
+                        | "int32"
+                        | "int64"
+                        | "float"
+                        | "double"
+                )
+            }) {
+                m.remove("format");
+            }
+            for x in m.values_mut() {
+                strip_int_formats(x);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_int_formats),
+        _ => {}
     }
 }
 

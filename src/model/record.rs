@@ -86,8 +86,6 @@ impl AttemptStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Attempt {
     pub task_id: String,
-    /// 1-based.
-    pub attempt: u32,
     /// The engine instance that ran it.
     pub worker_id: String,
     pub status: AttemptStatus,
@@ -96,6 +94,7 @@ pub struct Attempt {
     /// Why it failed, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The attempt's result; its `attempt` field is the 1-based attempt number.
     #[serde(flatten)]
     pub result: TaskResult,
 }

@@ -8,5 +8,6 @@ mod bad_input;
 mod crash;
 mod execution;
 mod library;
+mod mcp;
 mod orchestration;
 mod workflows;

@@ -144,16 +144,17 @@ pub(super) async fn attempts(pool: &SqlitePool, id: &str) -> Result<Vec<Attempt>
         .map(|r| {
             let status: String = r.get(3);
             let result: String = r.get(7);
+            let mut result: TaskResult = serde_json::from_str(&result)
+                .map_err(|e| Error::Store(format!("attempt result is unreadable: {e}")))?;
+            result.attempt = r.get::<i64, _>(1) as u32;
             Ok(Attempt {
                 task_id: r.get(0),
-                attempt: r.get::<i64, _>(1) as u32,
                 worker_id: r.get(2),
                 status: AttemptStatus::parse(&status).unwrap_or(AttemptStatus::Failed),
                 started_at: Timestamp(r.get(4)),
                 finished_at: Timestamp(r.get(5)),
                 error: r.get(6),
-                result: serde_json::from_str(&result)
-                    .map_err(|e| Error::Store(format!("attempt result is unreadable: {e}")))?,
+                result,
             })
         })
         .collect()

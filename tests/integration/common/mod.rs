@@ -83,6 +83,11 @@ impl Workspace {
         self.cmd(args).output().expect("run task-queue")
     }
 
+    /// Kills `pid` when the workspace goes.
+    pub fn track(&self, pid: u32) {
+        self.spawned.lock().unwrap().push(pid);
+    }
+
     pub fn spawn(&self, args: &[&str]) -> Child {
         let child = self
             .cmd(args)

@@ -1,0 +1,227 @@
+//! The MCP server driven by clients we did not write: the Python `mcp`
+//! package (stdio, streamable HTTP, legacy SSE) and the MCP Inspector CLI.
+//! `.ci/run` installs both (`pip install 'mcp>=2.3,<3'`, Node's npx).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::common::Workspace;
+
+fn repo(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_task-queue")
+}
+
+/// Runs tests/mcp/scenario.py and returns its report.
+fn scenario(args: &[&str]) -> Value {
+    let out = Command::new("python3")
+        .arg(repo("tests/mcp/scenario.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'mcp'"),
+        "the Python MCP client is missing: pip install 'mcp>=2.3,<3'"
+    );
+    assert!(
+        out.status.success(),
+        "scenario {args:?} failed:\n{stderr}\n{stdout}"
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    report
+}
+
+/// Starts `task-queue serve` on a free port; returns its base URL.
+fn serve(ws: &Workspace) -> String {
+    let mut child = ws
+        .cmd(&["serve", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    ws.track(child.id());
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("serve printed its address")
+            .expect("read stderr");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    url
+}
+
+fn inspector(args: &[&str]) -> Value {
+    let out = Command::new("npx")
+        .args(["-y", "@modelcontextprotocol/inspector@0.15.0", "--cli"])
+        .args(args)
+        .output()
+        .expect("npx (Node.js) is required for the MCP Inspector CLI");
+    assert!(
+        out.status.success(),
+        "inspector {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "inspector printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn tools_schema_is_what_the_server_serves() {
+    let out = Command::new(bin()).arg("tools-schema").output().unwrap();
+    assert!(out.status.success());
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("tools.schema")).unwrap()).unwrap();
+    assert!(
+        printed == file,
+        "tools.schema is stale: run `cargo run -- tools-schema > tools.schema`"
+    );
+    let tools = file["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    for want in [
+        "submit_task",
+        "submit_workflow",
+        "get_task",
+        "list_tasks",
+        "get_workflow",
+        "wait_for_task",
+        "cancel_task",
+        "retry_task",
+        "approve_task",
+        "get_task_logs",
+        "claim_task",
+        "complete_task",
+        "fail_task",
+        "search_tasks",
+        "recommend",
+        "queue_stats",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for t in tools {
+        let name = t["name"].as_str().unwrap();
+        assert!(
+            t["description"].as_str().unwrap().len() > 80,
+            "{name}: a description a model can act on"
+        );
+        assert_eq!(t["outputSchema"]["type"], "object", "{name}: outputSchema");
+        assert_eq!(t["inputSchema"]["type"], "object", "{name}: inputSchema");
+        let a = &t["annotations"];
+        for hint in [
+            "readOnlyHint",
+            "destructiveHint",
+            "idempotentHint",
+            "openWorldHint",
+        ] {
+            assert!(a[hint].is_boolean(), "{name}: {hint}");
+        }
+    }
+    // The hints match what the tools do.
+    let hint = |name: &str, h: &str| {
+        tools.iter().find(|t| t["name"] == name).unwrap()["annotations"][h]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(hint("get_task", "readOnlyHint") && hint("wait_for_task", "readOnlyHint"));
+    assert!(!hint("submit_task", "readOnlyHint") && hint("submit_task", "openWorldHint"));
+    assert!(hint("cancel_task", "destructiveHint") && hint("cancel_task", "idempotentHint"));
+}
+
+#[test]
+fn python_client_over_stdio() {
+    let ws = Workspace::new();
+    let db = ws.db();
+    let config = ws.path("config.yml");
+    let schema = repo("tools.schema");
+    let report = scenario(&[
+        "stdio",
+        bin(),
+        db.to_str().unwrap(),
+        config.to_str().unwrap(),
+        schema.to_str().unwrap(),
+    ]);
+    assert_eq!(report["tools"], 17);
+    assert!(!report["progress_messages"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn python_client_over_streamable_http_and_legacy_sse() {
+    let ws = Workspace::new();
+    let base = serve(&ws);
+    let schema = repo("tools.schema");
+    scenario(&["http", &format!("{base}/mcp"), schema.to_str().unwrap()]);
+    scenario(&["sse", &format!("{base}/sse"), schema.to_str().unwrap()]);
+    // The stored audit chain is intact after both sessions.
+    let out = ws.run(&["audit", "verify"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn inspector_cli_over_stdio_http_and_sse() {
+    let ws = Workspace::new();
+    let db_env = format!("TASK_QUEUE_DB={}", ws.db().display());
+    let list = inspector(&["-e", &db_env, bin(), "mcp", "--method", "tools/list"]);
+    assert_eq!(list["tools"].as_array().unwrap().len(), 17);
+    let base = serve(&ws);
+    let called = inspector(&[
+        &format!("{base}/mcp"),
+        "--transport",
+        "http",
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "submit_task",
+        "--tool-arg",
+        "name=from-inspector",
+        "--tool-arg",
+        "command=true",
+    ]);
+    assert_eq!(called["isError"], false, "{called}");
+    assert_eq!(called["structuredContent"]["name"], "from-inspector");
+    let templates = inspector(&[
+        &format!("{base}/sse"),
+        "--transport",
+        "sse",
+        "--method",
+        "resources/templates/list",
+    ]);
+    assert_eq!(templates["resourceTemplates"].as_array().unwrap().len(), 2);
+    let bad = inspector(&[
+        &format!("{base}/sse"),
+        "--transport",
+        "sse",
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "get_task",
+        "--tool-arg",
+        "id=not-a-uuid",
+    ]);
+    assert_eq!(bad["isError"], true, "{bad}");
+    assert!(
+        bad["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("invalid id")
+    );
+}
