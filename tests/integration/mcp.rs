@@ -60,8 +60,12 @@ fn serve(ws: &Workspace) -> String {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr so the server never blocks on a full pipe, and
+    // reap it when the workspace kills it.
+    std::thread::spawn(move || {
+        for _ in lines {}
+        let _ = child.wait();
+    });
     url
 }
 
