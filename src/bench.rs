@@ -5,6 +5,7 @@
 //! task-queue bench noop    [--tasks N] [--concurrency C] [--history H] [--json]
 //! task-queue bench command [--tasks N] [--concurrency C] [--history H] [--json]
 //! task-queue bench dag     [--tasks N] [--concurrency C] [--json]
+//! task-queue bench mcp     [--tasks N] [--json]
 //! ```
 //!
 //! Every run works on a fresh database in a new directory that is removed at
@@ -37,6 +38,11 @@
 //!   registered for `dag-*`. Baseline: the `noop` scenario with N
 //!   independent tasks, run first on the same database; the result is the
 //!   ratio of time per task (goal: at most 2).
+//!
+//! * `mcp`: starts `task-queue mcp` as a child process on its own database
+//!   and calls `submit_task` N times, then `get_task` N times, one request
+//!   at a time over stdio, timing each round trip. Baseline: the same calls
+//!   on the service API in-process.
 //!
 //! `--history H` first inserts H finished tasks directly (multi-row INSERTs,
 //! no audit or attempt rows), then runs the scenario; `submit` then also
@@ -107,6 +113,9 @@ pub enum Scenario {
     /// A layered workflow of no-op tasks: dependency resolution per task,
     /// against `noop` with the same task count in the same run.
     Dag,
+    /// MCP tool-call latency over stdio (`submit_task`, `get_task`) against
+    /// the same service calls made in-process.
+    Mcp,
 }
 
 impl Scenario {
@@ -116,6 +125,7 @@ impl Scenario {
             Scenario::Noop => "noop",
             Scenario::Command => "command",
             Scenario::Dag => "dag",
+            Scenario::Mcp => "mcp",
         }
     }
 
@@ -125,6 +135,7 @@ impl Scenario {
             Scenario::Noop => 100,
             Scenario::Command => 64,
             Scenario::Dag => 100,
+            Scenario::Mcp => 1,
         }
     }
 }
@@ -261,6 +272,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         Scenario::Noop => bench_noop(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Command => bench_command(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Dag => bench_dag(&queue, &store, args.tasks, concurrency, &mut out).await,
+        Scenario::Mcp => bench_mcp(&queue, &dir.path, &cfg, args.tasks, &mut out).await,
     }?;
     if args.history.is_some() && scenario == Scenario::Submit {
         bench_claims(&queue, &store, args.tasks, &mut out).await?;
@@ -650,6 +662,201 @@ async fn bench_command(
         "met": ratio >= 0.8 && rss_ok,
         "throughput_met": ratio >= 0.8,
         "rss_met": rss_ok,
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------- mcp
+
+/// A minimal JSON-RPC client of `task-queue mcp` over its stdio.
+struct StdioClient {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    next_id: u64,
+}
+
+impl StdioClient {
+    async fn start(db: &Path, config: &Path) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("--db")
+            .arg(db)
+            .arg("--config")
+            .arg(config)
+            .arg("mcp")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        use tokio::io::AsyncBufReadExt;
+        let mut c = StdioClient {
+            child,
+            stdin,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            next_id: 1,
+        };
+        c.request(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "task-queue-bench", "version": env!("CARGO_PKG_VERSION")}}),
+        )
+        .await?;
+        c.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await?;
+        Ok(c)
+    }
+
+    async fn send(&mut self, v: Value) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut line = v.to_string();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn request(&mut self, method: &str, params: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await?;
+        loop {
+            let line = self
+                .lines
+                .next_line()
+                .await?
+                .ok_or_else(|| Error::Store("the MCP server closed its output".into()))?;
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| Error::Store(format!("not JSON-RPC from the server: {e}: {line}")))?;
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                if let Some(e) = v.get("error") {
+                    return Err(Error::Store(format!("{method} failed: {e}")));
+                }
+                return Ok(v["result"].clone());
+            }
+        }
+    }
+
+    async fn call_tool(&mut self, name: &str, args: Value) -> Result<Value> {
+        let r = self
+            .request("tools/call", json!({"name": name, "arguments": args}))
+            .await?;
+        if r["isError"] == true {
+            return Err(Error::Store(format!("{name} returned an error: {r}")));
+        }
+        Ok(r["structuredContent"].clone())
+    }
+}
+
+async fn bench_mcp(
+    queue: &TaskQueue,
+    dir: &Path,
+    cfg: &Config,
+    tasks: usize,
+    out: &mut Value,
+) -> Result<()> {
+    let calls = tasks.min(20_000);
+    // The server is a separate process on its own database file.
+    let db = dir.join("mcp.db");
+    let config = dir.join("mcp-config.yml");
+    let durability = match cfg.storage.durability {
+        Durability::Durable => "durable",
+        Durability::Fast => "fast",
+    };
+    std::fs::write(&config, format!("storage:\n  durability: {durability}\n"))?;
+    let mut c = StdioClient::start(&db, &config).await?;
+    // Warm up (statement caches, allocator).
+    for i in 0..50 {
+        c.call_tool(
+            "submit_task",
+            json!({"name": format!("warm-{i}"), "kind": "external"}),
+        )
+        .await?;
+    }
+    let mut submit_lat = Vec::with_capacity(calls);
+    let mut ids = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for i in 0..calls {
+        let t = Instant::now();
+        let r = c
+            .call_tool(
+                "submit_task",
+                json!({"name": format!("mcp-{i}"), "kind": "external", "project": "bench"}),
+            )
+            .await?;
+        submit_lat.push(ms(t.elapsed()));
+        ids.push(r["id"].as_str().unwrap_or_default().to_string());
+    }
+    let submit_elapsed = start.elapsed();
+    let mut get_lat = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for id in &ids {
+        let t = Instant::now();
+        c.call_tool("get_task", json!({"id": id, "include_attempts": false}))
+            .await?;
+        get_lat.push(ms(t.elapsed()));
+    }
+    let get_elapsed = start.elapsed();
+    let _ = c.child.kill().await;
+
+    // Baseline: the same service calls in-process, on this run's queue.
+    let mut base_submit = Vec::with_capacity(calls);
+    let mut base_ids = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let t = Instant::now();
+        let s = queue
+            .submit(
+                Task::new(format!("base-{i}"))
+                    .with_kind(TaskKind::External)
+                    .with_project("bench"),
+            )
+            .await?;
+        base_submit.push(ms(t.elapsed()));
+        base_ids.push(s.id);
+    }
+    let mut base_get = Vec::with_capacity(calls);
+    for id in &base_ids {
+        let t = Instant::now();
+        queue.get(id).await?;
+        base_get.push(ms(t.elapsed()));
+    }
+    let get_p50 = percentile(&mut get_lat, 50.0);
+    let get_p99 = percentile(&mut get_lat, 99.0);
+    let submit_p50 = percentile(&mut submit_lat, 50.0);
+    let submit_p99 = percentile(&mut submit_lat, 99.0);
+    out["tasks"] = json!(calls);
+    out["transport"] = json!("stdio, one request at a time");
+    out["tasks_per_sec"] = json!(round(calls as f64 / submit_elapsed.as_secs_f64(), 0));
+    out["p50_ms"] = json!(round(get_p50, 3));
+    out["p99_ms"] = json!(round(get_p99, 3));
+    out["get_task"] = json!({
+        "calls": calls,
+        "calls_per_sec": round(calls as f64 / get_elapsed.as_secs_f64(), 0),
+        "p50_ms": round(get_p50, 3),
+        "p99_ms": round(get_p99, 3),
+    });
+    out["submit_task"] = json!({
+        "calls": calls,
+        "calls_per_sec": round(calls as f64 / submit_elapsed.as_secs_f64(), 0),
+        "p50_ms": round(submit_p50, 3),
+        "p99_ms": round(submit_p99, 3),
+    });
+    out["baseline"] = json!({
+        "what": "the same calls on the service API in-process (no MCP, no stdio), same durability",
+        "tasks_per_sec": round(calls as f64 / base_submit.iter().sum::<f64>() * 1000.0, 0),
+        "get_p50_ms": round(percentile(&mut base_get, 50.0), 3),
+        "get_p99_ms": round(percentile(&mut base_get, 99.0), 3),
+        "submit_p50_ms": round(percentile(&mut base_submit, 50.0), 3),
+        "submit_p99_ms": round(percentile(&mut base_submit, 99.0), 3),
+    });
+    out["goal"] = json!({
+        "target": "p50 < 1 ms and p99 < 5 ms for get_task and submit_task over stdio",
+        "get_task_met": get_p50 < 1.0 && get_p99 < 5.0,
+        "submit_task_met": submit_p50 < 1.0 && submit_p99 < 5.0,
     });
     Ok(())
 }

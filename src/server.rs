@@ -13,17 +13,23 @@ use crate::error::{Error, Result};
 use crate::mcp::McpServer;
 use crate::service::TaskQueue;
 
-/// The HTTP routes of a queue.
+/// The HTTP routes of a queue. `allowed_hosts`: the Host header names
+/// accepted (default: the loopback names), on every route.
 pub fn router(
     queue: TaskQueue,
     allowed_hosts: Option<Vec<String>>,
     ct: &CancellationToken,
 ) -> axum::Router {
-    let mut config =
-        StreamableHttpServerConfig::default().with_cancellation_token(ct.child_token());
-    if let Some(hosts) = allowed_hosts {
-        config = config.with_allowed_hosts(hosts);
-    }
+    let hosts = allowed_hosts.unwrap_or_else(|| {
+        vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ]
+    });
+    let config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(ct.child_token())
+        .with_allowed_hosts(hosts.clone());
     let q = queue.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(McpServer::new(q.clone())),
@@ -32,7 +38,7 @@ pub fn router(
     );
     axum::Router::new()
         .nest_service("/mcp", mcp)
-        .merge(crate::mcp::sse::router(queue))
+        .merge(crate::mcp::sse::router(queue, hosts))
 }
 
 /// Binds `addr`, prints the address on stderr, serves until `shutdown`

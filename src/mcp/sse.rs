@@ -31,13 +31,18 @@ type Sessions = Arc<Mutex<HashMap<String, mpsc::Sender<ClientJsonRpcMessage>>>>;
 struct SseState {
     sessions: Sessions,
     queue: TaskQueue,
+    /// Host header names accepted (without port), as `/mcp` does: a page
+    /// on another site cannot reach a loopback server by DNS rebinding.
+    allowed_hosts: Arc<Vec<String>>,
 }
 
-/// `GET /sse` and `POST /messages`.
-pub fn router(queue: TaskQueue) -> Router {
+/// `GET /sse` and `POST /messages`, answering requests whose Host header
+/// names one of `allowed_hosts` (any port).
+pub fn router(queue: TaskQueue, allowed_hosts: Vec<String>) -> Router {
     let state = SseState {
         sessions: Arc::default(),
         queue,
+        allowed_hosts: Arc::new(allowed_hosts),
     };
     Router::new()
         .route("/sse", get(open))
@@ -58,7 +63,34 @@ impl Drop for SessionGuard {
     }
 }
 
-async fn open(State(st): State<SseState>) -> impl IntoResponse {
+fn host_allowed(st: &SseState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host),
+    };
+    st.allowed_hosts
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(name))
+}
+
+fn forbidden() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        "Forbidden: Host header is not allowed",
+    )
+        .into_response()
+}
+
+async fn open(State(st): State<SseState>, headers: axum::http::HeaderMap) -> Response {
+    if !host_allowed(&st, &headers) {
+        return forbidden();
+    }
     // The session id is the only credential of POST /messages: unguessable.
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (in_tx, in_rx) = mpsc::channel::<ClientJsonRpcMessage>(64);
@@ -88,7 +120,9 @@ async fn open(State(st): State<SseState>) -> impl IntoResponse {
             Ok::<_, Infallible>(Event::default().event("message").data(data))
         }),
     );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -99,9 +133,13 @@ struct SessionQuery {
 
 async fn message(
     State(st): State<SseState>,
+    headers: axum::http::HeaderMap,
     Query(q): Query<SessionQuery>,
     axum::Json(msg): axum::Json<ClientJsonRpcMessage>,
 ) -> Response {
+    if !host_allowed(&st, &headers) {
+        return forbidden();
+    }
     let tx = st
         .sessions
         .lock()

@@ -56,15 +56,20 @@ impl Submission {
 pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        Error::InvalidInput {
-            field: if field.is_empty() {
-                "spec".into()
-            } else {
-                field
-            },
-            message: e.into_inner().to_string(),
-        }
+        let message = e.into_inner().to_string();
+        // A missing or unknown field is named by the message, not the path.
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|p| message.strip_prefix(p))
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let field = match (path.as_str(), named) {
+            (".", Some(f)) => f,
+            (".", None) => "arguments".to_string(),
+            (p, Some(f)) => format!("{p}.{f}"),
+            (p, None) => p.to_string(),
+        };
+        Error::InvalidInput { field, message }
     })
 }
 

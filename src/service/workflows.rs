@@ -406,8 +406,11 @@ impl TaskQueue {
             return Err(Error::invalid(
                 "output",
                 format!(
-                    "does not match the task's validation schema at {}: {e}; fix it and complete again (the task is still yours)",
-                    e.instance_path()
+                    "does not match the task's validation schema{}: {e}; fix it and complete again (the task is still yours)",
+                    match e.instance_path().to_string() {
+                        p if p.is_empty() => String::new(),
+                        p => format!(" at {p}"),
+                    }
                 ),
             ));
         }

@@ -116,6 +116,7 @@ fn tools_schema_is_what_the_server_serves() {
         "claim_task",
         "complete_task",
         "fail_task",
+        "heartbeat_task",
         "search_tasks",
         "recommend",
         "queue_stats",
@@ -175,6 +176,21 @@ fn python_client_over_streamable_http_and_legacy_sse() {
     let schema = repo("tools.schema");
     scenario(&["http", &format!("{base}/mcp"), schema.to_str().unwrap()]);
     scenario(&["sse", &format!("{base}/sse"), schema.to_str().unwrap()]);
+    // Another site's name in the Host header (DNS rebinding) is refused on
+    // every route, the legacy ones included.
+    let addr = base.trim_start_matches("http://");
+    for path in ["/sse", "/mcp"] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: evil.example\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 403", "{path}");
+    }
     // The stored audit chain is intact after both sessions.
     let out = ws.run(&["audit", "verify"]);
     assert!(out.status.success());

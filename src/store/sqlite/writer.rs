@@ -935,7 +935,11 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
             updates.push(serde_json::json!([
                 id,
                 to.as_str(),
-                d.pending.max(0),
+                if to == TaskStatus::Skipped {
+                    0
+                } else {
+                    d.pending.max(0)
+                },
                 finished_at,
                 error
             ]));
