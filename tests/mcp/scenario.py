@@ -178,16 +178,24 @@ async def scenario(c, tools_schema_path, transport):
     return report
 
 
+def check_capabilities(caps):
+    """Tools and resources; never the deprecated logging capability."""
+    check(caps.tools is not None and caps.resources is not None, f"capabilities {caps}")
+    check(caps.logging is None, f"logging must not be advertised: {caps}")
+
+
 async def main():
     kind = sys.argv[1]
     if kind == "stdio":
         binary, db, config, schema = sys.argv[2:6]
         target = StdioServerParameters(command=binary, args=["--db", db, "--config", config, "mcp"])
         async with Client(target) as c:
+            check_capabilities(c.server_capabilities)
             report = await scenario(c, schema, "stdio")
     elif kind == "http":
         url, schema = sys.argv[2:4]
         async with Client(url) as c:
+            check_capabilities(c.server_capabilities)
             report = await scenario(c, schema, "http")
     elif kind == "sse":
         from mcp import ClientSession
@@ -196,7 +204,8 @@ async def main():
         url, schema = sys.argv[2:4]
         async with sse_client(url) as (r, w):
             async with ClientSession(r, w) as s:
-                await s.initialize()
+                init = await s.initialize()
+                check_capabilities(init.capabilities)
                 report = await scenario(s, schema, "sse")
     else:
         raise SystemExit(f"unknown transport {kind}")
