@@ -56,6 +56,7 @@ pub mod executor;
 pub mod integrity;
 pub mod mcp;
 pub mod model;
+pub mod rest;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,6 +1,7 @@
-//! `task-queue serve`: one HTTP server on the queue (MCP over streamable
-//! HTTP at `/mcp`, the legacy SSE transport at `/sse` + `/messages`), with
-//! the engine running in the same process.
+//! `task-queue serve`: one HTTP server on the queue — the REST API under
+//! `/api/v1`, `/health`, `/metrics`, MCP over streamable HTTP at `/mcp`
+//! and the legacy SSE transport at `/sse` + `/messages` — with the engine
+//! running in the same process.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -36,9 +37,16 @@ pub fn router(
         LocalSessionManager::default().into(),
         config,
     );
+    let api = crate::rest::router(crate::rest::ApiState {
+        queue: queue.clone(),
+        metrics: Default::default(),
+        started: std::time::Instant::now(),
+    });
     axum::Router::new()
         .nest_service("/mcp", mcp)
         .merge(crate::mcp::sse::router(queue, hosts))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(16 << 20))
 }
 
 /// Binds `addr`, prints the address on stderr, serves until `shutdown`
@@ -66,7 +74,9 @@ pub async fn serve(
     let ct = CancellationToken::new();
     let app = router(queue.clone(), hosts, &ct);
     let engine = queue.start();
-    eprintln!("task-queue listening on http://{local} (MCP: /mcp, legacy SSE: /sse)");
+    eprintln!(
+        "task-queue listening on http://{local} (REST: /api/v1, MCP: /mcp, legacy SSE: /sse)"
+    );
     tracing::info!(%local, "serving");
     let stop = ct.clone();
     axum::serve(listener, app)

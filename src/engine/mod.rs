@@ -39,6 +39,29 @@ struct LocalService {
     service: RunningService,
 }
 
+/// What the engine measures about itself, for `/health` and `/metrics`.
+#[derive(Debug, Default)]
+struct EngineStats {
+    running: bool,
+    last_tick_ms: i64,
+    attempt_durations: std::collections::BTreeMap<String, crate::rest::metrics::Histogram>,
+    claim_latency: crate::rest::metrics::Histogram,
+}
+
+/// A snapshot of the engine of this process.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStatus {
+    /// The engine loop is running in this process.
+    pub running: bool,
+    /// Running and ticking (or not running at all, as for a pure client).
+    pub healthy: bool,
+    pub last_tick_ms_ago: Option<i64>,
+    pub running_attempts: usize,
+    pub services: usize,
+    pub attempt_durations: std::collections::BTreeMap<String, crate::rest::metrics::Histogram>,
+    pub claim_latency: crate::rest::metrics::Histogram,
+}
+
 /// State shared by the service handle and the engine loops.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
@@ -50,6 +73,7 @@ pub(crate) struct Shared {
     pub worker_id: String,
     running: Mutex<HashMap<String, Running>>,
     services: Mutex<HashMap<String, LocalService>>,
+    stats: Mutex<EngineStats>,
     pub exec: ExecSettings,
 }
 
@@ -76,6 +100,7 @@ impl Shared {
             worker_id,
             running: Mutex::new(HashMap::new()),
             services: Mutex::new(HashMap::new()),
+            stats: Mutex::new(EngineStats::default()),
             exec,
         }
     }
@@ -114,6 +139,30 @@ impl Shared {
                 names,
                 ..ExternalFilter::default()
             }),
+        }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, EngineStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot for health checks and metrics.
+    pub fn status(&self) -> EngineStatus {
+        let now = Instant::now_ms();
+        let running_attempts = self.running().len();
+        let services = self.services().len();
+        let s = self.stats();
+        let ago = s.running.then_some(now - s.last_tick_ms);
+        // The loop ticks at least every poll interval; allow generous slack.
+        let stale = self.config.execution.poll_interval.0 * 20 + Duration::from_secs(5);
+        EngineStatus {
+            running: s.running,
+            healthy: !s.running || ago.is_some_and(|a| a <= stale.as_millis() as i64),
+            last_tick_ms_ago: ago,
+            running_attempts,
+            services,
+            attempt_durations: s.attempt_durations.clone(),
+            claim_latency: s.claim_latency.clone(),
         }
     }
 
@@ -162,6 +211,15 @@ impl Shared {
         if let Err(e) = self.store.put_logs(task_id, s.attempt, logs).await {
             tracing::warn!(task = %task_id, error = %e, "could not store the output of a stopped service");
         }
+    }
+}
+
+/// Wall-clock milliseconds (health reporting only; scheduling uses the injected clock).
+struct Instant;
+
+impl Instant {
+    fn now_ms() -> i64 {
+        crate::model::Timestamp::now().0
     }
 }
 
@@ -229,7 +287,9 @@ async fn run(
     let poll = shared.config.execution.poll_interval.0;
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut store_errors = 0u32;
+    shared.stats().running = true;
     loop {
+        shared.stats().last_tick_ms = Instant::now_ms();
         while tasks.try_join_next().is_some() {}
         if *shutdown.borrow() != RUNNING {
             break;
@@ -248,7 +308,10 @@ async fn run(
         // still be on its way to the store.
         let free = max.saturating_sub(shared.running().len());
         if free > 0 {
-            match shared.store.claim(shared.claim_request(free)).await {
+            let t = std::time::Instant::now();
+            let result = shared.store.claim(shared.claim_request(free)).await;
+            shared.stats().claim_latency.observe(t.elapsed());
+            match result {
                 Ok(claimed) => {
                     store_errors = 0;
                     let full = claimed.len() == free;
@@ -291,6 +354,7 @@ async fn run(
     }
     // Graceful stop: wait for running attempts until the handle says stop.
     drain(&shared, &mut tasks, &mut shutdown).await;
+    shared.stats().running = false;
     // Let the watcher finish a service it is stopping, then stop the rest.
     let _ = watch_stop.send(true);
     let _ = watcher.await;
@@ -332,7 +396,14 @@ async fn run_attempt(
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
 ) {
+    let t = std::time::Instant::now();
     let (report, policy, service) = execute(&shared, &c, reaper.clone(), stop.clone()).await;
+    shared
+        .stats()
+        .attempt_durations
+        .entry(report.status.as_str().to_string())
+        .or_default()
+        .observe(t.elapsed());
     if let Some(svc) = service {
         shared.services().insert(
             c.id.clone(),

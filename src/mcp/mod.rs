@@ -300,6 +300,7 @@ impl McpServer {
                     project: a.project,
                     tag: a.tag,
                     name: a.name,
+                    workflow_id: a.workflow_id,
                     limit: Some(limit),
                     cursor: a.cursor,
                 })

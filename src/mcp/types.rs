@@ -64,6 +64,9 @@ pub struct ListTasksArgs {
     /// Only tasks with exactly this name.
     #[serde(default)]
     pub name: Option<String>,
+    /// Only tasks of this workflow.
+    #[serde(default)]
+    pub workflow_id: Option<String>,
     /// Page size, 1..=200 (default 20).
     #[serde(default)]
     pub limit: Option<usize>,

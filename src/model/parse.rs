@@ -66,6 +66,7 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
         let field = match (path.as_str(), named) {
             (".", Some(f)) => f,
             (".", None) => "arguments".to_string(),
+            (p, Some(f)) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
             (p, Some(f)) => format!("{p}.{f}"),
             (p, None) => p.to_string(),
         };

@@ -54,6 +54,7 @@ pub struct TaskPage {
 pub struct ListOptions {
     pub statuses: Vec<TaskStatus>,
     pub project: Option<String>,
+    pub workflow_id: Option<String>,
     pub tag: Option<String>,
     pub name: Option<String>,
     pub limit: Option<usize>,
@@ -138,9 +139,23 @@ impl TaskQueue {
             now,
             single,
         )?;
+        let wake = self.engine_could_run(&p.sub.tasks);
         let out = self.inner.store.submit(p.sub).await?;
-        self.inner.wake.notify_one();
+        if wake {
+            self.inner.wake.notify_one();
+        }
         Ok(out)
+    }
+
+    /// Whether this process's engine could claim one of these tasks: not
+    /// for external tasks it has no handler for (a worker claims those), so
+    /// a submit of agent work does not cost a useless claim.
+    fn engine_could_run(&self, tasks: &[crate::store::NewTask]) -> bool {
+        let handlers = self.inner.handlers.read().unwrap_or_else(|e| e.into_inner());
+        tasks.iter().any(|t| {
+            t.kind != crate::model::TaskKind::External
+                || crate::executor::find_handler(&handlers, &t.name).is_some()
+        })
     }
 
     /// Dependencies on existing tasks must name tasks that exist.
@@ -202,9 +217,13 @@ impl TaskQueue {
             })?),
             None => None,
         };
+        if let Some(w) = &opts.workflow_id {
+            check_id(w).map_err(|e| e.in_field("workflow_id"))?;
+        }
         let filter = TaskFilter {
             statuses: opts.statuses,
             project: opts.project,
+            workflow_id: opts.workflow_id,
             tag: opts.tag,
             name: opts.name,
             ids: Vec::new(),
@@ -316,6 +335,30 @@ impl TaskQueue {
     /// Tasks by status.
     pub async fn counts(&self) -> Result<StatusCounts> {
         self.inner.store.counts().await
+    }
+
+    /// Task and workflow events after audit sequence `after` (for event streams).
+    pub async fn events_after(
+        &self,
+        after: i64,
+        workflow_id: Option<&str>,
+        project: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::StreamEvent>> {
+        self.inner
+            .store
+            .events_after(after, workflow_id, project, limit)
+            .await
+    }
+
+    /// The state of this process's engine (for health checks and metrics).
+    pub fn engine_status(&self) -> crate::engine::EngineStatus {
+        self.inner.status()
+    }
+
+    /// The newest event sequence number.
+    pub async fn last_event_seq(&self) -> Result<i64> {
+        self.inner.store.last_event_seq().await
     }
 
     /// Queue depth by status, workflows, ready backlog age, schedules, leases.

@@ -244,12 +244,38 @@ pub enum Reclaim {
 pub struct TaskFilter {
     pub statuses: Vec<TaskStatus>,
     pub project: Option<String>,
+    pub workflow_id: Option<String>,
     pub tag: Option<String>,
     pub name: Option<String>,
     pub ids: Vec<String>,
     pub limit: usize,
     /// Only tasks submitted before this cursor (from a previous page).
     pub before_seq: Option<i64>,
+}
+
+/// A committed state change for event streams, in audit-chain order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct StreamEvent {
+    /// The audit sequence number: pass it as `Last-Event-ID` to resume.
+    pub seq: i64,
+    pub at: crate::model::Timestamp,
+    /// `task` or `workflow` (schedule events are not streamed).
+    pub object: String,
+    /// What happened: `submitted`, `claimed`, `finished`, `skipped`, `workflow_finished`, ...
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub to: String,
+    /// Event detail (attempt, error, ...).
+    pub detail: serde_json::Value,
 }
 
 /// An engine instance, recorded so peers can detect that it died.
@@ -271,6 +297,8 @@ pub type StatusCounts = BTreeMap<TaskStatus, u64>;
 pub struct QueueStats {
     /// Tasks by status (statuses with no task are left out).
     pub tasks: StatusCounts,
+    /// Tasks by project, then status.
+    pub by_project: BTreeMap<String, StatusCounts>,
     /// Workflows by status.
     pub workflows: BTreeMap<WorkflowStatus, u64>,
     /// Ready tasks (queued, or retrying whose backoff is over).
@@ -356,6 +384,16 @@ pub trait Store: Send + Sync + 'static {
     async fn due_schedules(&self, now: i64) -> Result<Vec<ScheduleRecord>>;
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>>;
     async fn audit_events(&self, task_id: Option<&str>, limit: usize) -> Result<Vec<AuditEvent>>;
+    /// Task and workflow events after audit sequence `after`, oldest first.
+    async fn events_after(
+        &self,
+        after: i64,
+        workflow_id: Option<&str>,
+        project: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>>;
+    /// The newest audit sequence number (0 when empty).
+    async fn last_event_seq(&self) -> Result<i64>;
     async fn verify_audit(&self) -> Result<AuditReport>;
     async fn counts(&self) -> Result<StatusCounts>;
     async fn stats(&self, now: i64) -> Result<QueueStats>;

@@ -403,6 +403,23 @@ impl Store for SqliteStore {
         read::audit_events(&self.read, task_id, limit).await
     }
 
+    async fn events_after(
+        &self,
+        after: i64,
+        workflow_id: Option<&str>,
+        project: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>> {
+        read::events_after(&self.read, after, workflow_id, project, limit).await
+    }
+
+    async fn last_event_seq(&self) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit_events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
     async fn verify_audit(&self) -> Result<AuditReport> {
         read::verify_audit(&self.read).await
     }

@@ -13,7 +13,7 @@ use crate::model::{
     WorkflowRecord,
 };
 use crate::store::{
-    ClaimRequest, QueueStats, StatusCounts, TaskFilter, WorkerInfo, WorkflowFilter,
+    ClaimRequest, QueueStats, StatusCounts, StreamEvent, TaskFilter, WorkerInfo, WorkflowFilter,
 };
 
 const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
@@ -98,6 +98,9 @@ pub(super) async fn list(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<(i64, 
     if f.name.is_some() {
         sql.push_str(" AND name = ?");
     }
+    if f.workflow_id.is_some() {
+        sql.push_str(" AND workflow_id = ?");
+    }
     if !f.ids.is_empty() {
         sql.push_str(&format!(
             " AND id IN ({})",
@@ -120,6 +123,9 @@ pub(super) async fn list(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<(i64, 
     }
     if let Some(n) = &f.name {
         q = q.bind(n);
+    }
+    if let Some(w) = &f.workflow_id {
+        q = q.bind(w);
     }
     for id in &f.ids {
         q = q.bind(id);
@@ -220,6 +226,56 @@ pub(super) async fn audit_events(
     Ok(rows.iter().map(audit_from_row).collect())
 }
 
+pub(super) async fn events_after(
+    pool: &SqlitePool,
+    after: i64,
+    workflow_id: Option<&str>,
+    project: Option<&str>,
+    limit: usize,
+) -> Result<Vec<StreamEvent>> {
+    // Task events join their task; workflow events (task_id = the workflow
+    // id) join their workflow. Schedule events are left out.
+    let rows = sqlx::query(
+        "SELECT a.seq, a.at, a.task_id, a.kind, a.from_status, a.to_status, a.detail, \
+         COALESCE(t.name, w.name), COALESCE(t.workflow_id, w.id), COALESCE(t.project, w.project), \
+         w.id IS NOT NULL \
+         FROM audit_events a \
+         LEFT JOIN tasks t ON t.id = a.task_id \
+         LEFT JOIN workflows w ON w.id = a.task_id \
+         WHERE a.seq > ?1 AND (t.id IS NOT NULL OR w.id IS NOT NULL) \
+         AND (?2 IS NULL OR COALESCE(t.workflow_id, w.id) = ?2) \
+         AND (?3 IS NULL OR COALESCE(t.project, w.project) = ?3) \
+         ORDER BY a.seq LIMIT ?4",
+    )
+    .bind(after)
+    .bind(workflow_id)
+    .bind(project)
+    .bind(limit.max(1) as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let is_workflow: bool = r.get(10);
+            let detail: String = r.get(6);
+            let subject: String = r.get(2);
+            StreamEvent {
+                seq: r.get(0),
+                at: Timestamp(r.get(1)),
+                object: if is_workflow { "workflow" } else { "task" }.to_string(),
+                kind: r.get(3),
+                task_id: (!is_workflow).then(|| subject.clone()),
+                name: r.get(7),
+                workflow_id: r.get(8),
+                project: r.get(9),
+                from: r.get(4),
+                to: r.get(5),
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            }
+        })
+        .collect())
+}
+
 pub(super) async fn verify_audit(pool: &SqlitePool) -> Result<AuditReport> {
     let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events ORDER BY seq");
     let mut verifier = ChainVerifier::default();
@@ -252,6 +308,17 @@ pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
         tasks: counts(pool).await?,
         ..QueueStats::default()
     };
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT project, status, COUNT(*) FROM tasks INDEXED BY tasks_project \
+         WHERE project IS NOT NULL GROUP BY project, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (p, s, n) in rows {
+        if let Ok(st) = s.parse::<TaskStatus>() {
+            out.by_project.entry(p).or_default().insert(st, n as u64);
+        }
+    }
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM workflows GROUP BY status")
             .fetch_all(pool)

@@ -1,0 +1,198 @@
+//! The OpenAPI 3.1 document at `/api/v1/openapi.json`. Component schemas
+//! are generated from the Rust types the handlers use (schemars, JSON Schema
+//! 2020-12, which OpenAPI 3.1 adopts); the operation table below mirrors
+//! the router, and a test checks that every routed path is documented.
+
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, SchemaGenerator};
+use serde_json::{Map, Value, json};
+
+use crate::mcp::types::{ClaimArgs, LogsOut};
+use crate::model::{TaskRecord, TaskSpec, WorkflowDetail, WorkflowSpec};
+use crate::service::{ClaimedWork, TaskPage, WorkflowPage, WorkflowSubmitted};
+use crate::store::{QueueStats, StreamEvent, Submitted};
+
+fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Value {
+    serde_json::to_value(g.subschema_for::<T>()).unwrap_or(Value::Null)
+}
+
+fn error_response(desc: &str) -> Value {
+    json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn ok(desc: &str, schema: Value) -> Value {
+    json!({"description": desc, "content": {"application/json": {"schema": schema}}})
+}
+
+fn path_id(what: &str) -> Value {
+    json!({"name": "id", "in": "path", "required": true, "description": format!("The {what} id (UUID)."), "schema": {"type": "string", "format": "uuid"}})
+}
+
+fn query(name: &str, desc: &str, ty: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": ty}})
+}
+
+fn body(schema: Value) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": schema}}})
+}
+
+fn op(id: &str, summary: &str, params: Vec<Value>, req: Option<Value>, responses: Value) -> Value {
+    let mut o = json!({"operationId": id, "summary": summary, "responses": responses});
+    if !params.is_empty() {
+        o["parameters"] = Value::Array(params);
+    }
+    if let Some(b) = req {
+        o["requestBody"] = b;
+    }
+    o
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut g = SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = "/components/schemas".into())
+        .into_generator();
+    let task_spec = schema::<TaskSpec>(&mut g);
+    let workflow_spec = schema::<WorkflowSpec>(&mut g);
+    let submitted = schema::<Submitted>(&mut g);
+    let record = schema::<TaskRecord>(&mut g);
+    let attempt = schema::<crate::model::Attempt>(&mut g);
+    let page = schema::<TaskPage>(&mut g);
+    let wf_submitted = schema::<WorkflowSubmitted>(&mut g);
+    let wf_detail = schema::<WorkflowDetail>(&mut g);
+    let wf_page = schema::<WorkflowPage>(&mut g);
+    let wf_record = schema::<crate::model::WorkflowRecord>(&mut g);
+    let stats = schema::<QueueStats>(&mut g);
+    let logs = schema::<LogsOut>(&mut g);
+    let claim_args = schema::<ClaimArgs>(&mut g);
+    let claimed = schema::<ClaimedWork>(&mut g);
+    let event = schema::<StreamEvent>(&mut g);
+    let mut components: Map<String, Value> = g
+        .take_definitions(true)
+        .into_iter()
+        .collect::<Map<String, Value>>();
+    components.insert(
+        "Error".into(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "description": "Stable machine-readable code: invalid_input, not_found, conflict, unsupported, storage, shutting_down, payload_too_large, unsupported_media_type, ..."},
+                    "message": {"type": "string", "description": "What went wrong and, where it helps, what to do."},
+                    "details": {"description": "The field or id concerned, when there is one."}
+                }
+            }}
+        }),
+    );
+    let task_out = json!({"type": "object", "required": ["task"], "properties": {"task": record}});
+    let task_with_attempts = json!({"type": "object", "required": ["task", "attempts"], "properties": {"task": record, "attempts": {"type": "array", "items": attempt}}});
+    let decision = json!({"type": "object", "additionalProperties": false, "properties": {"comment": {"type": ["string", "null"]}, "by": {"type": ["string", "null"]}}});
+    let worker = |extra: Value, required: Vec<&str>| {
+        let mut props = json!({"worker_id": {"type": "string", "description": "The worker id used to claim the task."}});
+        if let (Value::Object(p), Value::Object(e)) = (&mut props, extra) {
+            p.extend(e);
+        }
+        json!({"type": "object", "additionalProperties": false, "required": required, "properties": props})
+    };
+    let errors = |extra: &[(&str, &str)]| {
+        let mut r = Map::new();
+        r.insert("400".into(), error_response("Invalid input; `details.field` names it."));
+        for (code, desc) in extra {
+            r.insert((*code).into(), error_response(desc));
+        }
+        r.insert("503".into(), error_response("The store is unavailable; retry."));
+        r
+    };
+    let merge = |mut base: Map<String, Value>, ok_code: &str, ok_resp: Value| {
+        base.insert(ok_code.into(), ok_resp);
+        Value::Object(base)
+    };
+    let paths = json!({
+        "/tasks": {
+            "post": op("createTask", "Submit a task (201; 200 when the idempotency key matched an earlier task)",
+                vec![json!({"name": "Idempotency-Key", "in": "header", "required": false, "description": "Same as the spec's idempotency_key: a repeat returns the first task.", "schema": {"type": "string"}})],
+                Some(body(task_spec.clone())),
+                merge(errors(&[("413", "Body too large."), ("415", "Not application/json.")]), "201", ok("Created.", submitted.clone()))),
+            "get": op("listTasks", "List tasks, newest first, with cursor pagination",
+                vec![query("status", "Statuses, comma-separated or repeated.", "string"), query("project", "Project.", "string"),
+                     query("workflow_id", "Workflow id.", "string"), query("tag", "Tag.", "string"), query("name", "Exact name.", "string"),
+                     query("limit", "Page size, 1..=1000 (default 50).", "integer"), query("cursor", "next_cursor of the previous page.", "string")],
+                None, merge(errors(&[]), "200", ok("A page.", page))),
+        },
+        "/tasks/batch": {
+            "post": op("createTasks", "Submit tasks atomically; they may depend on each other by name", vec![],
+                Some(body(json!({"type": "object", "additionalProperties": false, "required": ["tasks"], "properties": {"tasks": {"type": "array", "items": task_spec}}}))),
+                merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", json!({"type": "object", "properties": {"tasks": {"type": "array", "items": submitted}}})))),
+        },
+        "/tasks/{id}": {"get": op("getTask", "A task with its attempts", vec![path_id("task")], None,
+            merge(errors(&[("404", "No such task.")]), "200", ok("The task.", task_with_attempts)))},
+        "/tasks/{id}/logs": {"get": op("getTaskLogs", "Captured stdout/stderr, sliced by tail or offset/limit",
+            vec![path_id("task"), query("attempt", "Only this attempt.", "integer"), query("stream", "stdout or stderr.", "string"),
+                 query("tail", "Last N bytes of each stream.", "integer"), query("offset", "Start offset.", "integer"), query("limit", "Most bytes per stream (default 65536).", "integer")],
+            None, merge(errors(&[("404", "No such task.")]), "200", ok("The output.", logs)))},
+        "/tasks/{id}/cancel": {"post": op("cancelTask", "Cancel an unfinished task (its processes are stopped)", vec![path_id("task")], None,
+            merge(errors(&[("404", "No such task."), ("409", "Already finished.")]), "200", ok("The task.", task_out.clone())))},
+        "/tasks/{id}/retry": {"post": op("retryTask", "Run a failed, timed-out or cancelled task again", vec![path_id("task")], None,
+            merge(errors(&[("404", "No such task."), ("409", "Not in a state that can be retried.")]), "200", ok("The task.", task_out.clone())))},
+        "/tasks/{id}/approve": {"post": op("approveTask", "Approve a task waiting in awaiting_approval", vec![path_id("task")], Some(body(decision.clone())),
+            merge(errors(&[("404", "No such task."), ("409", "Not awaiting approval.")]), "200", ok("The task.", task_out.clone())))},
+        "/tasks/{id}/reject": {"post": op("rejectTask", "Reject a task waiting in awaiting_approval (it fails)", vec![path_id("task")], Some(body(decision)),
+            merge(errors(&[("404", "No such task."), ("409", "Not awaiting approval.")]), "200", ok("The task.", task_out.clone())))},
+        "/tasks/{id}/heartbeat": {"post": op("heartbeatTask", "Extend the lease of a claimed task", vec![path_id("task")],
+            Some(body(worker(json!({"lease_seconds": {"type": ["integer", "null"], "description": "1..=3600, default 300."}}), vec!["worker_id"]))),
+            merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200",
+                ok("The new lease.", json!({"type": "object", "properties": {"task_id": {"type": "string"}, "lease_expires_at": {"type": "string", "format": "date-time"}}}))))},
+        "/tasks/{id}/complete": {"post": op("completeTask", "Complete a claimed task with its result output", vec![path_id("task")],
+            Some(body(worker(json!({"output": {"description": "The result; must match the task's validation schema."}}), vec!["worker_id"]))),
+            merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200", ok("The task.", task_out.clone())))},
+        "/tasks/{id}/fail": {"post": op("failTask", "Fail a claimed task", vec![path_id("task")],
+            Some(body(worker(json!({"error": {"type": "string"}, "retryable": {"type": ["boolean", "null"], "description": "Default true."}}), vec!["worker_id", "error"]))),
+            merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200", ok("The task.", task_out)))},
+        "/workers/claim": {"post": op("claimTasks", "Claim ready external tasks under a lease", vec![], Some(body(claim_args)),
+            merge(errors(&[]), "200", ok("The claimed tasks (possibly none).", json!({"type": "object", "properties": {"tasks": {"type": "array", "items": claimed}}}))))},
+        "/workflows": {
+            "post": op("createWorkflow", "Submit a workflow (checked as a whole; nothing is stored if it is rejected)", vec![], Some(body(workflow_spec)),
+                merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", wf_submitted))),
+            "get": op("listWorkflows", "List workflows, newest first",
+                vec![query("status", "running, succeeded, failed or cancelled.", "string"), query("project", "Project.", "string"),
+                     query("limit", "Page size, 1..=1000 (default 50).", "integer"), query("cursor", "next_cursor of the previous page.", "string")],
+                None, merge(errors(&[]), "200", ok("A page.", wf_page))),
+        },
+        "/workflows/{id}": {"get": op("getWorkflow", "A workflow with its tasks and edges", vec![path_id("workflow")], None,
+            merge(errors(&[("404", "No such workflow.")]), "200", ok("The workflow.", wf_detail)))},
+        "/workflows/{id}/graph": {"get": op("getWorkflowGraph", "The workflow's graph as Mermaid or DOT, nodes styled by status",
+            vec![path_id("workflow"), query("format", "mermaid (default) or dot.", "string")], None,
+            merge(errors(&[("404", "No such workflow.")]), "200", json!({"description": "The graph text.", "content": {"text/plain": {"schema": {"type": "string"}}, "text/vnd.graphviz": {"schema": {"type": "string"}}}})))},
+        "/workflows/{id}/cancel": {"post": op("cancelWorkflow", "Cancel every unfinished task of a workflow", vec![path_id("workflow")], None,
+            merge(errors(&[("404", "No such workflow."), ("409", "Already finished.")]), "200", ok("The workflow.", wf_record)))},
+        "/search": {"get": op("searchTasks", "Search past tasks (not available yet: 501)",
+            vec![query("q", "Words to look for.", "string"), query("project", "Project.", "string"), query("status", "Status.", "string"), query("limit", "Most hits.", "integer")],
+            None, Value::Object({ let mut m = Map::new(); m.insert("501".into(), error_response("Not available in this release.")); m }))},
+        "/recommendations": {"get": op("recommend", "Recommendations from history (not available yet: 501)",
+            vec![query("name", "Task name.", "string"), query("command", "Command.", "string"), query("project", "Project.", "string")],
+            None, Value::Object({ let mut m = Map::new(); m.insert("501".into(), error_response("Not available in this release.")); m }))},
+        "/stats": {"get": op("queueStats", "Tasks and workflows by status, ready backlog, schedules, leases", vec![], None,
+            merge(errors(&[]), "200", ok("The snapshot.", stats)))},
+        "/events": {"get": op("events", "Server-Sent Events of task and workflow state changes; resumable with Last-Event-ID",
+            vec![query("workflow_id", "Only this workflow.", "string"), query("project", "Only this project.", "string"),
+                 query("after", "Start after this event id (default: now).", "integer"),
+                 json!({"name": "Last-Event-ID", "in": "header", "required": false, "description": "Resume after this event id.", "schema": {"type": "string"}})],
+            None, merge(errors(&[]), "200", json!({"description": "An event stream: `event: task|workflow`, `id: <seq>`, `data: <StreamEvent JSON>`.",
+                "content": {"text/event-stream": {"schema": event}}})))},
+        "/openapi.json": {"get": op("openapi", "This document", vec![], None, json!({"200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}}))},
+    });
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "task-queue",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Durable task and workflow orchestration. Errors are {\"error\": {\"code\", \"message\", \"details\"}}.",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "paths": paths,
+        "components": {"schemas": components},
+    })
+}
