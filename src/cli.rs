@@ -189,16 +189,23 @@ pub fn init_tracing(cli: &Cli) {
         .try_init();
 }
 
-/// Loads `--config` (if any) and applies `--db`.
+/// Builds the configuration: defaults, then `--config` (if any), then
+/// `TASK_QUEUE_<SECTION>__<KEY>` variables, then `--db` and `--log-level`.
 pub fn load_config(cli: &Cli) -> Result<Config> {
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+    // `--log-level` always has a value; only one other than the built-in
+    // default overrides `monitoring.log_level`.
+    let default_level = crate::config::MonitoringConfig::default().log_level;
+    let flags = crate::config::Overrides {
+        db: cli.db.clone(),
+        log_level: (cli.log_level != default_level).then(|| cli.log_level.clone()),
     };
-    if let Some(db) = &cli.db {
-        config.storage.path = db.clone();
-    }
-    Ok(config)
+    // Variables whose name or value is not UTF-8 cannot be overrides; a
+    // non-UTF-8 value is passed on lossily so its error names the variable.
+    let env = std::env::vars_os().filter_map(|(k, v)| {
+        let k = k.into_string().ok()?;
+        Some((k, v.to_string_lossy().into_owned()))
+    });
+    Config::load_with(cli.config.as_deref(), env, &flags)
 }
 
 /// Runs a parsed command line; returns the process exit code.
