@@ -27,8 +27,23 @@ pub struct Cli {
     /// Log filter for stderr, e.g. `info`, `task_queue=debug`.
     #[arg(long, global = true, env = "TASK_QUEUE_LOG", default_value = "warn")]
     pub log_level: String,
+    /// Log line format on stderr: text or json (one JSON object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "TASK_QUEUE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormatArg,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,9 +130,13 @@ pub enum Command {
     /// Serve over HTTP: MCP (streamable HTTP at /mcp, legacy SSE at /sse),
     /// with the engine running in this process.
     Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:16080", env = "TASK_QUEUE_BIND")]
-        bind: std::net::SocketAddr,
+        /// Address to listen on (default: server.bind, 127.0.0.1:16080).
+        #[arg(long, env = "TASK_QUEUE_BIND")]
+        bind: Option<std::net::SocketAddr>,
+        /// Allow a non-loopback address without auth. Anyone who can reach
+        /// the port can then run commands as this user.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Print the MCP `tools/list` payload (the content of tools.schema).
     ToolsSchema,
@@ -183,10 +202,13 @@ pub struct Opened;
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormatArg::Text => builder.try_init(),
+        LogFormatArg::Json => builder.json().try_init(),
+    };
 }
 
 /// Builds the configuration: defaults, then `--config` (if any), then
@@ -264,9 +286,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let queue = TaskQueue::open_with(config).await?;
             mcp_stdio(&queue).await
         }
-        Command::Serve { bind } => {
+        Command::Serve { bind, insecure } => {
+            if let Some(b) = bind {
+                config.server.bind = b;
+            }
+            config.server.insecure |= insecure;
+            if config.auth.enabled {
+                return Err(Error::Config(
+                    "auth.enabled: API tokens are not available in this release yet; \
+                     serve on a loopback address (127.0.0.1) instead"
+                        .into(),
+                ));
+            }
+            config.check_exposure(false)?;
+            if !config.server.bind.ip().is_loopback() {
+                tracing::warn!(bind = %config.server.bind, "SERVING WITHOUT AUTH ON A NON-LOOPBACK ADDRESS (--insecure): anyone who can reach it can run commands as this user");
+                eprintln!(
+                    "warning: serving without auth on {} (--insecure)",
+                    config.server.bind
+                );
+            }
+            let bind = config.server.bind;
+            let grace = config.server.shutdown_grace.0;
             let queue = TaskQueue::open_with(config).await?;
-            let grace = Duration::from_secs(30);
             crate::server::serve(queue, bind, grace, async {
                 let mut term = match signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,

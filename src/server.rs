@@ -31,6 +31,7 @@ pub fn router(
     let config = StreamableHttpServerConfig::default()
         .with_cancellation_token(ct.child_token())
         .with_allowed_hosts(hosts.clone());
+    let body_limit = queue_body_limit(&queue);
     let q = queue.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(McpServer::new(q.clone())),
@@ -41,12 +42,17 @@ pub fn router(
         queue: queue.clone(),
         metrics: Default::default(),
         started: std::time::Instant::now(),
+        shutdown: ct.clone(),
     });
     axum::Router::new()
         .nest_service("/mcp", mcp)
         .merge(crate::mcp::sse::router(queue, hosts))
         .merge(api)
-        .layer(axum::extract::DefaultBodyLimit::max(16 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+}
+
+fn queue_body_limit(queue: &TaskQueue) -> usize {
+    queue.config().server.max_body_bytes.0 as usize
 }
 
 /// Binds `addr`, prints the address on stderr, serves until `shutdown`
@@ -79,12 +85,18 @@ pub async fn serve(
     );
     tracing::info!(%local, "serving");
     let stop = ct.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop.cancel();
-        })
-        .await
-        .map_err(Error::from)?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        stop.cancel();
+    });
+    // Open connections get the grace period to finish, then are cut.
+    let cut = ct.clone();
+    tokio::select! {
+        r = server => r.map_err(Error::from)?,
+        _ = async {
+            cut.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("connections still open after the grace period were closed"),
+    }
     engine.shutdown(grace).await
 }

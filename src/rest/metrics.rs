@@ -45,7 +45,11 @@ impl Histogram {
                 self.counts[i]
             );
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
         let braces = if labels.is_empty() {
             String::new()
         } else {
@@ -67,7 +71,9 @@ pub struct Metrics {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -112,7 +118,11 @@ impl Metrics {
             }
             out.push_str("# HELP task_queue_workflows Workflows by status.\n# TYPE task_queue_workflows gauge\n");
             for (st, n) in &s.workflows {
-                let _ = writeln!(out, "task_queue_workflows{{status=\"{}\"}} {n}", st.as_str());
+                let _ = writeln!(
+                    out,
+                    "task_queue_workflows{{status=\"{}\"}} {n}",
+                    st.as_str()
+                );
             }
             let _ = writeln!(
                 out,
@@ -161,7 +171,12 @@ impl Metrics {
             );
         }
         out.push_str("# HELP task_queue_http_request_duration_seconds HTTP request latency by route.\n# TYPE task_queue_http_request_duration_seconds histogram\n");
-        for (r, h) in self.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (r, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             h.render(
                 &mut out,
                 "task_queue_http_request_duration_seconds",

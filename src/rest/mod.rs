@@ -21,9 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::Error;
-use crate::mcp::types::{
-    ClaimArgs, CompleteArgs, FailArgs, HeartbeatArgs, LogSlice, LogsOut,
-};
+use crate::mcp::types::{ClaimArgs, CompleteArgs, FailArgs, HeartbeatArgs, LogSlice, LogsOut};
 use crate::model::{TaskSpec, TaskStatus, WorkflowSpec, from_value};
 use crate::service::{ClaimFilter, ListOptions, TaskQueue};
 
@@ -33,6 +31,8 @@ pub struct ApiState {
     pub queue: TaskQueue,
     pub metrics: Arc<metrics::Metrics>,
     pub started: Instant,
+    /// Cancelled when the server shuts down: long-lived streams end.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An error as the API answers it.
@@ -62,7 +62,9 @@ impl From<Error> for ApiError {
             Error::Unsupported { field, .. } => {
                 (StatusCode::NOT_IMPLEMENTED, json!({"field": field}))
             }
-            Error::NotFound { what, id } => (StatusCode::NOT_FOUND, json!({"kind": what, "id": id})),
+            Error::NotFound { what, id } => {
+                (StatusCode::NOT_FOUND, json!({"kind": what, "id": id}))
+            }
             Error::Conflict(_) => (StatusCode::CONFLICT, Value::Null),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
             Error::Store(_) | Error::Io(_) => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
@@ -118,7 +120,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(status, "payload_too_large", "the request body is too large")
             } else {
-                ApiError::new(status, "invalid_input", format!("cannot read the body: {e}"))
+                ApiError::new(
+                    status,
+                    "invalid_input",
+                    format!("cannot read the body: {e}"),
+                )
             }
         })?;
         let v: Value = if bytes.is_empty() {
@@ -200,17 +206,16 @@ fn num<T: std::str::FromStr>(field: &str, v: &Option<String>) -> ApiResult<Optio
     match v {
         None => Ok(None),
         Some(s) => s.parse().map(Some).map_err(|_| {
-            ApiError::from(Error::invalid(field, format!("must be a number, got {s:?}")))
+            ApiError::from(Error::invalid(
+                field,
+                format!("must be a number, got {s:?}"),
+            ))
         }),
     }
 }
 
 /// Counts every request by method, matched route and status.
-async fn track(
-    State(st): State<ApiState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn track(State(st): State<ApiState>, req: Request, next: axum::middleware::Next) -> Response {
     let method = req.method().to_string();
     let route = req
         .extensions()
@@ -308,10 +313,7 @@ struct BatchBody {
     tasks: Vec<TaskSpec>,
 }
 
-async fn create_batch(
-    State(st): State<ApiState>,
-    Body(b): Body<BatchBody>,
-) -> ApiResult<Response> {
+async fn create_batch(State(st): State<ApiState>, Body(b): Body<BatchBody>) -> ApiResult<Response> {
     let out = st.queue.submit_batch(b.tasks).await?;
     st.metrics.submitted(out.len());
     Ok((StatusCode::CREATED, Json(json!({ "tasks": out }))).into_response())
@@ -351,9 +353,8 @@ impl OneOrMany {
             .into_iter()
             .filter(|s| !s.is_empty())
             .map(|s| {
-                s.parse::<TaskStatus>().map_err(|e| {
-                    ApiError::from(Error::invalid("status", e))
-                })
+                s.parse::<TaskStatus>()
+                    .map_err(|e| ApiError::from(Error::invalid("status", e)))
             })
             .collect()
     }
@@ -581,7 +582,10 @@ async fn create_workflow(
 ) -> ApiResult<Response> {
     let out = st.queue.submit_workflow(w).await?;
     st.metrics.submitted(out.tasks.len());
-    Ok(created(format!("/api/v1/workflows/{}", out.workflow_id), &out))
+    Ok(created(
+        format!("/api/v1/workflows/{}", out.workflow_id),
+        &out,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -690,7 +694,10 @@ async fn events(
         .and_then(|v| v.to_str().ok())
         .map(|s| {
             s.trim().parse::<i64>().map_err(|_| {
-                ApiError::from(Error::invalid("Last-Event-ID", "must be an event id (a number)"))
+                ApiError::from(Error::invalid(
+                    "Last-Event-ID",
+                    "must be an event id (a number)",
+                ))
             })
         })
         .transpose()?;
@@ -703,6 +710,7 @@ async fn events(
         crate::service::check_id(w).map_err(|e| ApiError::from(e.in_field("workflow_id")))?;
     }
     let queue = st.queue.clone();
+    let shutdown = st.shutdown.clone();
     let wake = queue.subscribe();
     let wake_wf = queue.subscribe_workflows();
     let filter = (q.workflow_id, q.project);
@@ -720,9 +728,13 @@ async fn events(
     };
     let stream = futures::stream::unfold(start, move |mut c| {
         let queue = queue.clone();
+        let shutdown = shutdown.clone();
         let (workflow_id, project) = filter.clone();
         async move {
             loop {
+                if shutdown.is_cancelled() {
+                    return None;
+                }
                 if let Some(e) = c.buf.pop() {
                     let data = serde_json::to_string(&e).unwrap_or_default();
                     let ev = Event::default()
@@ -750,6 +762,7 @@ async fn events(
                     _ = c.wake.recv() => {}
                     _ = c.wake_wf.recv() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => return None,
                 }
             }
         }
@@ -804,7 +817,10 @@ async fn metrics_text(State(st): State<ApiState>) -> Response {
     let stats = st.queue.stats().await.ok();
     let text = st.metrics.render(stats.as_ref(), &st.queue.engine_status());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

@@ -99,11 +99,17 @@ pub fn document() -> Value {
     };
     let errors = |extra: &[(&str, &str)]| {
         let mut r = Map::new();
-        r.insert("400".into(), error_response("Invalid input; `details.field` names it."));
+        r.insert(
+            "400".into(),
+            error_response("Invalid input; `details.field` names it."),
+        );
         for (code, desc) in extra {
             r.insert((*code).into(), error_response(desc));
         }
-        r.insert("503".into(), error_response("The store is unavailable; retry."));
+        r.insert(
+            "503".into(),
+            error_response("The store is unavailable; retry."),
+        );
         r
     };
     let merge = |mut base: Map<String, Value>, ok_code: &str, ok_resp: Value| {

@@ -151,7 +151,11 @@ impl TaskQueue {
     /// for external tasks it has no handler for (a worker claims those), so
     /// a submit of agent work does not cost a useless claim.
     fn engine_could_run(&self, tasks: &[crate::store::NewTask]) -> bool {
-        let handlers = self.inner.handlers.read().unwrap_or_else(|e| e.into_inner());
+        let handlers = self
+            .inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         tasks.iter().any(|t| {
             t.kind != crate::model::TaskKind::External
                 || crate::executor::find_handler(&handlers, &t.name).is_some()

@@ -10,4 +10,5 @@ mod execution;
 mod library;
 mod mcp;
 mod orchestration;
+mod rest;
 mod workflows;

@@ -1,0 +1,633 @@
+//! The REST API: every endpoint through the router (`oneshot`), and the
+//! real `serve` binary over HTTP (events stream, bind refusal, SIGTERM and
+//! restart).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value, json};
+use task_queue::rest::{ApiState, router};
+use task_queue::{Config, TaskQueue};
+use tower::ServiceExt;
+
+use crate::common::{Workspace, wait_until};
+
+/// method, uri, body, expected status, error code, text in the message.
+type ErrorCase = (
+    &'static str,
+    String,
+    Option<Value>,
+    StatusCode,
+    &'static str,
+    &'static str,
+);
+
+async fn app(dir: &tempfile::TempDir) -> (axum::Router, TaskQueue) {
+    let mut config = Config::default();
+    config.storage.path = dir.path().join("rest.db");
+    config.execution.poll_interval = "50ms".parse().unwrap();
+    let queue = TaskQueue::open_with(config).await.unwrap();
+    let state = ApiState {
+        queue: queue.clone(),
+        metrics: Default::default(),
+        started: std::time::Instant::now(),
+        shutdown: Default::default(),
+    };
+    (router(state), queue)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .unwrap();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, v)
+}
+
+fn assert_error(v: &Value, code: &str, needle: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(needle),
+        "wanted {needle:?} in {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers_and_errors_have_one_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, queue) = app(&dir).await;
+    let engine = queue.start();
+
+    // Tasks: create (201 + Location), idempotent repeat (200), list, get, logs.
+    let (s, t) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks",
+        Some(json!({"name": "hello", "command": "echo hi", "idempotency_key": "k1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let (s, again) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks",
+        Some(json!({"name": "hello", "command": "echo hi", "idempotency_key": "k1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again["id"], id);
+    assert_eq!(again["created"], false);
+    let done = queue
+        .wait(&id, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.status.as_str(), "succeeded");
+    let (s, page) = call(&app, "GET", "/api/v1/tasks?status=succeeded&limit=10", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["tasks"][0]["id"], id);
+    let (s, got) = call(&app, "GET", &format!("/api/v1/tasks/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(got["attempts"].as_array().unwrap().len(), 1);
+    let (s, logs) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/tasks/{id}/logs?stream=stdout"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(logs["logs"][0]["text"], "hi\n");
+
+    // Batch with a dependency, then a workflow with a gate.
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks/batch",
+        Some(json!({"tasks": [
+        {"name": "a", "command": "true"}, {"name": "b", "command": "true", "depends_on": ["a"]}]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["tasks"][1]["status"], "pending");
+    let (s, w) = call(
+        &app,
+        "POST",
+        "/api/v1/workflows",
+        Some(json!({"name": "rel", "project": "p1", "tasks": [
+        {"name": "build", "command": "true"},
+        {"name": "gate", "command": "true", "requires_approval": true, "depends_on": ["build"]},
+        {"name": "deploy", "command": "true", "depends_on": ["gate"]}]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{w}");
+    let wf = w["workflow_id"].as_str().unwrap().to_string();
+    let gate = w["tasks"][1]["id"].as_str().unwrap().to_string();
+    for _ in 0..200 {
+        if queue.get(&gate).await.unwrap().status.as_str() == "awaiting_approval" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, r) = call(
+        &app,
+        "POST",
+        &format!(
+            "/api/v1/tasks/{}/approve",
+            w["tasks"][2]["id"].as_str().unwrap()
+        ),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{r}");
+    let (s, _) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{gate}/approve"),
+        Some(json!({"comment": "ok", "by": "ci"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let done = queue
+        .wait_workflow(&wf, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.status.as_str(), "succeeded");
+    let (s, d) = call(&app, "GET", &format!("/api/v1/workflows/{wf}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(d["tasks"].as_array().unwrap().len(), 3);
+    let (s, g) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/workflows/{wf}/graph?format=dot"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(g.as_str().unwrap().starts_with("digraph"));
+    let (s, l) = call(&app, "GET", "/api/v1/workflows?status=succeeded", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(l["workflows"][0]["id"], wf.as_str());
+    let (s, e) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/workflows/{wf}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+
+    // Reject, retry, cancel.
+    let (_, w2) = call(
+        &app,
+        "POST",
+        "/api/v1/workflows",
+        Some(json!({"name": "rej", "tasks": [
+        {"name": "gate", "command": "true", "requires_approval": true}]})),
+    )
+    .await;
+    let g2 = w2["tasks"][0]["id"].as_str().unwrap().to_string();
+    let (s, r) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{g2}/reject"),
+        Some(json!({"comment": "no"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["task"]["status"], "failed");
+    let (s, r) = call(&app, "POST", &format!("/api/v1/tasks/{g2}/retry"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["task"]["status"], "awaiting_approval");
+    let (s, r) = call(&app, "POST", &format!("/api/v1/tasks/{g2}/cancel"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["task"]["status"], "cancelled");
+
+    // Workers: claim, heartbeat, complete, fail.
+    let (_, x) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks",
+        Some(json!({"name": "ext", "kind": "external", "retry": {"max_attempts": 1}})),
+    )
+    .await;
+    let xid = x["id"].as_str().unwrap().to_string();
+    let (s, c) = call(
+        &app,
+        "POST",
+        "/api/v1/workers/claim",
+        Some(json!({"worker_id": "w1", "names": ["ext"], "lease_seconds": 30})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["tasks"][0]["task_id"], xid.as_str());
+    let (s, _) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{xid}/heartbeat"),
+        Some(json!({"worker_id": "w1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, e) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{xid}/complete"),
+        Some(json!({"worker_id": "w2"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, r) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{xid}/complete"),
+        Some(json!({"worker_id": "w1", "output": {"ok": 1}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["task"]["status"], "succeeded");
+    let (_, y) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks",
+        Some(json!({"name": "ext2", "kind": "external", "retry": {"max_attempts": 1}})),
+    )
+    .await;
+    let yid = y["id"].as_str().unwrap().to_string();
+    call(
+        &app,
+        "POST",
+        "/api/v1/workers/claim",
+        Some(json!({"worker_id": "w1", "names": ["ext2"]})),
+    )
+    .await;
+    let (s, r) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/tasks/{yid}/fail"),
+        Some(json!({"worker_id": "w1", "error": "nope", "retryable": false})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["task"]["status"], "failed");
+
+    // Stats, health, metrics, OpenAPI.
+    let (s, st) = call(&app, "GET", "/api/v1/stats", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(st["tasks"]["succeeded"].as_u64().unwrap() >= 5, "{st}");
+    let (s, h) = call(&app, "GET", "/health", None).await;
+    assert_eq!(s, StatusCode::OK, "{h}");
+    assert_eq!(h["checks"]["store"]["ok"], true);
+    let (s, m) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let m = m.as_str().unwrap();
+    assert!(m.contains("task_queue_tasks{status=\"succeeded\"}"), "{m}");
+    assert!(
+        m.contains(
+            "task_queue_http_requests_total{method=\"POST\",route=\"/api/v1/tasks\",status=\"201\"}"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("task_queue_attempt_duration_seconds_bucket"),
+        "{m}"
+    );
+    assert!(
+        m.contains("task_queue_tasks_by_project{project=\"p1\",status=\"succeeded\"} 3"),
+        "{m}"
+    );
+    let (s, doc) = call(&app, "GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for p in [
+        "/tasks",
+        "/tasks/{id}",
+        "/tasks/{id}/logs",
+        "/workers/claim",
+        "/workflows/{id}/graph",
+        "/events",
+        "/stats",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} documented");
+    }
+    // Every $ref resolves.
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().unwrap();
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "{name} missing"
+        );
+    }
+
+    // Errors: one shape, the right status, the field named.
+    let cases: Vec<ErrorCase> = vec![
+        (
+            "POST",
+            "/api/v1/tasks".into(),
+            Some(json!({"name": "x", "command": "true", "priority": 500})),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "priority",
+        ),
+        (
+            "POST",
+            "/api/v1/tasks".into(),
+            Some(json!({"name": "x", "command": "true", "colour": 1})),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "colour",
+        ),
+        (
+            "POST",
+            "/api/v1/workflows".into(),
+            Some(
+                json!({"name": "w", "tasks": [{"name": "a", "command": "true", "depends_on": ["a"]}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "itself",
+        ),
+        (
+            "GET",
+            "/api/v1/tasks/nope".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "id",
+        ),
+        (
+            "GET",
+            "/api/v1/tasks/0193b0c2-0000-7000-8000-000000000000".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "not found",
+        ),
+        (
+            "GET",
+            "/api/v1/tasks?limit=0".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "limit",
+        ),
+        (
+            "GET",
+            "/api/v1/tasks?status=done".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "status",
+        ),
+        (
+            "GET",
+            "/api/v1/tasks?colour=red".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "colour",
+        ),
+        (
+            "GET",
+            format!("/api/v1/workflows/{wf}/graph?format=png"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "format",
+        ),
+        (
+            "POST",
+            format!("/api/v1/tasks/{id}/cancel"),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+            "already",
+        ),
+        (
+            "GET",
+            "/api/v1/search?q=deploy".into(),
+            None,
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+            "not available yet",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "openapi",
+        ),
+    ];
+    for (method, uri, body, status, code, needle) in cases {
+        let (s, v) = call(&app, method, &uri, body).await;
+        assert_eq!(s, status, "{method} {uri}: {v}");
+        assert_error(&v, code, needle);
+    }
+    // Malformed JSON, wrong content type, too large.
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::post("/api/v1/tasks")
+                .header("content-type", "application/json")
+                .body(Body::from("{"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::post("/api/v1/tasks")
+                .header("content-type", "text/plain")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let huge = json!({"name": "x", "command": "x".repeat(3 << 20)}).to_string();
+    let limited = app
+        .clone()
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20));
+    let resp = limited
+        .oneshot(
+            Request::post("/api/v1/tasks")
+                .header("content-type", "application/json")
+                .body(Body::from(huge))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Starts `serve` on a free port; returns the base URL.
+fn serve(ws: &Workspace) -> (String, std::process::Child) {
+    use std::io::{BufRead, BufReader};
+    let mut child = ws
+        .cmd(&["serve", "--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ws.track(child.id());
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (url, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_streams_events_and_survives_sigterm() {
+    let ws = Workspace::new();
+    let (base, mut child) = serve(&ws);
+    let http = task_queue::executor::http::client().clone();
+    // The event stream from the start.
+    let mut events = http
+        .get(format!("{base}/api/v1/events?after=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let t: Value = http
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({"name": "evt", "command": "echo '{\"n\": 7}' > \"$TASK_QUEUE_RESULT\""}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = t["id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    let mut buf = String::new();
+    let mut last_id = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|s: &String| s == "succeeded") && tokio::time::Instant::now() < deadline
+    {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find("\n\n") {
+            let frame: String = buf.drain(..pos + 2).collect();
+            let mut data = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(v.trim().to_string());
+                }
+                if let Some(v) = line.strip_prefix("id:") {
+                    last_id = v.trim().to_string();
+                }
+            }
+            if let Some(d) = data {
+                let e: Value = serde_json::from_str(&d).unwrap();
+                if e["task_id"] == id.as_str() {
+                    seen.push(e["to"].as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["queued", "running", "succeeded"],
+        "transitions in order"
+    );
+    // Resuming after the last id replays nothing already seen.
+    let resumed = http
+        .get(format!("{base}/api/v1/events"))
+        .header("Last-Event-ID", &last_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    drop(resumed);
+    let got: Value = http
+        .get(format!("{base}/api/v1/tasks/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["task"]["result"]["output"]["n"], 7);
+
+    // SIGTERM in the middle of a run: the server stops; a restart finishes the work.
+    let slow: Value = http
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({"name": "slow", "command": "sleep 2; echo done >> slow.log"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slow_id = slow["id"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(10), || ws.status(&slow_id)
+        ["status"]
+        == "running"));
+    unsafe {
+        libc_kill(child.id() as i32, 15);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+    let (base2, _child2) = serve(&ws);
+    let _ = base2;
+    assert!(wait_until(Duration::from_secs(30), || ws.status(&slow_id)
+        ["status"]
+        == "succeeded"));
+    assert_eq!(
+        ws.read("slow.log").lines().count(),
+        1,
+        "ran to completion once"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn binding_a_public_address_without_auth_is_refused() {
+    let ws = Workspace::new();
+    let out = ws.run(&["serve", "--bind", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.bind") && err.contains("--insecure"),
+        "{err}"
+    );
+}
