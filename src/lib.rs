@@ -40,10 +40,16 @@
 //!   checks, HTTP requests, in-process handlers, result files, validation,
 //!   artifacts.
 //! * [`mcp`] — the MCP server (rmcp): tools, resources, and the legacy
-//!   HTTP+SSE transport; [`server`] — `task-queue serve` (axum: `/mcp`,
-//!   `/sse`, `/messages`).
+//!   HTTP+SSE transport.
+//! * [`rest`] — the REST API under `/api/v1` (thin handlers, one error
+//!   shape, SSE events from the audit chain, the OpenAPI document built from
+//!   the types), `/health`, `/metrics`.
+//! * [`server`] — `task-queue serve`: one axum server with REST, MCP
+//!   (`/mcp`, `/sse`, `/messages`) and the engine; Host checks, body limit,
+//!   graceful shutdown.
 //! * [`integrity`] — spec hashing and the audit hash chain.
-//! * [`config`] — `config.yml` sections and defaults.
+//! * [`config`] — `config.yml` sections, defaults, and
+//!   `TASK_QUEUE_<SECTION>__<KEY>` overrides.
 //! * [`cli`] — the `task-queue` command line; [`bench`] — `task-queue bench`.
 //! * [`error`] — the core error type and its codes.
 

@@ -559,58 +559,37 @@ impl McpServer {
                 format!("must be between 1 and 262144 bytes, got {limit}"),
             )));
         }
-        if let Some(s) = &a.stream
-            && s != "stdout"
-            && s != "stderr"
-        {
-            return Ok(fail(Error::invalid(
-                "stream",
-                format!("must be stdout or stderr, got {s:?}"),
-            )));
-        }
-        if a.tail.is_some() && a.offset.is_some() {
-            return Ok(fail(Error::invalid(
-                "tail",
-                "give tail or offset, not both",
-            )));
-        }
-        let chunks = try_tool!(self.queue.logs(&a.id, a.attempt).await);
-        let mut logs = Vec::new();
+        let out = try_tool!(
+            crate::rest::logs_slice(
+                &self.queue,
+                &a.id,
+                a.attempt,
+                a.stream,
+                a.tail,
+                a.offset,
+                Some(limit)
+            )
+            .await
+        );
         let mut text = String::new();
-        for c in chunks {
-            if a.stream.as_deref().is_some_and(|s| s != c.stream) {
-                continue;
-            }
-            let bytes = c.text.as_bytes();
-            let total = bytes.len();
-            let start = match (a.tail, a.offset) {
-                (Some(t), _) => total.saturating_sub(t.min(limit)),
-                (None, Some(o)) => o.min(total),
-                (None, None) => 0,
-            };
-            let start = floor_char(&c.text, start);
-            let end = floor_char(&c.text, (start + limit).min(total));
-            let slice = c.text[start..end].to_string();
+        for l in &out.logs {
             text.push_str(&format!(
                 "--- attempt {} {} (bytes {}..{} of {})\n{}\n",
-                c.attempt, c.stream, start, end, total, slice
+                l.attempt,
+                l.stream,
+                l.offset,
+                l.offset + l.text.len(),
+                l.total_bytes,
+                l.text
             ));
-            logs.push(LogSlice {
-                attempt: c.attempt,
-                stream: c.stream,
-                offset: start,
-                text: slice,
-                total_bytes: total,
-                next_offset: (end < total).then_some(end),
-                dropped_bytes: c.dropped_bytes,
-            });
         }
+        let logs = out.logs;
         if logs.is_empty() {
             text = "no output captured (yet)".into();
         }
         ok(
             &LogsOut {
-                task_id: a.id,
+                task_id: out.task_id,
                 logs,
             },
             text,
@@ -879,15 +858,6 @@ fn strip_int_formats(v: &mut Value) {
         Value::Array(a) => a.iter_mut().for_each(strip_int_formats),
         _ => {}
     }
-}
-
-/// The largest char boundary at or before `i`.
-fn floor_char(s: &str, mut i: usize) -> usize {
-    i = i.min(s.len());
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[tool_handler(router = self.tool_router)]
