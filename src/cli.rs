@@ -140,8 +140,29 @@ pub enum Command {
     },
     /// Print the MCP `tools/list` payload (the content of tools.schema).
     ToolsSchema,
+    /// API tokens of the HTTP server.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Measure throughput and latency; prints one JSON object with --json.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once (only its hash is stored). Once a
+    /// token exists, every HTTP request needs one.
+    Create {
+        #[arg(long, value_enum)]
+        role: crate::store::Role,
+        #[arg(long, default_value = "token")]
+        name: String,
+    },
+    /// List tokens (without secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,24 +312,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config.server.bind = b;
             }
             config.server.insecure |= insecure;
-            if config.auth.enabled {
-                return Err(Error::Config(
-                    "auth.enabled: API tokens are not available in this release yet; \
-                     serve on a loopback address (127.0.0.1) instead"
-                        .into(),
-                ));
-            }
-            config.check_exposure(false)?;
-            if !config.server.bind.ip().is_loopback() {
+            let bind = config.server.bind;
+            let grace = config.server.shutdown_grace.0;
+            let queue = TaskQueue::open_with(config).await?;
+            let tokens = queue.tokens_exist().await?;
+            queue.config().check_exposure(tokens)?;
+            let config = queue.config();
+            if !config.server.bind.ip().is_loopback() && !tokens && !config.auth.enabled {
                 tracing::warn!(bind = %config.server.bind, "SERVING WITHOUT AUTH ON A NON-LOOPBACK ADDRESS (--insecure): anyone who can reach it can run commands as this user");
                 eprintln!(
                     "warning: serving without auth on {} (--insecure)",
                     config.server.bind
                 );
             }
-            let bind = config.server.bind;
-            let grace = config.server.shutdown_grace.0;
-            let queue = TaskQueue::open_with(config).await?;
             crate::server::serve(queue, bind, grace, async {
                 let mut term = match signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
@@ -320,6 +336,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { command } => {
+            let queue = TaskQueue::open_with(config).await?;
+            match command {
+                TokenCommand::Create { role, name } => {
+                    let (t, secret) = queue.create_token(&name, role).await?;
+                    print_json(
+                        &json!({"id": t.id, "name": t.name, "role": t.role, "token": secret}),
+                    );
+                    eprintln!("store the token now: it is not shown again");
+                }
+                TokenCommand::List => print_json(&json!({"tokens": queue.list_tokens().await?})),
+                TokenCommand::Revoke { id } => {
+                    queue.revoke_token(&id).await?;
+                    print_json(&json!({"revoked": id}));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::ToolsSchema => {

@@ -417,7 +417,8 @@ impl Config {
         }
         Err(Error::Config(format!(
             "server.bind: refusing to listen on {bind} without auth: anyone who can reach it \
-             could run commands as this user. Bind 127.0.0.1 for local use, or pass --insecure \
+             could run commands as this user. Create an API token (`task-queue token create \
+             --role admin`), bind 127.0.0.1 for local use, or pass --insecure \
              (server.insecure: true) to accept the risk"
         )))
     }

@@ -10,9 +10,15 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
 use crate::error::{Error, Result};
 use crate::mcp::McpServer;
 use crate::service::TaskQueue;
+use crate::store::Role;
 
 /// The HTTP routes of a queue. `allowed_hosts`: the Host header names
 /// accepted (default: the loopback names), on every route.
@@ -44,11 +50,117 @@ pub fn router(
         started: std::time::Instant::now(),
         shutdown: ct.clone(),
     });
+    let auth_queue = queue.clone();
     axum::Router::new()
         .nest_service("/mcp", mcp)
         .merge(crate::mcp::sse::router(queue, hosts))
         .merge(api)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            authorize(auth_queue.clone(), req, next)
+        }))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+}
+
+/// The least role a request needs (SPEC §7).
+fn required_role(method: &axum::http::Method, path: &str) -> Role {
+    if path.starts_with("/mcp") || path.starts_with("/sse") || path.starts_with("/messages") {
+        // MCP tools span every role; MCP over HTTP needs an operator token.
+        return Role::Operator;
+    }
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return Role::Viewer;
+    }
+    let worker_op = path == "/api/v1/workers/claim"
+        || path.ends_with("/heartbeat")
+        || path.ends_with("/complete")
+        || path.ends_with("/fail");
+    if worker_op {
+        Role::Worker
+    } else {
+        Role::Operator
+    }
+}
+
+fn deny(status: StatusCode, code: &str, message: String) -> Response {
+    let mut r = (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// Once any token exists (or `auth.enabled`), every request but `/health`
+/// needs a valid bearer token with a role that covers it.
+async fn authorize(queue: TaskQueue, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let required = match queue.tokens_exist().await {
+        Ok(any) => any || queue.config().auth.enabled,
+        Err(e) => {
+            return deny(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                format!("cannot check credentials: {e}"),
+            );
+        }
+    };
+    if !required {
+        return next.run(req).await;
+    }
+    let secret = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(secret) = secret else {
+        return deny(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a bearer token is required: send `Authorization: Bearer <token>` (create one with `task-queue token create --role operator`)".into(),
+        );
+    };
+    let token = match queue.authenticate(secret).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return deny(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the token is not valid (unknown or revoked)".into(),
+            );
+        }
+        Err(e) => {
+            return deny(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                format!("cannot check credentials: {e}"),
+            );
+        }
+    };
+    let need = required_role(req.method(), req.uri().path());
+    if token.role < need {
+        return deny(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {:?} has role {}; {} {} needs {} or above",
+                token.name,
+                token.role.as_str(),
+                req.method(),
+                req.uri().path(),
+                need.as_str()
+            ),
+        );
+    }
+    next.run(req).await
 }
 
 fn queue_body_limit(queue: &TaskQueue) -> usize {

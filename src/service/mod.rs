@@ -355,6 +355,68 @@ impl TaskQueue {
             .await
     }
 
+    /// Creates an API token; the secret is returned once and never stored.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: crate::store::Role,
+    ) -> Result<(crate::store::TokenRecord, String)> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(Error::invalid("name", "must be 1 to 128 characters"));
+        }
+        let secret = format!("tq_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let t = crate::store::TokenRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: name.to_string(),
+            role,
+            created_at: crate::model::Timestamp(self.inner.clock.now_ms()),
+            revoked_at: None,
+        };
+        self.inner
+            .store
+            .create_token(t.clone(), crate::integrity::spec_hash(&secret))
+            .await?;
+        Ok((t, secret))
+    }
+
+    /// The live token with this secret, if any.
+    pub async fn authenticate(&self, secret: &str) -> Result<Option<crate::store::TokenRecord>> {
+        if !secret.starts_with("tq_") || secret.len() > 256 {
+            return Ok(None);
+        }
+        self.inner
+            .store
+            .token_by_hash(&crate::integrity::spec_hash(secret))
+            .await
+    }
+
+    /// Whether any live token exists.
+    pub async fn tokens_exist(&self) -> Result<bool> {
+        self.inner.store.tokens_exist().await
+    }
+
+    /// Every token (without secrets).
+    pub async fn list_tokens(&self) -> Result<Vec<crate::store::TokenRecord>> {
+        self.inner.store.list_tokens().await
+    }
+
+    /// Revokes a token by id.
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        if self
+            .inner
+            .store
+            .revoke_token(id, self.inner.clock.now_ms())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: "token",
+                id: id.to_string(),
+            })
+        }
+    }
+
     /// The state of this process's engine (for health checks and metrics).
     pub fn engine_status(&self) -> crate::engine::EngineStatus {
         self.inner.status()

@@ -278,6 +278,63 @@ pub struct StreamEvent {
     pub detail: serde_json::Value,
 }
 
+/// What an API token may do (SPEC §7); each role includes the ones before.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read tasks, workflows, logs, events, stats.
+    Viewer,
+    /// Viewer, plus claim, heartbeat, complete and fail external tasks.
+    Worker,
+    /// Worker, plus submit, cancel, retry, approve and reject.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Worker => "worker",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "viewer" => Role::Viewer,
+            "worker" => Role::Worker,
+            "operator" => Role::Operator,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// An API token as stored (never the token itself).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: crate::model::Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<crate::model::Timestamp>,
+}
+
 /// An engine instance, recorded so peers can detect that it died.
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
@@ -405,6 +462,16 @@ pub trait Store: Send + Sync + 'static {
     async fn next_run_at(&self, now: i64) -> Result<Option<i64>>;
 
     async fn register_worker(&self, w: WorkerInfo) -> Result<()>;
+    /// Stores a token by the SHA-256 of its secret.
+    async fn create_token(&self, t: TokenRecord, hash: String) -> Result<()>;
+    /// Revokes a token; false if no live token has that id.
+    async fn revoke_token(&self, id: &str, now: i64) -> Result<bool>;
+    /// The live token whose secret hashes to `hash`.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
+    /// Every token, revoked ones included.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Whether any live token exists (then every HTTP request needs one).
+    async fn tokens_exist(&self) -> Result<bool>;
     /// Workers recorded on `host` that hold running tasks.
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>>;
 

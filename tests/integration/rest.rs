@@ -631,3 +631,126 @@ fn binding_a_public_address_without_auth_is_refused() {
         "{err}"
     );
 }
+
+fn token(ws: &Workspace, role: &str) -> String {
+    let out = ws.run(&["token", "create", "--role", role, "--name", role]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_every_route() {
+    let ws = Workspace::new();
+    let viewer = token(&ws, "viewer");
+    let worker = token(&ws, "worker");
+    let admin = token(&ws, "admin");
+    let (base, _child) = serve(&ws);
+    let http = task_queue::executor::http::client().clone();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let get = |path: &str, tok: Option<&str>| {
+        let mut r = http.get(format!("{base}{path}"));
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let post = |path: &str, tok: Option<&str>, body: Value| {
+        let mut r = http.post(format!("{base}{path}")).json(&body);
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // Health stays open for probes; everything else needs a token, also on loopback.
+    assert_eq!(status(get("/health", None).await.unwrap()), 200);
+    let r = get("/api/v1/tasks", None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert_eq!(
+        status(get("/api/v1/tasks", Some("tq_wrong")).await.unwrap()),
+        401
+    );
+    assert_eq!(status(get("/metrics", None).await.unwrap()), 401);
+    assert_eq!(status(post("/mcp", None, json!({})).await.unwrap()), 401);
+    // viewer: reads only.
+    assert_eq!(
+        status(get("/api/v1/tasks", Some(&viewer)).await.unwrap()),
+        200
+    );
+    let task = json!({"name": "guarded", "kind": "external"});
+    let r = post("/api/v1/tasks", Some(&viewer), task.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("operator"),
+        "{body}"
+    );
+    // worker: claims, but cannot submit.
+    assert_eq!(
+        status(
+            post("/api/v1/tasks", Some(&worker), task.clone())
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    // admin: everything.
+    let r = post("/api/v1/tasks", Some(&admin), task).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = post(
+        "/api/v1/workers/claim",
+        Some(&worker),
+        json!({"worker_id": "w1", "names": ["guarded"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let claimed: Value = r.json().await.unwrap();
+    assert_eq!(claimed["tasks"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        status(post("/mcp", Some(&worker), json!({})).await.unwrap()),
+        403
+    );
+    // A revoked token stops working.
+    let list = ws.run(&["token", "list"]);
+    let tokens: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let viewer_id = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "viewer")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ws.run(&["token", "revoke", &viewer_id]).status.success());
+    assert_eq!(
+        status(get("/api/v1/tasks", Some(&viewer)).await.unwrap()),
+        401
+    );
+    // With tokens, a public address is allowed.
+    let mut public = ws
+        .cmd(&["serve", "--bind", "0.0.0.0:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ws.track(public.id());
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(public.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("listening on http://0.0.0.0:"), "{first}");
+    let _ = public.kill();
+    let _ = public.wait();
+}

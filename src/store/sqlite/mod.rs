@@ -166,6 +166,18 @@ impl SqliteStore {
     }
 }
 
+fn token_from(
+    (id, name, role, created, revoked): (String, String, String, i64, Option<i64>),
+) -> TokenRecord {
+    TokenRecord {
+        id,
+        name,
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        created_at: crate::model::Timestamp(created),
+        revoked_at: revoked.map(crate::model::Timestamp),
+    }
+}
+
 /// An exclusive `flock` on `<db>.migrate-lock`, held while migrating.
 async fn migration_lock(db: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
@@ -442,6 +454,60 @@ impl Store for SqliteStore {
 
     async fn register_worker(&self, w: WorkerInfo) -> Result<()> {
         self.call(|reply| Op::RegisterWorker { w, reply }).await
+    }
+
+    async fn create_token(&self, t: TokenRecord, hash: String) -> Result<()> {
+        self.call(|reply| Op::Token {
+            token: Box::new(t),
+            hash,
+            revoke: None,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn revoke_token(&self, id: &str, now: i64) -> Result<bool> {
+        let t = TokenRecord {
+            id: id.to_string(),
+            name: String::new(),
+            role: Role::Viewer,
+            created_at: crate::model::Timestamp(0),
+            revoked_at: None,
+        };
+        self.call(|reply| Op::Token {
+            token: Box::new(t),
+            hash: String::new(),
+            revoke: Some(now),
+            reply,
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let row: Option<(String, String, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT id, name, role, created_at, revoked_at FROM api_tokens WHERE hash = ?1 AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(token_from))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows: Vec<(String, String, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.into_iter().map(token_from).collect())
+    }
+
+    async fn tokens_exist(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens WHERE revoked_at IS NULL")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n > 0)
     }
 
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>> {

@@ -19,7 +19,7 @@ use crate::model::{
 use crate::store::{
     ApprovalDecision, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, FireSchedule,
     NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog, Submitted,
-    WorkerInfo,
+    TokenRecord, WorkerInfo,
 };
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -101,6 +101,13 @@ pub(super) enum Op {
     RegisterWorker {
         w: WorkerInfo,
         reply: Reply<()>,
+    },
+    /// Inserts a token, or revokes one (`revoke: Some(now)`).
+    Token {
+        token: Box<TokenRecord>,
+        hash: String,
+        revoke: Option<i64>,
+        reply: Reply<bool>,
     },
     Close {
         reply: Reply<()>,
@@ -305,7 +312,8 @@ fn deliver(op: Op, answer: Result<Answer>) {
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
         (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
-        (Op::FireSchedule { reply, .. }, Ok(Answer::Bool(r)))
+        (Op::Token { reply, .. }, Ok(Answer::Bool(r)))
+        | (Op::FireSchedule { reply, .. }, Ok(Answer::Bool(r)))
         | (Op::ChangeSchedule { reply, .. }, Ok(Answer::Bool(r))) => send(reply, r),
         (Op::Cancel { reply, .. }, Ok(Answer::Unit(r)))
         | (Op::Approve { reply, .. }, Ok(Answer::Unit(r)))
@@ -321,9 +329,9 @@ fn deliver(op: Op, answer: Result<Answer>) {
             Op::Renew { reply, .. } => send(reply, Err(e)),
             Op::Reclaim { reply, .. } => send(reply, Err(e)),
             Op::CancelWorkflow { reply, .. } => send(reply, Err(e)),
-            Op::FireSchedule { reply, .. } | Op::ChangeSchedule { reply, .. } => {
-                send(reply, Err(e))
-            }
+            Op::FireSchedule { reply, .. }
+            | Op::ChangeSchedule { reply, .. }
+            | Op::Token { reply, .. } => send(reply, Err(e)),
             Op::Cancel { reply, .. }
             | Op::Approve { reply, .. }
             | Op::Retry { reply, .. }
@@ -405,6 +413,12 @@ async fn apply_all(
             Op::ChangeSchedule {
                 id, change, now, ..
             } => Answer::Bool(change_schedule(&mut tx, id, change, *now, batch).await?),
+            Op::Token {
+                token,
+                hash,
+                revoke,
+                ..
+            } => Answer::Bool(Ok(write_token(&mut tx, token, hash, *revoke).await?)),
             Op::RegisterWorker { w, .. } => {
                 Answer::Unit(register_worker(&mut tx, w).await.map(|_| Ok(()))?)
             }
@@ -2078,6 +2092,36 @@ async fn cancel_upcoming(
         let _ = cancel(conn, run, now, &reason, batch).await?;
     }
     Ok(())
+}
+
+async fn write_token(
+    conn: &mut SqliteConnection,
+    t: &TokenRecord,
+    hash: &str,
+    revoke: Option<i64>,
+) -> Result<bool> {
+    if let Some(at) = revoke {
+        let n = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(&t.id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        return Ok(n == 1);
+    }
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(&t.id)
+    .bind(&t.name)
+    .bind(t.role.as_str())
+    .bind(hash)
+    .bind(t.created_at.0)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
 }
 
 async fn register_worker(conn: &mut SqliteConnection, w: &WorkerInfo) -> Result<()> {
