@@ -51,6 +51,7 @@ pub fn router(
         shutdown: ct.clone(),
     });
     let auth_queue = queue.clone();
+    let origins = std::sync::Arc::new(queue.config().server.cors_origins.clone());
     axum::Router::new()
         .nest_service("/mcp", mcp)
         .merge(crate::mcp::sse::router(queue, hosts))
@@ -58,7 +59,60 @@ pub fn router(
         .layer(axum::middleware::from_fn(move |req, next| {
             authorize(auth_queue.clone(), req, next)
         }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            cors(origins.clone(), req, next)
+        }))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+}
+
+/// CORS for `server.cors_origins` (empty: no CORS headers at all): allowed
+/// origins get `Access-Control-Allow-*` headers, and preflights are answered
+/// before auth.
+async fn cors(origins: std::sync::Arc<Vec<String>>, req: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, Method, header};
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    let allowed = origin.as_ref().is_some_and(|o| {
+        origins
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+    });
+    if !allowed {
+        return next.run(req).await;
+    }
+    let origin = origin.unwrap_or_default();
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if preflight {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, idempotency-key, last-event-id"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    resp
 }
 
 /// The least role a request needs (SPEC §7).

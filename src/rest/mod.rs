@@ -223,7 +223,26 @@ async fn track(State(st): State<ApiState>, req: Request, next: axum::middleware:
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let t = Instant::now();
-    let resp = next.run(req).await;
+    // Streams and long polls run as long as they need; the rest is bounded
+    // by server.request_timeout.
+    let bounded = route != "/api/v1/events";
+    let limit = st.queue.config().server.request_timeout.0;
+    let resp = if bounded {
+        match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "the request took longer than server.request_timeout ({})",
+                    crate::model::Dur(limit)
+                ),
+            )
+            .into_response(),
+        }
+    } else {
+        next.run(req).await
+    };
     st.metrics
         .request(&method, &route, resp.status().as_u16(), t.elapsed());
     resp
@@ -299,7 +318,9 @@ async fn create_task(
         }
     }
     let s = st.queue.submit(spec).await?;
-    st.metrics.submitted(1);
+    if s.created {
+        st.metrics.submitted(1);
+    }
     if s.created {
         Ok(created(format!("/api/v1/tasks/{}", s.id), &s))
     } else {
@@ -315,7 +336,8 @@ struct BatchBody {
 
 async fn create_batch(State(st): State<ApiState>, Body(b): Body<BatchBody>) -> ApiResult<Response> {
     let out = st.queue.submit_batch(b.tasks).await?;
-    st.metrics.submitted(out.len());
+    st.metrics
+        .submitted(out.iter().filter(|s| s.created).count());
     Ok((StatusCode::CREATED, Json(json!({ "tasks": out }))).into_response())
 }
 
@@ -604,10 +626,11 @@ async fn list_workflows(
 ) -> ApiResult<Response> {
     let statuses = match q.status {
         OneOrMany::None => Vec::new(),
-        OneOrMany::One(s) => vec![s],
+        OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
         OneOrMany::Many(v) => v,
     }
     .into_iter()
+    .filter(|s| !s.is_empty())
     .map(|s| {
         s.parse()
             .map_err(|e: String| ApiError::from(Error::invalid("status", e)))
@@ -706,8 +729,14 @@ async fn events(
         (None, Some(a)) => a,
         (None, None) => st.queue.last_event_seq().await?,
     };
-    if let Some(w) = &q.workflow_id {
-        crate::service::check_id(w).map_err(|e| ApiError::from(e.in_field("workflow_id")))?;
+    if let Some(w) = &q.workflow_id
+        && uuid::Uuid::parse_str(w).is_err()
+    {
+        return Err(Error::invalid(
+            "workflow_id",
+            format!("{w:?} is not a workflow id (a UUID)"),
+        )
+        .into());
     }
     let queue = st.queue.clone();
     let shutdown = st.shutdown.clone();
@@ -814,6 +843,14 @@ async fn health(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics_text(State(st): State<ApiState>) -> Response {
+    if !st.queue.config().monitoring.metrics {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are off (monitoring.metrics: false)",
+        )
+        .into_response();
+    }
     let stats = st.queue.stats().await.ok();
     let text = st.metrics.render(stats.as_ref(), &st.queue.engine_status());
     (

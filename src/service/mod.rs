@@ -481,7 +481,9 @@ pub(crate) fn check_id(id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(Error::invalid(
             "id",
-            format!("{id:?} is not a task id (a UUID such as 0193b0c2-...)"),
+            format!(
+                "{id:?} is not an id (ids are UUIDs such as 0193b0c2-7a4e-7b2d-9c1a-3f5e6d7c8b9a)"
+            ),
         ));
     }
     Ok(())

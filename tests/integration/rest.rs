@@ -754,3 +754,36 @@ async fn tokens_and_roles_guard_every_route() {
     let _ = public.kill();
     let _ = public.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_and_metrics_follow_the_configuration() {
+    let ws = Workspace::new();
+    ws.write(
+        "config.yml",
+        "server:\n  cors_origins: [http://app.example]\nmonitoring:\n  metrics: false\n",
+    );
+    let (base, _child) = serve(&ws);
+    let http = task_queue::executor::http::client().clone();
+    let r = http
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/v1/tasks"))
+        .header("Origin", "http://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let r = http
+        .get(format!("{base}/api/v1/stats"))
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
