@@ -6,6 +6,7 @@
 //! task-queue bench command [--tasks N] [--concurrency C] [--history H] [--json]
 //! task-queue bench dag     [--tasks N] [--concurrency C] [--json]
 //! task-queue bench mcp     [--tasks N] [--json]
+//! task-queue bench http    [--tasks N] [--concurrency C] [--json]
 //! ```
 //!
 //! Every run works on a fresh database in a new directory that is removed at
@@ -43,6 +44,11 @@
 //!   and calls `submit_task` N times, then `get_task` N times, one request
 //!   at a time over stdio, timing each round trip. Baseline: the same calls
 //!   on the service API in-process.
+//!
+//! * `http`: the server's router on a loopback port with the engine; C
+//!   clients (HTTP/1.1 keep-alive) submit N external tasks with
+//!   `POST /api/v1/tasks`, then `GET` each one. Baseline: the same submits
+//!   on the service API in-process with C callers.
 //!
 //! `--history H` first inserts H finished tasks directly (multi-row INSERTs,
 //! no audit or attempt rows), then runs the scenario; `submit` then also
@@ -116,6 +122,9 @@ pub enum Scenario {
     /// MCP tool-call latency over stdio (`submit_task`, `get_task`) against
     /// the same service calls made in-process.
     Mcp,
+    /// REST submit and get over HTTP/1.1 keep-alive from C connections,
+    /// against the same calls made in-process.
+    Http,
 }
 
 impl Scenario {
@@ -126,6 +135,7 @@ impl Scenario {
             Scenario::Command => "command",
             Scenario::Dag => "dag",
             Scenario::Mcp => "mcp",
+            Scenario::Http => "http",
         }
     }
 
@@ -136,6 +146,7 @@ impl Scenario {
             Scenario::Command => 64,
             Scenario::Dag => 100,
             Scenario::Mcp => 1,
+            Scenario::Http => 32,
         }
     }
 }
@@ -273,6 +284,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         Scenario::Command => bench_command(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Dag => bench_dag(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Mcp => bench_mcp(&queue, &dir.path, &cfg, args.tasks, &mut out).await,
+        Scenario::Http => bench_http(&queue, args.tasks, concurrency, &mut out).await,
     }?;
     if args.history.is_some() && scenario == Scenario::Submit {
         bench_claims(&queue, &store, args.tasks, &mut out).await?;
@@ -662,6 +674,150 @@ async fn bench_command(
         "met": ratio >= 0.8 && rss_ok,
         "throughput_met": ratio >= 0.8,
         "rss_met": rss_ok,
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------- http
+
+/// Runs `calls` requests from `concurrency` workers; returns latencies (ms)
+/// and the elapsed time.
+async fn drive<F, Fut>(calls: usize, concurrency: usize, f: F) -> Result<(Vec<f64>, Duration)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let f = f.clone();
+        let next = next.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= calls {
+                    return Ok::<_, Error>(lat);
+                }
+                let t = Instant::now();
+                f(i).await?;
+                lat.push(ms(t.elapsed()));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(calls);
+    while let Some(r) = set.join_next().await {
+        all.extend(r.map_err(|e| Error::Store(format!("bench worker failed: {e}")))??);
+    }
+    Ok((all, start.elapsed()))
+}
+
+async fn bench_http(
+    queue: &TaskQueue,
+    tasks: usize,
+    concurrency: usize,
+    out: &mut Value,
+) -> Result<()> {
+    // The real server stack on a loopback port, engine included.
+    let ct = tokio_util::sync::CancellationToken::new();
+    let app = crate::server::router(queue.clone(), None, &ct);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let engine = queue.start();
+    // Building the shared client installs the TLS crypto provider reqwest needs.
+    let _ = crate::executor::http::client();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .http1_only()
+        .build()
+        .map_err(|e| Error::Store(format!("HTTP client: {e}")))?;
+    let base = format!("http://{addr}/api/v1");
+    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); tasks]));
+    let (c, b, i2) = (client.clone(), base.clone(), ids.clone());
+    let (mut submit_lat, submit_elapsed) = drive(tasks, concurrency, move |i| {
+        let (c, b, ids) = (c.clone(), b.clone(), i2.clone());
+        async move {
+            let r = c
+                .post(format!("{b}/tasks"))
+                .json(&json!({"name": "http-bench", "kind": "external", "project": "bench"}))
+                .send()
+                .await
+                .map_err(|e| Error::Store(format!("submit: {e}")))?;
+            if r.status() != 201 {
+                return Err(Error::Store(format!("submit answered {}", r.status())));
+            }
+            let v: Value = r
+                .json()
+                .await
+                .map_err(|e| Error::Store(format!("submit body: {e}")))?;
+            ids.lock().unwrap_or_else(|e| e.into_inner())[i] =
+                v["id"].as_str().unwrap_or_default().to_string();
+            Ok(())
+        }
+    })
+    .await?;
+    let (c, b, i3) = (client.clone(), base.clone(), ids.clone());
+    let (mut get_lat, get_elapsed) = drive(tasks, concurrency, move |i| {
+        let (c, b) = (c.clone(), b.clone());
+        let id = i3.lock().unwrap_or_else(|e| e.into_inner())[i].clone();
+        async move {
+            let r = c
+                .get(format!("{b}/tasks/{id}"))
+                .send()
+                .await
+                .map_err(|e| Error::Store(format!("get: {e}")))?;
+            if r.status() != 200 {
+                return Err(Error::Store(format!("get answered {}", r.status())));
+            }
+            r.bytes()
+                .await
+                .map_err(|e| Error::Store(format!("get body: {e}")))?;
+            Ok(())
+        }
+    })
+    .await?;
+    ct.cancel();
+    server.abort();
+    engine.shutdown(Duration::from_secs(5)).await?;
+
+    // Baseline: the same calls on the service API, same concurrency.
+    let q = queue.clone();
+    let (mut base_submit, base_submit_elapsed) = drive(tasks, concurrency, move |_| {
+        let q = q.clone();
+        async move {
+            q.submit(
+                Task::new("http-base")
+                    .with_kind(TaskKind::External)
+                    .with_project("bench"),
+            )
+            .await
+            .map(|_| ())
+        }
+    })
+    .await?;
+    let submits_per_sec = tasks as f64 / submit_elapsed.as_secs_f64();
+    let submit_p99 = percentile(&mut submit_lat, 99.0);
+    out["transport"] = json!(format!("HTTP/1.1 keep-alive, {concurrency} concurrent connections, loopback"));
+    out["tasks_per_sec"] = json!(round(submits_per_sec, 0));
+    out["p50_ms"] = json!(round(percentile(&mut submit_lat, 50.0), 3));
+    out["p99_ms"] = json!(round(submit_p99, 3));
+    out["get"] = json!({
+        "requests_per_sec": round(tasks as f64 / get_elapsed.as_secs_f64(), 0),
+        "p50_ms": round(percentile(&mut get_lat, 50.0), 3),
+        "p99_ms": round(percentile(&mut get_lat, 99.0), 3),
+    });
+    out["baseline"] = json!({
+        "what": format!("the same submits on the service API in-process, {concurrency} concurrent callers, same durability"),
+        "tasks_per_sec": round(tasks as f64 / base_submit_elapsed.as_secs_f64(), 0),
+        "p50_ms": round(percentile(&mut base_submit, 50.0), 3),
+        "p99_ms": round(percentile(&mut base_submit, 99.0), 3),
+    });
+    out["goal"] = json!({
+        "target": ">= 10,000 submits/s and p99 < 10 ms over HTTP from 32 connections",
+        "met": submits_per_sec >= 10_000.0 && submit_p99 < 10.0,
     });
     Ok(())
 }
