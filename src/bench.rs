@@ -800,7 +800,9 @@ async fn bench_http(
     .await?;
     let submits_per_sec = tasks as f64 / submit_elapsed.as_secs_f64();
     let submit_p99 = percentile(&mut submit_lat, 99.0);
-    out["transport"] = json!(format!("HTTP/1.1 keep-alive, {concurrency} concurrent connections, loopback"));
+    out["transport"] = json!(format!(
+        "HTTP/1.1 keep-alive, {concurrency} concurrent connections, loopback"
+    ));
     out["tasks_per_sec"] = json!(round(submits_per_sec, 0));
     out["p50_ms"] = json!(round(percentile(&mut submit_lat, 50.0), 3));
     out["p99_ms"] = json!(round(submit_p99, 3));
