@@ -197,6 +197,29 @@ fn python_client_over_streamable_http_and_legacy_sse() {
 }
 
 #[test]
+fn python_client_with_tokens_gets_what_each_role_allows() {
+    let ws = Workspace::new();
+    let token = |role: &str| {
+        let out = ws.run(&["token", "create", "--role", role]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (viewer, worker, operator) = (token("viewer"), token("worker"), token("operator"));
+    let base = serve(&ws);
+    let report = scenario(&["roles", &format!("{base}/mcp"), &viewer, &worker, &operator]);
+    assert!(
+        report["viewer_denied"]
+            .as_str()
+            .unwrap()
+            .contains("task-queue token create --role operator"),
+        "{report}"
+    );
+    let id = report["operator_submitted"].as_str().unwrap();
+    assert_eq!(ws.status(id)["name"], "allowed");
+}
+
+#[test]
 fn inspector_cli_over_stdio_http_and_sse() {
     let ws = Workspace::new();
     let db_env = format!("TASK_QUEUE_DB={}", ws.db().display());
