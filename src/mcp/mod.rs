@@ -102,7 +102,7 @@ fn fail(e: Error) -> CallToolResult {
         Error::Conflict(_) => " Read the task with get_task to see its current state.",
         Error::Store(_) | Error::Io(_) => " This is a server-side problem; try again shortly.",
         Error::ShuttingDown => " The server is restarting; try again shortly.",
-        Error::Integrity(_) | Error::Config(_) => "",
+        Error::Integrity(_) | Error::Config(_) | Error::Remote { .. } => "",
     };
     CallToolResult::error(vec![ContentBlock::text(format!(
         "{} ({}).{hint}",

@@ -280,7 +280,7 @@ pub struct WaitOut {
 }
 
 /// A slice of one captured stream.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogSlice {
     pub attempt: u32,
     /// `stdout` or `stderr`.
@@ -298,7 +298,7 @@ pub struct LogSlice {
 }
 
 /// Output of get_task_logs.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogsOut {
     pub task_id: String,
     pub logs: Vec<LogSlice>,

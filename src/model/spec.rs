@@ -620,6 +620,11 @@ impl TaskSpec {
         self.artifacts.push(path.into());
         self
     }
+    /// The task waits in `awaiting_approval` until approved or rejected.
+    pub fn requiring_approval(mut self) -> Self {
+        self.requires_approval = true;
+        self
+    }
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self

@@ -68,7 +68,7 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, Value::Null),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
             Error::Store(_) | Error::Io(_) => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
-            Error::Integrity(_) | Error::Config(_) => {
+            Error::Integrity(_) | Error::Config(_) | Error::Remote { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, Value::Null)
             }
         };

@@ -22,7 +22,7 @@ use crate::store::{
 use crate::workflow::graph::{self, GraphView, ViewEdge, ViewNode};
 
 /// What submitting a workflow did.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct WorkflowSubmitted {
     pub workflow_id: String,
     pub name: String,
@@ -36,7 +36,7 @@ pub struct WorkflowSubmitted {
 }
 
 /// A page of workflows, newest first.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct WorkflowPage {
     pub workflows: Vec<WorkflowRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,7 +54,7 @@ pub struct ClaimFilter {
 }
 
 /// An external task handed to a worker.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct ClaimedWork {
     pub task_id: String,
     pub name: String,

@@ -484,30 +484,10 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
 }
 
 /// Starts `serve` on a free port; returns the base URL.
-fn serve(ws: &Workspace) -> (String, std::process::Child) {
-    use std::io::{BufRead, BufReader};
-    let mut child = ws
-        .cmd(&["serve", "--bind", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    ws.track(child.id());
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("serve printed its address").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (url, child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_streams_events_and_survives_sigterm() {
     let ws = Workspace::new();
-    let (base, mut child) = serve(&ws);
+    let (base, mut child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     // The event stream from the start.
     let mut events = http
@@ -603,7 +583,7 @@ async fn serve_streams_events_and_survives_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "graceful exit: {status:?}");
-    let (base2, _child2) = serve(&ws);
+    let (base2, _child2) = ws.serve();
     let _ = base2;
     assert!(wait_until(Duration::from_secs(30), || ws.status(&slow_id)
         ["status"]
@@ -649,7 +629,7 @@ async fn tokens_and_roles_guard_every_route() {
     let viewer = token(&ws, "viewer");
     let worker = token(&ws, "worker");
     let admin = token(&ws, "admin");
-    let (base, _child) = serve(&ws);
+    let (base, _child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     let status = |r: reqwest::Response| r.status().as_u16();
     let get = |path: &str, tok: Option<&str>| {
@@ -777,7 +757,7 @@ async fn tokens_and_roles_guard_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_requests_from_other_sites_are_refused() {
     let ws = Workspace::new();
-    let (base, _child) = serve(&ws);
+    let (base, _child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     let task = json!({"name": "csrf", "command": "true"});
     // Another site's page: its Origin on a state-changing request.
@@ -841,7 +821,7 @@ async fn cors_and_metrics_follow_the_configuration() {
         "config.yml",
         "server:\n  cors_origins: [http://app.example]\nmonitoring:\n  metrics: false\n",
     );
-    let (base, _child) = serve(&ws);
+    let (base, _child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     let r = http
         .request(reqwest::Method::OPTIONS, format!("{base}/api/v1/tasks"))
