@@ -142,6 +142,10 @@ pub enum Command {
         /// the port can then run commands as this user.
         #[arg(long)]
         insecure: bool,
+        /// Serve the APIs only and run no tasks here; `task-queue worker`
+        /// processes on the same database run them.
+        #[arg(long)]
+        no_engine: bool,
     },
     /// Print the MCP `tools/list` payload (the content of tools.schema).
     ToolsSchema,
@@ -317,7 +321,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let queue = TaskQueue::open_with(config).await?;
             mcp_stdio(&queue).await
         }
-        Command::Serve { bind, insecure } => {
+        Command::Serve {
+            bind,
+            insecure,
+            no_engine,
+        } => {
             if let Some(b) = bind {
                 config.server.bind = b;
             }
@@ -335,7 +343,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     config.server.bind
                 );
             }
-            crate::server::serve(queue, bind, grace, async {
+            crate::server::serve(queue, bind, grace, !no_engine, async {
                 let mut term = match signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
                     Err(_) => return std::future::pending().await,

@@ -340,10 +340,13 @@ fn queue_body_limit(queue: &TaskQueue) -> usize {
 
 /// Binds `addr`, prints the address on stderr, serves until `shutdown`
 /// resolves, then stops the engine (running tasks get `grace` to finish).
+/// With `run_engine` false the server only takes and answers requests;
+/// `task-queue worker` processes on the same database run the tasks.
 pub async fn serve(
     queue: TaskQueue,
     addr: SocketAddr,
     grace: Duration,
+    run_engine: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -352,9 +355,14 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let ct = CancellationToken::new();
     let app = router(queue.clone(), Some(local), &ct);
-    let engine = queue.start();
+    let engine = run_engine.then(|| queue.start());
     eprintln!(
-        "task-queue listening on http://{local} (REST: /api/v1, MCP: /mcp, legacy SSE: /sse)"
+        "task-queue listening on http://{local} (REST: /api/v1, MCP: /mcp, legacy SSE: /sse){}",
+        if run_engine {
+            ""
+        } else {
+            "; no engine here: tasks run in `task-queue worker` processes"
+        }
     );
     tracing::info!(%local, "serving");
     let stop = ct.clone();
@@ -371,5 +379,8 @@ pub async fn serve(
             tokio::time::sleep(grace).await;
         } => tracing::warn!("connections still open after the grace period were closed"),
     }
-    engine.shutdown(grace).await
+    match engine {
+        Some(e) => e.shutdown(grace).await,
+        None => Ok(()),
+    }
 }

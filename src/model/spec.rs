@@ -425,6 +425,7 @@ impl Limits {
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// 1–128 characters of `[A-Za-z0-9_.:-]`; unique inside a workflow.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
     pub name: String,
     /// `command` (default when `command` or `argv` is given), `http` or `external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
