@@ -63,6 +63,7 @@ pub mod integrity;
 pub mod mcp;
 pub mod model;
 pub mod rest;
+pub mod search;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -2,10 +2,12 @@
 //! REST layers) call. Clones are shallow: every clone shares one store and
 //! one engine state.
 
+mod history;
 mod prepare;
 mod workflows;
 
 pub(crate) use prepare::{Header, RunOf, prepare};
+pub use history::VectorizerState;
 pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 
 use std::path::Path;
