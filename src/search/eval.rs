@@ -79,18 +79,32 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
             planned.push((s.id, i, j, runs));
         }
     }
+    // Every run is claimed here and finished below with its planned
+    // outcome: none of the corpus commands is ever executed.
     let store = queue.store();
-    let claimed = store
-        .claim(ClaimRequest {
-            worker_id: "eval".into(),
-            now,
-            lease_until: now + DAY_MS,
-            limit: planned.len(),
-            server_kinds: true,
-            external: None,
-        })
-        .await?;
-    let attempts: BTreeMap<String, u32> = claimed.into_iter().map(|c| (c.id, c.attempt)).collect();
+    let mut attempts: BTreeMap<String, u32> = BTreeMap::new();
+    // Claimable from the moment they were submitted, whatever `now` says.
+    let claim_at = crate::model::Timestamp::now().0.max(now) + 1000;
+    while attempts.len() < planned.len() {
+        let claimed = store
+            .claim(ClaimRequest {
+                worker_id: "eval".into(),
+                now: claim_at,
+                lease_until: claim_at + DAY_MS,
+                limit: planned.len() - attempts.len(),
+                server_kinds: true,
+                external: None,
+            })
+            .await?;
+        if claimed.is_empty() {
+            return Err(Error::Conflict(format!(
+                "the evaluation needs an empty queue: claimed {} of {} runs",
+                attempts.len(),
+                planned.len()
+            )));
+        }
+        attempts.extend(claimed.into_iter().map(|c| (c.id, c.attempt)));
+    }
     for (id, i, j, runs) in &planned {
         let t = &corpus.tasks[*i];
         let failed = t.failure.is_some() && (i + j) % 3 == 0;
@@ -102,10 +116,10 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
         } else {
             (AttemptStatus::Succeeded, TaskStatus::Succeeded)
         };
-        store
+        let outcome_applied = store
             .finish(FinishAttempt {
                 task_id: id.clone(),
-                attempt: attempts.get(id).copied().unwrap_or(1),
+                attempt: attempts[id],
                 worker_id: "eval".into(),
                 started_at: finished - duration,
                 now: finished,
@@ -126,6 +140,9 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
                 next: Next::Done(outcome),
             })
             .await?;
+        if !matches!(outcome_applied, crate::store::FinishOutcome::Applied(_)) {
+            return Err(Error::Conflict(format!("run {id} of the corpus was not finished")));
+        }
     }
     Ok(planned.len())
 }
