@@ -176,7 +176,11 @@ pub fn trigram_expr(raw: &str, terms: &[String]) -> Option<String> {
         .collect();
     let whole = raw.trim().to_lowercase();
     let n = whole.chars().count();
-    if (3..=64).contains(&n) && !whole.contains(char::is_whitespace) && !terms.contains(&whole) {
+    if (3..=64).contains(&n)
+        && whole.contains(char::is_alphanumeric)
+        && !whole.contains(char::is_whitespace)
+        && !terms.contains(&whole)
+    {
         parts.push(quote(&whole));
     }
     if parts.is_empty() {
@@ -223,5 +227,6 @@ mod tests {
             "\"deploy\" OR \"deploy-ap\""
         );
         assert!(trigram_expr("ab", &terms("ab")).is_none());
+        assert!(trigram_expr("***", &terms("***")).is_none());
     }
 }
