@@ -335,7 +335,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     println!(
                         "{:.4}  {}{}  {}  {} runs  {}",
                         h.score,
-                        h.project.as_deref().map(|p| format!("{p}/")).unwrap_or_default(),
+                        h.project
+                            .as_deref()
+                            .map(|p| format!("{p}/"))
+                            .unwrap_or_default(),
                         h.name,
                         h.status,
                         h.runs,
@@ -364,7 +367,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::EvalSearch { json } => {
-            let dir = std::env::temp_dir().join(format!("task-queue-eval-{}", uuid::Uuid::now_v7()));
+            let dir =
+                std::env::temp_dir().join(format!("task-queue-eval-{}", uuid::Uuid::now_v7()));
             let mut c = config.clone();
             c.storage.path = dir.join("eval.db");
             c.storage.durability = crate::config::Durability::Fast;

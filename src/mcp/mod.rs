@@ -119,7 +119,10 @@ fn search_text(r: &crate::search::SearchResults) -> String {
     for h in &r.hits {
         s.push_str(&format!(
             "\n- {}{} [{}] task {} ({} runs, {} ms): {}",
-            h.project.as_deref().map(|p| format!("{p}/")).unwrap_or_default(),
+            h.project
+                .as_deref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default(),
             h.name,
             h.status,
             h.task_id,

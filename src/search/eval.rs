@@ -61,8 +61,8 @@ pub fn queries() -> Vec<Query> {
 /// Stores the corpus as finished runs (3 or 4 per task, some failed, spread
 /// over the last weeks); returns how many records were written.
 pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
-    let corpus: Corpus = serde_json::from_str(CORPUS)
-        .map_err(|e| Error::Store(format!("eval/corpus.json: {e}")))?;
+    let corpus: Corpus =
+        serde_json::from_str(CORPUS).map_err(|e| Error::Store(format!("eval/corpus.json: {e}")))?;
     let mut planned = Vec::new();
     for (i, t) in corpus.tasks.iter().enumerate() {
         let runs = 3 + i % 2;
@@ -141,7 +141,9 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
             })
             .await?;
         if !matches!(outcome_applied, crate::store::FinishOutcome::Applied(_)) {
-            return Err(Error::Conflict(format!("run {id} of the corpus was not finished")));
+            return Err(Error::Conflict(format!(
+                "run {id} of the corpus was not finished"
+            )));
         }
     }
     Ok(planned.len())

@@ -327,7 +327,9 @@ impl Search {
             .collect();
         type Key = (Option<String>, String);
         let key_of = |id: i64| -> Option<Key> {
-            records.get(&id).map(|r| (r.project.clone(), r.name.clone()))
+            records
+                .get(&id)
+                .map(|r| (r.project.clone(), r.name.clone()))
         };
         let fused = rank::fuse(lists, key_of);
         // The newest matching run stands for its task ("how did it go last time").
@@ -453,7 +455,9 @@ fn filter_is_empty(f: &HistoryFilter) -> bool {
 }
 
 fn passes(r: &Interaction, f: &HistoryFilter) -> bool {
-    f.project.as_ref().is_none_or(|p| r.project.as_ref() == Some(p))
+    f.project
+        .as_ref()
+        .is_none_or(|p| r.project.as_ref() == Some(p))
         && (f.outcomes.is_empty() || f.outcomes.contains(&r.outcome))
         && f.tags.iter().all(|t| r.tags.contains(t))
         && f.since.is_none_or(|s| r.finished_at >= s)

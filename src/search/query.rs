@@ -17,13 +17,7 @@ const STOPWORDS: &[&str] = &[
 /// A term expands to every group it belongs to.
 const SYNONYMS: &[&[&str]] = &[
     &[
-        "deploy",
-        "ship",
-        "release",
-        "rollout",
-        "publish",
-        "promote",
-        "launch",
+        "deploy", "ship", "release", "rollout", "publish", "promote", "launch",
     ],
     &["build", "compile", "bundle", "package", "assemble"],
     &["test", "check", "verify", "spec", "suite", "validate"],
@@ -43,7 +37,9 @@ const SYNONYMS: &[&[&str]] = &[
     &["backup", "snapshot", "dump", "archive"],
     &["restore", "recover", "rollback", "revert"],
     &["api", "backend", "service", "server", "endpoint"],
-    &["frontend", "ui", "web", "website", "webapp", "client", "site"],
+    &[
+        "frontend", "ui", "web", "website", "webapp", "client", "site",
+    ],
     &["migrate", "schema"],
     &["lint", "linter", "format", "fmt", "style", "clippy"],
     &["docs", "documentation", "doc", "manual"],
@@ -64,7 +60,14 @@ const SYNONYMS: &[&[&str]] = &[
     &["secret", "credential", "key", "token"],
     &["scan", "audit", "vulnerability", "security", "cve"],
     &["bench", "benchmark", "perf", "performance", "load"],
-    &["monitor", "healthcheck", "health", "probe", "ping", "uptime"],
+    &[
+        "monitor",
+        "healthcheck",
+        "health",
+        "probe",
+        "ping",
+        "uptime",
+    ],
     &["dependency", "upgrade", "bump", "update"],
     &["stop", "shutdown", "halt", "kill"],
     &["start", "boot", "launch", "spin"],
@@ -154,11 +157,7 @@ pub fn words_expr(terms: &[String], synonyms: bool) -> Option<String> {
     let groups: Vec<String> = terms
         .iter()
         .map(|t| {
-            let words = if synonyms {
-                expand(t)
-            } else {
-                vec![t.clone()]
-            };
+            let words = if synonyms { expand(t) } else { vec![t.clone()] };
             let alts: Vec<String> = words.iter().map(|w| quote(w)).collect();
             format!("({})", alts.join(" OR "))
         })
@@ -218,10 +217,7 @@ mod tests {
         let e = words_expr(&terms("a\"b OR c*"), true).unwrap();
         assert_eq!(e, "(\"b\") OR (\"c\")");
         assert_eq!(quote("x\"y"), "\"x\"\"y\"");
-        assert_eq!(
-            trigram_expr("ploy", &terms("ploy")).unwrap(),
-            "\"ploy\""
-        );
+        assert_eq!(trigram_expr("ploy", &terms("ploy")).unwrap(), "\"ploy\"");
         assert_eq!(
             trigram_expr("deploy-ap", &terms("deploy-ap")).unwrap(),
             "\"deploy\" OR \"deploy-ap\""

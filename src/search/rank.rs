@@ -110,7 +110,9 @@ pub fn matched_fields(r: &Interaction, words: &[String]) -> Vec<String> {
         .iter()
         .filter(|(_, text)| {
             let text = text.to_lowercase();
-            stems.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
+            stems
+                .iter()
+                .any(|s| !s.is_empty() && text.contains(s.as_str()))
         })
         .map(|(f, _)| f.to_string())
         .collect()

@@ -78,7 +78,8 @@ impl Vectorizer {
         if self.created.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let body = serde_json::json!({"name": self.collection, "dimension": 384, "metric": "cosine"});
+        let body =
+            serde_json::json!({"name": self.collection, "dimension": 384, "metric": "cosine"});
         match self.post("/collections", body).await {
             Ok(_) => {}
             // An existing collection is what we want.

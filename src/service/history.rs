@@ -23,7 +23,10 @@ impl TaskQueue {
     /// What history says about the task described by `req`.
     pub async fn recommend(&self, req: RecommendRequest) -> Result<Recommendation> {
         let now = self.inner.clock.now_ms();
-        self.inner.search.recommend(self.history()?, &req, now).await
+        self.inner
+            .search
+            .recommend(self.history()?, &req, now)
+            .await
     }
 
     /// Deletes the interaction records and logs of tasks that finished more
@@ -39,10 +42,7 @@ impl TaskQueue {
         let mut total = 0;
         loop {
             let n = history
-                .change_history(crate::store::history::HistoryChange::Prune {
-                    before,
-                    limit: 500,
-                })
+                .change_history(crate::store::history::HistoryChange::Prune { before, limit: 500 })
                 .await?;
             total += n;
             if n < 500 {

@@ -6,8 +6,8 @@ mod history;
 mod prepare;
 mod workflows;
 
-pub(crate) use prepare::{Header, RunOf, prepare};
 pub use history::VectorizerState;
+pub(crate) use prepare::{Header, RunOf, prepare};
 pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 
 use std::path::Path;

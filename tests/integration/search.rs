@@ -77,7 +77,11 @@ async fn search_records_every_finished_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let q = TaskQueue::open_with(config(&dir)).await.unwrap();
     let build = q
-        .submit(Task::new("build-api").with_command("echo compiled").with_project("shop"))
+        .submit(
+            Task::new("build-api")
+                .with_command("echo compiled")
+                .with_project("shop"),
+        )
         .await
         .unwrap();
     let mut spec = Task::new("deploy-api")
@@ -114,7 +118,11 @@ async fn search_records_every_finished_attempt() {
         ("build", "dependencies"),
     ] {
         let r = q.search(req(query)).await.unwrap();
-        let h = r.hits.iter().find(|h| h.name == "deploy-api").unwrap_or_else(|| panic!("{query}: {r:?}"));
+        let h = r
+            .hits
+            .iter()
+            .find(|h| h.name == "deploy-api")
+            .unwrap_or_else(|| panic!("{query}: {r:?}"));
         assert!(h.matched.contains(&field.to_string()), "{query}: {h:?}");
     }
     let only_ok = q
@@ -133,7 +141,10 @@ async fn search_filters_partial_names_and_hostile_input() {
     let dir = tempfile::tempdir().unwrap();
     let (q, _) = eval_queue(&dir).await;
     let r = q.search(req("ploy")).await.unwrap();
-    assert!(r.hits.iter().take(3).all(|h| h.name.contains("deploy")), "{r:?}");
+    assert!(
+        r.hits.iter().take(3).all(|h| h.name.contains("deploy")),
+        "{r:?}"
+    );
     assert!(r.hits[0].sources.contains(&"trigram".to_string()));
 
     let r = q
@@ -176,9 +187,23 @@ async fn search_filters_partial_names_and_hostile_input() {
 
     // Nothing a user types can break the MATCH expression.
     for hostile in [
-        "\"", "\"deploy", "deploy\"\"\"", "NEAR(deploy api", "NEAR(\"a\" \"b\", 2)", "deploy*",
-        "-deploy", "deploy:api", "name:deploy", "((( deploy", ") OR (", "AND OR NOT",
-        "ünïcödé 🚀 デプロイ", "'; DROP TABLE tasks; --", "^deploy", "{name}: api", "\0\u{1}",
+        "\"",
+        "\"deploy",
+        "deploy\"\"\"",
+        "NEAR(deploy api",
+        "NEAR(\"a\" \"b\", 2)",
+        "deploy*",
+        "-deploy",
+        "deploy:api",
+        "name:deploy",
+        "((( deploy",
+        ") OR (",
+        "AND OR NOT",
+        "ünïcödé 🚀 デプロイ",
+        "'; DROP TABLE tasks; --",
+        "^deploy",
+        "{name}: api",
+        "\0\u{1}",
     ] {
         match q.search(req(hostile)).await {
             Ok(_) => {}
@@ -188,7 +213,10 @@ async fn search_filters_partial_names_and_hostile_input() {
     }
     for empty in ["", "   ", "*", "\"\"", "- : ( )"] {
         let e = q.search(req(empty)).await.unwrap_err();
-        assert!(matches!(&e, Error::InvalidInput { field, .. } if field == "query"), "{empty:?}: {e}");
+        assert!(
+            matches!(&e, Error::InvalidInput { field, .. } if field == "query"),
+            "{empty:?}: {e}"
+        );
     }
     let e = q
         .search(SearchRequest {
@@ -232,7 +260,9 @@ async fn recommend_on_a_known_history() {
         deploy.depends_on = vec![serde_json::from_value(json!("build")).unwrap()];
         let mut smoke = Task::new("smoke").with_command("true").with_project("shop");
         smoke.depends_on = vec![serde_json::from_value(json!("deploy")).unwrap()];
-        q.submit_batch(vec![build.into(), deploy, smoke.into()]).await.unwrap();
+        q.submit_batch(vec![build.into(), deploy, smoke.into()])
+            .await
+            .unwrap();
         q.run_until_idle().await.unwrap();
     }
     let ask = RecommendRequest {
@@ -248,11 +278,20 @@ async fn recommend_on_a_known_history() {
     assert_eq!(r.suggested_timeout.as_deref(), Some("30s"));
     let retry = r.suggested_retry.clone().expect("a retry helped once");
     assert_eq!(retry.max_attempts, Some(3));
-    assert!(r.retry_reason.contains("later attempt"), "{}", r.retry_reason);
+    assert!(
+        r.retry_reason.contains("later attempt"),
+        "{}",
+        r.retry_reason
+    );
     assert_eq!(r.usual_dependencies[0].value, "build");
     assert_eq!(r.usual_dependencies[0].count, 3);
     assert_eq!(r.usual_follow_ups[0].value, "smoke");
-    assert!(r.common_failures[0].value.contains("exit") || r.common_failures[0].value.contains("connection refused"), "{:?}", r.common_failures);
+    assert!(
+        r.common_failures[0].value.contains("exit")
+            || r.common_failures[0].value.contains("connection refused"),
+        "{:?}",
+        r.common_failures
+    );
     assert_eq!(r.usual_artifacts.len(), 3, "{:?}", r.usual_artifacts);
     assert!(r.similar.iter().any(|s| s.name == "deploy"));
     // Same history, same answer.
@@ -278,18 +317,29 @@ async fn retention_prunes_old_records_and_logs() {
     let q = TaskQueue::open_with(c).await.unwrap();
     let now = Timestamp::now().0;
     eval::load_corpus(&q, now).await.unwrap();
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("search.db").display()))
-        .await
-        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("search.db").display()
+    ))
+    .await
+    .unwrap();
     let count = |sql: &'static str| {
         let pool = pool.clone();
-        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
     let before = count("SELECT count(*) FROM interactions").await;
     let pruned = q.prune_history().await.unwrap();
     assert!(pruned > 0);
     // A fresh task with captured output: kept (the engine prunes too, in the background).
-    let t = q.submit(Task::new("fresh").with_command("echo fresh output")).await.unwrap();
+    let t = q
+        .submit(Task::new("fresh").with_command("echo fresh output"))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(30), q.run_until_idle())
         .await
         .expect("the engine goes idle")
@@ -307,7 +357,10 @@ async fn retention_prunes_old_records_and_logs() {
     assert_eq!(old, 0);
     // The indexes follow the records.
     assert_eq!(count("SELECT count(*) FROM interactions_fts").await, after);
-    assert_eq!(count("SELECT count(*) FROM interactions_trigram").await, after);
+    assert_eq!(
+        count("SELECT count(*) FROM interactions_trigram").await,
+        after
+    );
     assert!(!q.logs(&t.id, None).await.unwrap().is_empty());
     assert_eq!(q.prune_history().await.unwrap(), 0, "nothing left to prune");
 }
@@ -316,12 +369,18 @@ async fn retention_prunes_old_records_and_logs() {
 /// words sharing a bucket so that meaning, not spelling, matches.
 fn embed_text(text: &str) -> Vec<f32> {
     let mut v = vec![0f32; 64];
-    for w in text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for w in text
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
         let w = match w {
             "ship" | "deploy" | "rollout" | "release" => "deploy",
             other => other,
         };
-        let h = w.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+        let h = w
+            .bytes()
+            .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
         v[(h % 64) as usize] += 1.0;
     }
     v
@@ -333,18 +392,20 @@ async fn embeddings_endpoint_adds_semantic_candidates_and_falls_back() {
     let app = axum::Router::new()
         .route(
             "/v1/embeddings",
-            post(|State(calls): State<Arc<Mutex<usize>>>, Json(body): Json<Value>| async move {
-                *calls.lock().unwrap() += 1;
-                assert_eq!(body["model"], "hash-64");
-                let data: Vec<Value> = body["input"]
+            post(
+                |State(calls): State<Arc<Mutex<usize>>>, Json(body): Json<Value>| async move {
+                    *calls.lock().unwrap() += 1;
+                    assert_eq!(body["model"], "hash-64");
+                    let data: Vec<Value> = body["input"]
                     .as_array()
                     .unwrap()
                     .iter()
                     .enumerate()
                     .map(|(i, t)| json!({"index": i, "embedding": embed_text(t.as_str().unwrap())}))
                     .collect();
-                Json(json!({"object": "list", "data": data, "model": "hash-64"}))
-            }),
+                    Json(json!({"object": "list", "data": data, "model": "hash-64"}))
+                },
+            ),
         )
         .with_state(calls.clone());
     let url = serve(app).await;
@@ -356,11 +417,20 @@ async fn embeddings_endpoint_adds_semantic_candidates_and_falls_back() {
     let q = TaskQueue::open_with(c.clone()).await.unwrap();
     let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
     assert_eq!(q.backfill_vectors(64).await.unwrap(), n);
-    assert_eq!(q.backfill_vectors(64).await.unwrap(), 0, "backfill is incremental");
+    assert_eq!(
+        q.backfill_vectors(64).await.unwrap(),
+        0,
+        "backfill is incremental"
+    );
     let r = q.search(req("ship the payments service")).await.unwrap();
     assert_eq!(r.mode, "hybrid");
     assert!(r.notices.is_empty());
-    assert!(r.hits.iter().any(|h| h.sources.contains(&"semantic".to_string())), "{r:?}");
+    assert!(
+        r.hits
+            .iter()
+            .any(|h| h.sources.contains(&"semantic".to_string())),
+        "{r:?}"
+    );
     assert_eq!(r.hits[0].name, "deploy-api");
     assert!(*calls.lock().unwrap() >= 7);
     let report = eval::evaluate(&q, n).await.unwrap();
@@ -372,9 +442,15 @@ async fn embeddings_endpoint_adds_semantic_candidates_and_falls_back() {
     let q = TaskQueue::open_with(c).await.unwrap();
     let r = q.search(req("ship the payments service")).await.unwrap();
     assert_eq!(r.mode, "lexical");
-    assert!(r.notices[0].contains("semantic search unavailable"), "{r:?}");
+    assert!(
+        r.notices[0].contains("semantic search unavailable"),
+        "{r:?}"
+    );
     assert!(!r.hits.is_empty());
-    assert!(q.backfill_vectors(8).await.is_ok(), "vectors of this model exist already");
+    assert!(
+        q.backfill_vectors(8).await.is_ok(),
+        "vectors of this model exist already"
+    );
 }
 
 #[derive(Default)]
@@ -391,26 +467,45 @@ fn fake_vectorizer(state: Fake) -> axum::Router {
     async fn create(State(s): State<Fake>, Json(b): Json<Value>) -> (StatusCode, Json<Value>) {
         let mut s = s.lock().unwrap();
         if !s.up {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "down"})));
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
         }
         let name = b["name"].as_str().unwrap().to_string();
         if s.collections.contains(&name) {
-            return (StatusCode::CONFLICT, Json(json!({"error": "collection already exists"})));
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({"error": "collection already exists"})),
+            );
         }
         s.collections.push(name);
         (StatusCode::OK, Json(json!({"status": "success"})))
     }
     async fn insert(State(s): State<Fake>, Json(b): Json<Value>) -> (StatusCode, Json<Value>) {
         let mut s = s.lock().unwrap();
-        if !s.up || !s.collections.contains(&b["collection"].as_str().unwrap().to_string()) {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "down"})));
+        if !s.up
+            || !s
+                .collections
+                .contains(&b["collection"].as_str().unwrap().to_string())
+        {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
         }
         s.inserts += 1;
         for t in b["texts"].as_array().unwrap() {
             assert!(t["metadata"]["task_id"].is_string());
-            s.texts.insert(t["id"].as_str().unwrap().into(), t["text"].as_str().unwrap().into());
+            s.texts.insert(
+                t["id"].as_str().unwrap().into(),
+                t["text"].as_str().unwrap().into(),
+            );
         }
-        (StatusCode::OK, Json(json!({"inserted": b["texts"].as_array().unwrap().len()})))
+        (
+            StatusCode::OK,
+            Json(json!({"inserted": b["texts"].as_array().unwrap().len()})),
+        )
     }
     async fn search(
         State(s): State<Fake>,
@@ -419,7 +514,10 @@ fn fake_vectorizer(state: Fake) -> axum::Router {
     ) -> (StatusCode, Json<Value>) {
         let s = s.lock().unwrap();
         if !s.up || !s.collections.contains(&name) {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "down"})));
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
         }
         let word = b["query"].as_str().unwrap().to_lowercase();
         let mut ids: Vec<&String> = s
@@ -483,5 +581,9 @@ async fn vectorizer_outbox_survives_downtime() {
     let r = q.search(req("pgbackrest")).await.unwrap();
     assert_eq!(r.mode, "hybrid");
     assert_eq!(r.hits[0].name, "backup-postgres-cluster");
-    assert!(r.hits[0].sources.contains(&"vectorizer".to_string()), "{:?}", r.hits[0]);
+    assert!(
+        r.hits[0].sources.contains(&"vectorizer".to_string()),
+        "{:?}",
+        r.hits[0]
+    );
 }

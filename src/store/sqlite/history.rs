@@ -100,7 +100,11 @@ pub(super) async fn apply(conn: &mut SqliteConnection, change: &HistoryChange) -
             .await?;
             Ok(r.rows_affected())
         }
-        HistoryChange::DeliveryFailed { ids, next_at, error } => {
+        HistoryChange::DeliveryFailed {
+            ids,
+            next_at,
+            error,
+        } => {
             let r = sqlx::query(
                 "UPDATE vectorizer_outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3 \
                  WHERE interaction_id IN (SELECT value FROM json_each(?1))",
@@ -305,7 +309,10 @@ impl HistoryStore for SqliteStore {
         .bind(after)
         .fetch_all(&self.read)
         .await?;
-        Ok(rows.into_iter().map(|(id, b)| (id, from_blob(&b))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, b)| (id, from_blob(&b)))
+            .collect())
     }
 
     async fn missing_vectors(&self, model: &str, limit: usize) -> Result<Vec<Interaction>> {
