@@ -260,9 +260,7 @@ async fn recommend_on_a_known_history() {
         deploy.depends_on = vec![serde_json::from_value(json!("build")).unwrap()];
         let mut smoke = Task::new("smoke").with_command("true").with_project("shop");
         smoke.depends_on = vec![serde_json::from_value(json!("deploy")).unwrap()];
-        q.submit_batch(vec![build.into(), deploy, smoke.into()])
-            .await
-            .unwrap();
+        q.submit_batch(vec![build, deploy, smoke]).await.unwrap();
         q.run_until_idle().await.unwrap();
     }
     let ask = RecommendRequest {
