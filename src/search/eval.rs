@@ -60,6 +60,10 @@ pub fn queries() -> Vec<Query> {
 
 /// Stores the corpus as finished runs (3 or 4 per task, some failed, spread
 /// over the last weeks); returns how many records were written.
+///
+/// Only for a scratch database with no engine running: the runs are real
+/// command tasks that this claims and finishes itself, so that none of
+/// their commands is ever executed.
 pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
     let corpus: Corpus =
         serde_json::from_str(CORPUS).map_err(|e| Error::Store(format!("eval/corpus.json: {e}")))?;

@@ -65,6 +65,26 @@ async fn search_evaluation_meets_its_floor() {
     assert!(g("dev/all").mrr_at_10 >= 0.80, "{}", report.table());
 }
 
+/// GET through the REST router.
+async fn rest_get(q: &TaskQueue, uri: &str) -> (StatusCode, Value) {
+    use tower::ServiceExt;
+    let app = task_queue::rest::router(task_queue::rest::ApiState {
+        queue: q.clone(),
+        metrics: Default::default(),
+        started: std::time::Instant::now(),
+        shutdown: Default::default(),
+    });
+    let req = axum::http::Request::get(uri)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
 async fn serve(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -559,6 +579,20 @@ async fn vectorizer_outbox_survives_downtime() {
     let r = q.search(req("deploy")).await.unwrap();
     assert!(r.notices[0].contains("Vectorizer"), "{r:?}");
     assert!(!r.hits.is_empty());
+    let (status, health) = rest_get(&q, "/health").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the outbox never makes the server unhealthy"
+    );
+    let outbox = &health["checks"]["outbox"];
+    assert_eq!(outbox["configured"], true);
+    assert_eq!(outbox["ok"], false);
+    assert_eq!(outbox["pending"], n as u64);
+    assert!(
+        outbox["last_error"].as_str().unwrap().contains("503"),
+        "{outbox}"
+    );
 
     // Up again: records never tried go at once, the failed batch after
     // its backoff; everything is delivered, once.
@@ -576,6 +610,17 @@ async fn vectorizer_outbox_survives_downtime() {
         assert_eq!(f.collections, ["task-interactions"]);
     }
     // Its hits are merged into search.
+    let (status, health) = rest_get(&q, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["checks"]["outbox"]["ok"], true);
+    assert_eq!(health["checks"]["outbox"]["pending"], 0);
+    let (status, found) = rest_get(&q, "/api/v1/search?q=pgbackrest&tag=backup,postgres").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["mode"], "hybrid");
+    assert_eq!(found["hits"][0]["name"], "backup-postgres-cluster");
+    let (status, rec) = rest_get(&q, "/api/v1/recommendations?name=backup-postgres-cluster").await;
+    assert_eq!(status, StatusCode::OK, "{rec}");
+    assert_eq!(rec["runs"], 4);
     let r = q.search(req("pgbackrest")).await.unwrap();
     assert_eq!(r.mode, "hybrid");
     assert_eq!(r.hits[0].name, "backup-postgres-cluster");
