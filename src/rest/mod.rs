@@ -872,15 +872,18 @@ async fn health(State(st): State<ApiState>) -> Response {
     // The outbox never makes the server unhealthy: records wait in it.
     let outbox = match st.queue.vectorizer_state().await {
         Ok(None) => json!({"ok": true, "configured": false}),
-        Ok(Some(v)) => json!({
-            "ok": v.last_error.is_none(),
-            "configured": true,
-            "endpoint": v.endpoint,
-            "pending": v.outbox.pending,
-            "oldest_finished_at": v.outbox.oldest_finished_at,
-            "max_attempts": v.outbox.max_attempts,
-            "last_error": v.last_error.or(v.outbox.last_error),
-        }),
+        Ok(Some(v)) => {
+            let last_error = v.last_error.or(v.outbox.last_error);
+            json!({
+                "ok": last_error.is_none(),
+                "configured": true,
+                "endpoint": v.endpoint,
+                "pending": v.outbox.pending,
+                "oldest_finished_at": v.outbox.oldest_finished_at,
+                "max_attempts": v.outbox.max_attempts,
+                "last_error": last_error,
+            })
+        }
         Err(e) => json!({"ok": false, "configured": true, "error": e.to_string()}),
     };
     let body = json!({

@@ -75,7 +75,11 @@ impl TaskQueue {
             let now = self.inner.clock.now_ms();
             match v.deliver_due(history, now).await {
                 Ok(0) => {
-                    self.inner.search.set_vectorizer_error(None);
+                    // Nothing due: the error stands while failed records
+                    // are still backing off.
+                    if total > 0 || history.outbox_state().await?.pending == 0 {
+                        self.inner.search.set_vectorizer_error(None);
+                    }
                     return Ok(total);
                 }
                 Ok(n) => total += n,

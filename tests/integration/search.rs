@@ -576,6 +576,17 @@ async fn vectorizer_outbox_survives_downtime() {
     assert_eq!(s.outbox.pending, n as u64);
     assert!(s.last_error.unwrap().contains("503"));
     assert_eq!(s.outbox.max_attempts, 1);
+    // Each call tries the next due batch of 100; once every record is
+    // backing off, nothing is due and the error stays visible.
+    let mut failures = 1;
+    while q.deliver_to_vectorizer().await.is_err() {
+        failures += 1;
+        assert!(failures < 10);
+    }
+    assert_eq!(failures, n.div_ceil(100));
+    let s = q.vectorizer_state().await.unwrap().unwrap();
+    assert!(s.last_error.is_some());
+    assert_eq!(s.outbox.pending, n as u64);
     let r = q.search(req("deploy")).await.unwrap();
     assert!(r.notices[0].contains("Vectorizer"), "{r:?}");
     assert!(!r.hits.is_empty());
@@ -594,13 +605,15 @@ async fn vectorizer_outbox_survives_downtime() {
         "{outbox}"
     );
 
-    // Up again: records never tried go at once, the failed batch after
-    // its backoff; everything is delivered, once.
+    // Up again: after the backoff (1 s, then 2 s) everything is delivered, once.
     fake.lock().unwrap().up = true;
-    let first = q.deliver_to_vectorizer().await.unwrap();
-    assert_eq!(first, n - 100, "the failed batch of 100 is backing off");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(q.deliver_to_vectorizer().await.unwrap(), 100);
+    assert_eq!(
+        q.deliver_to_vectorizer().await.unwrap(),
+        0,
+        "still backing off"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(q.deliver_to_vectorizer().await.unwrap(), n);
     let s = q.vectorizer_state().await.unwrap().unwrap();
     assert_eq!(s.outbox.pending, 0);
     assert!(s.last_error.is_none());
