@@ -53,7 +53,6 @@ st run "$base/api/v1/openapi.json" \
   --checks all \
   --exclude-checks positive_data_acceptance \
   --exclude-path /events \
-  --exclude-path /search --exclude-path /recommendations \
   --max-examples 40 \
   --max-time "$budget" \
   --request-timeout 10 \

@@ -156,6 +156,41 @@ pub enum Command {
     },
     /// Measure throughput and latency; prints one JSON object with --json.
     Bench(crate::bench::BenchArgs),
+    /// Search the history of past tasks ("ship the backend", "ploy").
+    Search {
+        query: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// Only runs that ended so: succeeded, failed, timed_out, cancelled (repeatable).
+        #[arg(long)]
+        status: Vec<TaskStatus>,
+        /// Only tasks with this tag (repeatable; all must match).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// Most hits, 1..=50.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Advice from similar past tasks (JSON): success rate, durations,
+    /// timeout, retry policy, usual neighbours, failures and artifacts.
+    Recommend {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        command: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Run the labelled search evaluation (eval/) in a scratch database and
+    /// print MRR@10 and Recall@5 per split and tag.
+    EvalSearch {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,6 +320,84 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let mut config = load_config(&cli)?;
     match cli.command {
         Command::Bench(args) => crate::bench::run(args, config).await,
+        Command::Search {
+            query,
+            project,
+            status,
+            tag,
+            limit,
+            json,
+        } => {
+            let queue = TaskQueue::open_with(config).await?;
+            let r = queue
+                .search(crate::search::SearchRequest {
+                    query,
+                    project,
+                    statuses: status,
+                    tags: tag,
+                    limit,
+                    ..Default::default()
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::to_value(&r).unwrap_or_default());
+            } else {
+                for n in &r.notices {
+                    eprintln!("note: {n}");
+                }
+                for h in &r.hits {
+                    println!(
+                        "{:.4}  {}{}  {}  {} runs  {}",
+                        h.score,
+                        h.project
+                            .as_deref()
+                            .map(|p| format!("{p}/"))
+                            .unwrap_or_default(),
+                        h.name,
+                        h.status,
+                        h.runs,
+                        h.snippet
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Recommend {
+            name,
+            command,
+            description,
+            project,
+        } => {
+            let queue = TaskQueue::open_with(config).await?;
+            let r = queue
+                .recommend(crate::search::recommend::RecommendRequest {
+                    name,
+                    command,
+                    description,
+                    project,
+                })
+                .await?;
+            print_json(&serde_json::to_value(&r).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EvalSearch { json } => {
+            let dir =
+                std::env::temp_dir().join(format!("task-queue-eval-{}", uuid::Uuid::now_v7()));
+            let mut c = config.clone();
+            c.storage.path = dir.join("eval.db");
+            c.storage.durability = crate::config::Durability::Fast;
+            let queue = TaskQueue::open_with(c).await?;
+            let now = crate::model::Timestamp::now().0;
+            let n = crate::search::eval::load_corpus(&queue, now).await?;
+            let report = crate::search::eval::evaluate(&queue, n).await?;
+            let _ = std::fs::remove_dir_all(&dir);
+            if json {
+                print_json(&serde_json::to_value(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { file, json } => {
             let sub = read_tasks(&file)?;
             let queue = TaskQueue::open_with(config).await?;

@@ -23,18 +23,25 @@
 //!   tasks and workflows (`service::prepare` turns specs into rows: defaults,
 //!   graph, schedules, hashes), get, list, cancel, wait, approvals,
 //!   schedules, the external-worker protocol (claim, heartbeat, complete,
-//!   fail), handlers, engine start.
+//!   fail), handlers, search and recommend, engine start.
 //! * [`model`] — plain data: task and workflow specs and their validation,
 //!   statuses (the state machine is documented on `TaskStatus`), records,
 //!   cron expressions, durations.
 //! * [`workflow`] — the dependency graph: submit-time checks (cycles,
 //!   unknown names) and Mermaid/DOT export.
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
-//!   (one group-committing writer that also resolves dependents and moves
-//!   workflow counters in the same transaction, a read pool, WAL).
+//!   (one group-committing writer that also resolves dependents, moves
+//!   workflow counters and writes interaction records in the same
+//!   transaction, a read pool, WAL); [`store::history`] is what search
+//!   needs from a store (FTS5 candidates, vectors, the Vectorizer outbox).
+//! * [`search`] — history search and recommendations: query words,
+//!   synonyms and quoting (`query`), rank fusion and boosts (`rank`),
+//!   `recommend`, the `Embedder` tier (`embed`), the Vectorizer client and
+//!   outbox delivery (`vectorizer`), the labelled evaluation (`eval`).
 //! * [`engine`] — the scheduler loop (claims, runs, finishes, fires due
 //!   schedules), lease renewal and reclaim, retry decisions, crash
-//!   recovery, service-task lifetimes, the injected clock.
+//!   recovery, service-task lifetimes, history upkeep (retention,
+//!   embedding backfill, Vectorizer delivery), the injected clock.
 //! * [`executor`] — one attempt: child processes (process groups, rlimits,
 //!   timeouts, output capture, the crash guard), service tasks with health
 //!   checks, HTTP requests, in-process handlers, result files, validation,
@@ -67,6 +74,7 @@ pub mod integrity;
 pub mod mcp;
 pub mod model;
 pub mod rest;
+pub mod search;
 pub mod server;
 pub mod service;
 pub mod store;

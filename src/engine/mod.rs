@@ -5,6 +5,7 @@
 //! change it makes goes through the store's writer as one atomic operation.
 
 pub mod clock;
+mod history;
 pub mod recovery;
 pub mod retry;
 
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     services: Mutex<HashMap<String, LocalService>>,
     stats: Mutex<EngineStats>,
     pub exec: ExecSettings,
+    /// Search tiers and their state.
+    pub search: crate::search::Search,
 }
 
 impl Shared {
@@ -85,6 +88,7 @@ impl Shared {
         worker_id: String,
     ) -> Self {
         // One directory per engine instance: result files of concurrent engines never collide.
+        let search = crate::search::Search::new(&config);
         let scratch_dir = std::env::temp_dir().join(format!("task-queue-{worker_id}"));
         let exec = ExecSettings {
             env_allowlist: config.execution.env_allowlist.clone(),
@@ -102,6 +106,7 @@ impl Shared {
             services: Mutex::new(HashMap::new()),
             stats: Mutex::new(EngineStats::default()),
             exec,
+            search,
         }
     }
 
@@ -279,6 +284,7 @@ async fn run(
     };
     recovery::register_and_recover(&shared).await?;
     let leases = tokio::spawn(lease_loop(shared.clone()));
+    let upkeep = tokio::spawn(history::run(shared.clone()));
     let (watch_stop, watch_stop_rx) = watch::channel(false);
     let watcher = tokio::spawn(service_watch(shared.clone(), watch_stop_rx));
     let queue = crate::service::TaskQueue::from_shared(shared.clone());
@@ -360,6 +366,7 @@ async fn run(
     let _ = watcher.await;
     shared.stop_all_services().await;
     leases.abort();
+    upkeep.abort();
     drop(reaper);
     let _ = std::fs::remove_dir(&shared.exec.scratch_dir);
     Ok(())

@@ -129,6 +129,47 @@ macro_rules! args {
     };
 }
 
+fn search_text(r: &crate::search::SearchResults) -> String {
+    let mut s = format!("{} past task(s) found ({} ranking)", r.hits.len(), r.mode);
+    for n in &r.notices {
+        s.push_str(&format!("\nnote: {n}"));
+    }
+    for h in &r.hits {
+        s.push_str(&format!(
+            "\n- {}{} [{}] task {} ({} runs, {} ms): {}",
+            h.project
+                .as_deref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default(),
+            h.name,
+            h.status,
+            h.task_id,
+            h.runs,
+            h.duration_ms,
+            h.snippet
+        ));
+    }
+    s
+}
+
+fn recommend_text(r: &crate::search::recommend::Recommendation) -> String {
+    let Some(name) = &r.based_on else {
+        return "no similar past task: no recommendation from history".into();
+    };
+    let mut s = format!("based on {} past run(s) of {name}", r.runs);
+    if let Some(rate) = r.success_rate {
+        s.push_str(&format!(", {:.0}% succeeded", rate * 100.0));
+    }
+    if let (Some(p50), Some(p90)) = (r.p50_duration_ms, r.p90_duration_ms) {
+        s.push_str(&format!(", p50 {p50} ms, p90 {p90} ms"));
+    }
+    if let Some(t) = &r.suggested_timeout {
+        s.push_str(&format!("; suggested timeout {t}"));
+    }
+    s.push_str(&format!("; retry: {}", r.retry_reason));
+    s
+}
+
 fn task_line(t: &crate::model::TaskRecord) -> String {
     let mut s = format!(
         "task {} ({}) is {} after {} of {} attempts",
@@ -779,11 +820,14 @@ impl McpServer {
         )
     )]
     async fn search_tasks(&self, Parameters(raw): Parameters<Raw<SearchArgs>>) -> ToolResult {
-        let _a: SearchArgs = args!(raw);
-        Ok(fail(Error::unsupported(
-            "search_tasks",
-            "history search is not available yet in this release; use list_tasks with status, project, tag or name filters meanwhile",
-        )))
+        let a: SearchArgs = args!(raw);
+        match self.queue.search(a.into_request()).await {
+            Ok(r) => {
+                let text = search_text(&r);
+                ok(&r, text)
+            }
+            Err(e) => Ok(fail(e)),
+        }
     }
 
     /// Before running something, ask what happened when similar tasks ran:
@@ -803,16 +847,13 @@ impl McpServer {
     )]
     async fn recommend(&self, Parameters(raw): Parameters<Raw<RecommendArgs>>) -> ToolResult {
         let a: RecommendArgs = args!(raw);
-        if a.name.is_none() && a.command.is_none() && a.description.is_none() {
-            return Ok(fail(Error::invalid(
-                "name",
-                "give at least one of name, command or description",
-            )));
+        match self.queue.recommend(a.into_request()).await {
+            Ok(r) => {
+                let text = recommend_text(&r);
+                ok(&r, text)
+            }
+            Err(e) => Ok(fail(e)),
         }
-        Ok(fail(Error::unsupported(
-            "recommend",
-            "recommendations from history are not available yet in this release; get_task on a past run of the task shows its duration and attempts",
-        )))
     }
 
     /// A snapshot of the queue: tasks by status, workflows by status, how

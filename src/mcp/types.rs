@@ -230,31 +230,73 @@ pub struct FailArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchArgs {
-    /// Words to look for in past tasks: names, descriptions, commands, output.
+    /// What you are looking for, in your own words or by (part of) a task
+    /// name: "ship the backend", "ploy", "pg_dump failed". Matches names,
+    /// descriptions, commands, tags, parameters, errors, output and
+    /// artifacts, with synonyms for common software-work vocabulary.
     pub query: String,
+    /// Only tasks of this project.
     #[serde(default)]
     pub project: Option<String>,
+    /// Only runs that ended so: succeeded, failed, timed_out, cancelled.
     #[serde(default)]
     pub status: Vec<TaskStatus>,
+    /// Only tasks carrying all these tags.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Only runs finished at or after this time (RFC 3339).
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    /// Only runs finished before this time (RFC 3339).
+    #[serde(default)]
+    pub until: Option<Timestamp>,
     /// Most hits, 1..=50 (default 10).
     #[serde(default)]
     pub limit: Option<usize>,
+}
+
+impl SearchArgs {
+    pub fn into_request(self) -> crate::search::SearchRequest {
+        crate::search::SearchRequest {
+            query: self.query,
+            project: self.project,
+            statuses: self.status,
+            tags: self.tags,
+            since: self.since,
+            until: self.until,
+            limit: self.limit.unwrap_or(10),
+            prefer_project: None,
+        }
+    }
 }
 
 /// `recommend` input: describe the task you are about to run.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecommendArgs {
+    /// The task's name (its past runs are the best evidence).
     #[serde(default)]
     pub name: Option<String>,
+    /// The command it will run.
     #[serde(default)]
     pub command: Option<String>,
+    /// What it does, in words.
     #[serde(default)]
     pub description: Option<String>,
+    /// Its project: runs of this project count first.
     #[serde(default)]
     pub project: Option<String>,
+}
+
+impl RecommendArgs {
+    pub fn into_request(self) -> crate::search::recommend::RecommendRequest {
+        crate::search::recommend::RecommendRequest {
+            name: self.name,
+            command: self.command,
+            description: self.description,
+            project: self.project,
+        }
+    }
 }
 
 /// `queue_stats` input (none).
@@ -329,62 +371,8 @@ pub struct HeartbeatOut {
     pub lease_expires_at: Timestamp,
 }
 
-/// One search hit.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SearchHit {
-    pub task_id: String,
-    pub name: String,
-    pub status: TaskStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub project: Option<String>,
-    /// Higher is better; comparable within one answer.
-    pub score: f64,
-    /// Why it matched.
-    pub snippet: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-}
-
 /// Output of search_tasks.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SearchOut {
-    pub hits: Vec<SearchHit>,
-    /// How the hits were ranked: `lexical`, or `hybrid` with embeddings.
-    pub mode: String,
-}
-
-/// A past task like the one described.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SimilarTask {
-    pub task_id: String,
-    pub name: String,
-    pub status: TaskStatus,
-    pub score: f64,
-}
+pub type SearchOut = crate::search::SearchResults;
 
 /// Output of recommend.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct RecommendOut {
-    pub similar: Vec<SimilarTask>,
-    /// Share of similar past runs that succeeded, 0..=1.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub success_rate: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub p50_duration_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub p90_duration_ms: Option<u64>,
-    /// A timeout with headroom over the p90 duration, e.g. `"10m"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub suggested_timeout: Option<String>,
-    /// A retry policy fitted to past failures.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub suggested_retry: Option<crate::model::RetryPolicy>,
-    /// Tasks that usually run before it.
-    pub usual_dependencies: Vec<String>,
-    /// Tasks that usually run after it.
-    pub usual_follow_ups: Vec<String>,
-    pub common_failures: Vec<String>,
-    pub usual_artifacts: Vec<String>,
-}
+pub type RecommendOut = crate::search::recommend::Recommendation;

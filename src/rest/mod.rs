@@ -373,15 +373,23 @@ enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn statuses(self) -> ApiResult<Vec<TaskStatus>> {
-        let items = match self {
+    /// The values, comma-separated ones split, empty ones dropped.
+    fn items(self) -> Vec<String> {
+        let items: Vec<String> = match self {
             OneOrMany::None => Vec::new(),
             OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
-            OneOrMany::Many(v) => v,
+            OneOrMany::Many(v) => v
+                .iter()
+                .flat_map(|s| s.split(','))
+                .map(str::to_string)
+                .collect(),
         };
-        items
+        items.into_iter().filter(|s| !s.is_empty()).collect()
+    }
+
+    fn statuses(self) -> ApiResult<Vec<TaskStatus>> {
+        self.items()
             .into_iter()
-            .filter(|s| !s.is_empty())
             .map(|s| {
                 s.parse::<TaskStatus>()
                     .map_err(|e| ApiError::from(Error::invalid("status", e)))
@@ -683,20 +691,69 @@ async fn cancel_workflow(
     Ok(Json(st.queue.cancel_workflow(&id).await?).into_response())
 }
 
-async fn search() -> ApiError {
-    Error::unsupported(
-        "q",
-        "history search is not available yet in this release; use GET /api/v1/tasks with filters",
-    )
-    .into()
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    q: Option<String>,
+    project: Option<String>,
+    #[serde(default)]
+    status: OneOrMany,
+    #[serde(default)]
+    tag: OneOrMany,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<String>,
 }
 
-async fn recommendations() -> ApiError {
-    Error::unsupported(
-        "name",
-        "recommendations are not available yet in this release",
-    )
-    .into()
+fn time_param(field: &str, v: Option<String>) -> ApiResult<Option<crate::model::Timestamp>> {
+    v.map(|s| {
+        serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| {
+            ApiError::from(Error::invalid(
+                field,
+                format!("must be an RFC 3339 time such as 2026-01-31T12:00:00Z, got {s:?}"),
+            ))
+        })
+    })
+    .transpose()
+}
+
+async fn search(State(st): State<ApiState>, Q(q): Q<SearchQuery>) -> ApiResult<Response> {
+    let Some(query) = q.q else {
+        return Err(Error::invalid("q", "is required: the words to look for").into());
+    };
+    let req = crate::search::SearchRequest {
+        query,
+        project: q.project,
+        statuses: q.status.statuses()?,
+        tags: q.tag.items(),
+        since: time_param("since", q.since)?,
+        until: time_param("until", q.until)?,
+        limit: num("limit", &q.limit)?.unwrap_or(10),
+        prefer_project: None,
+    };
+    Ok(Json(st.queue.search(req).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecommendQuery {
+    name: Option<String>,
+    command: Option<String>,
+    description: Option<String>,
+    project: Option<String>,
+}
+
+async fn recommendations(
+    State(st): State<ApiState>,
+    Q(q): Q<RecommendQuery>,
+) -> ApiResult<Response> {
+    let req = crate::search::recommend::RecommendRequest {
+        name: q.name,
+        command: q.command,
+        description: q.description,
+        project: q.project,
+    };
+    Ok(Json(st.queue.recommend(req).await?).into_response())
 }
 
 async fn stats(State(st): State<ApiState>) -> ApiResult<Response> {
@@ -820,6 +877,23 @@ async fn health(State(st): State<ApiState>) -> Response {
     let scheduler = st.queue.engine_status();
     let store_ok = store.is_ok();
     let ok = store_ok && scheduler.healthy;
+    // The outbox never makes the server unhealthy: records wait in it.
+    let outbox = match st.queue.vectorizer_state().await {
+        Ok(None) => json!({"ok": true, "configured": false}),
+        Ok(Some(v)) => {
+            let last_error = v.last_error.or(v.outbox.last_error);
+            json!({
+                "ok": last_error.is_none(),
+                "configured": true,
+                "endpoint": v.endpoint,
+                "pending": v.outbox.pending,
+                "oldest_finished_at": v.outbox.oldest_finished_at,
+                "max_attempts": v.outbox.max_attempts,
+                "last_error": last_error,
+            })
+        }
+        Err(e) => json!({"ok": false, "configured": true, "error": e.to_string()}),
+    };
     let body = json!({
         "status": if ok { "ok" } else { "unavailable" },
         "uptime_s": st.started.elapsed().as_secs(),
@@ -839,7 +913,7 @@ async fn health(State(st): State<ApiState>) -> Response {
                 "running_attempts": scheduler.running_attempts,
                 "services": scheduler.services,
             },
-            "outbox": {"ok": true, "note": "no vectorizer configured"},
+            "outbox": outbox,
         },
     });
     let status = if ok {

@@ -95,6 +95,8 @@ pub fn document() -> Value {
     let record = schema::<TaskRecord>(&mut g);
     let attempt = schema::<crate::model::Attempt>(&mut g);
     let page = schema::<TaskPage>(&mut g);
+    let search_results = schema::<crate::search::SearchResults>(&mut g);
+    let recommendation = schema::<crate::search::recommend::Recommendation>(&mut g);
     let wf_submitted = schema::<WorkflowSubmitted>(&mut g);
     let wf_detail = schema::<WorkflowDetail>(&mut g);
     let wf_page = schema::<WorkflowPage>(&mut g);
@@ -211,12 +213,19 @@ pub fn document() -> Value {
             merge(errors(&[("404", "No such workflow.")]), "200", json!({"description": "The graph text.", "content": {"text/plain": {"schema": {"type": "string"}}, "text/vnd.graphviz": {"schema": {"type": "string"}}}})))},
         "/workflows/{id}/cancel": {"post": op("cancelWorkflow", "Cancel every unfinished task of a workflow", vec![path_id("workflow")], None,
             merge(errors(&[("404", "No such workflow."), ("409", "Already finished.")]), "200", ok("The workflow.", wf_record)))},
-        "/search": {"get": op("searchTasks", "Search past tasks (not available yet: 501)",
-            vec![query("q", "Words to look for.", "string"), query("project", "Project.", "string"), query("status", "Status.", "string"), query("limit", "Most hits.", "integer")],
-            None, Value::Object({ let mut m = Map::new(); m.insert("501".into(), error_response("Not available in this release.")); m }))},
-        "/recommendations": {"get": op("recommend", "Recommendations from history (not available yet: 501)",
-            vec![query("name", "Task name.", "string"), query("command", "Command.", "string"), query("project", "Project.", "string")],
-            None, Value::Object({ let mut m = Map::new(); m.insert("501".into(), error_response("Not available in this release.")); m }))},
+        "/search": {"get": op("searchTasks", "Search past tasks: ranked hits with score, matched fields and a snippet",
+            vec![json!({"name": "q", "in": "query", "required": true, "description": "What to look for, in words or part of a task name.", "schema": {"type": "string"}}),
+                 query("project", "Only this project.", "string"),
+                 query("status", "succeeded, failed, timed_out or cancelled (repeat or comma-separate).", "string"),
+                 query("tag", "Only tasks with this tag (repeat or comma-separate: all must match).", "string"),
+                 query("since", "Finished at or after (RFC 3339).", "string"),
+                 query("until", "Finished before (RFC 3339).", "string"),
+                 query("limit", "Most hits, 1..=50 (default 10).", "integer")],
+            None, merge(errors(&[]), "200", ok("The hits.", search_results)))},
+        "/recommendations": {"get": op("recommend", "Advice from similar past tasks: success rate, durations, timeout, retry policy, neighbours, failures, artifacts",
+            vec![query("name", "Task name.", "string"), query("command", "Command.", "string"),
+                 query("description", "What it does.", "string"), query("project", "Project (its runs count first).", "string")],
+            None, merge(errors(&[]), "200", ok("The recommendation.", recommendation)))},
         "/stats": {"get": op("queueStats", "Tasks and workflows by status, ready backlog, schedules, leases", vec![], None,
             merge(errors(&[]), "200", ok("The snapshot.", stats)))},
         "/events": {"get": op("events", "Server-Sent Events of task and workflow state changes; resumable with Last-Event-ID",

@@ -2,9 +2,11 @@
 //! REST layers) call. Clones are shallow: every clone shares one store and
 //! one engine state.
 
+mod history;
 mod prepare;
 mod workflows;
 
+pub use history::VectorizerState;
 pub(crate) use prepare::{Header, RunOf, prepare};
 pub use workflows::{ClaimFilter, ClaimedWork, WorkflowPage, WorkflowSubmitted};
 

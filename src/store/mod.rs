@@ -6,6 +6,7 @@
 //! is lease recovery, which must work without the engine that owned the
 //! lease, so the store applies the task's own retry policy there.
 
+pub mod history;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -478,6 +479,12 @@ pub trait Store: Send + Sync + 'static {
     async fn tokens_exist(&self) -> Result<bool>;
     /// Workers recorded on `host` that hold running tasks.
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>>;
+
+    /// Interaction records, search candidates, vectors and the Vectorizer
+    /// outbox; `None` when this store keeps no history.
+    fn history(&self) -> Option<&dyn history::HistoryStore> {
+        None
+    }
 
     /// Committed task state changes.
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent>;

@@ -12,4 +12,5 @@ mod library;
 mod mcp;
 mod orchestration;
 mod rest;
+mod search;
 mod workflows;

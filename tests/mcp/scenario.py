@@ -156,7 +156,9 @@ async def scenario(c, tools_schema_path, transport):
         ("wait_for_task", {"id": label, "timeout_seconds": 500}, "timeout_seconds"),
         ("approve_task", {"id": label, "approve": True}, "not awaiting_approval"),
         ("get_task_logs", {"id": label, "stream": "stdin"}, "stream"),
-        ("search_tasks", {"query": "deploy"}, "not available yet"),
+        ("search_tasks", {"query": "\"*"}, "query"),
+        ("search_tasks", {"query": "deploy", "limit": 500}, "limit"),
+        ("recommend", {}, "name"),
     ]
     for name, args, needle in bad:
         r = await call(c, name, args)

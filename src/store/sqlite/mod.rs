@@ -6,6 +6,7 @@
 //! and verified at open; `storage.durability` picks `synchronous=FULL`
 //! (default) or `NORMAL`.
 
+mod history;
 mod read;
 mod writer;
 
@@ -512,6 +513,10 @@ impl Store for SqliteStore {
 
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>> {
         read::workers_with_leases(&self.read, host).await
+    }
+
+    fn history(&self) -> Option<&dyn crate::store::history::HistoryStore> {
+        Some(self)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {

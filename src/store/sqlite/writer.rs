@@ -109,6 +109,10 @@ pub(super) enum Op {
         revoke: Option<i64>,
         reply: Reply<bool>,
     },
+    History {
+        change: Box<crate::store::history::HistoryChange>,
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -124,6 +128,7 @@ enum Answer {
     Renew(Vec<String>),
     Reclaim(Vec<TaskEvent>),
     Unit(Result<()>),
+    Count(u64),
 }
 
 /// An audit event before its place in the chain is known.
@@ -310,6 +315,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
         (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
         (Op::Finish { reply, .. }, Ok(Answer::Finish(v))) => send(reply, Ok(v)),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
+        (Op::History { reply, .. }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
         (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
         (Op::Token { reply, .. }, Ok(Answer::Bool(r)))
@@ -327,6 +333,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
             Op::Claim { reply, .. } => send(reply, Err(e)),
             Op::Finish { reply, .. } => send(reply, Err(e)),
             Op::Renew { reply, .. } => send(reply, Err(e)),
+            Op::History { reply, .. } => send(reply, Err(e)),
             Op::Reclaim { reply, .. } => send(reply, Err(e)),
             Op::CancelWorkflow { reply, .. } => send(reply, Err(e)),
             Op::FireSchedule { reply, .. }
@@ -422,6 +429,9 @@ async fn apply_all(
             Op::RegisterWorker { w, .. } => {
                 Answer::Unit(register_worker(&mut tx, w).await.map(|_| Ok(()))?)
             }
+            Op::History { change, .. } => {
+                Answer::Count(super::history::apply(&mut tx, change).await?)
+            }
             Op::Close { .. } => Answer::Unit(Ok(())),
         };
         answers.push(answer);
@@ -439,6 +449,14 @@ async fn apply_all(
         }
     }
     flush_attempts(&mut tx, &batch.attempts).await?;
+    // Every finished attempt becomes an interaction record in the same
+    // transaction, so history never misses or half-records one.
+    let finished: Vec<(&str, u32)> = batch
+        .attempts
+        .iter()
+        .map(|a| (a.task_id.as_str(), a.attempt))
+        .collect();
+    super::history::record(&mut tx, &finished).await?;
     flush_audit(&mut tx, &batch.audit).await?;
     tx.commit().await?;
     Ok(answers)

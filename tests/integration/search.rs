@@ -1,0 +1,645 @@
+//! History: interaction records, search (ranking, filters, hostile input),
+//! the labelled evaluation, recommendations, retention, the embeddings
+//! endpoint client and the Vectorizer outbox.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde_json::{Value, json};
+use task_queue::config::{Durability, Embedder};
+use task_queue::error::Error;
+use task_queue::model::{RetryPolicy, TaskStatus, Timestamp};
+use task_queue::search::SearchRequest;
+use task_queue::search::eval;
+use task_queue::search::recommend::RecommendRequest;
+use task_queue::{Config, Task, TaskQueue};
+
+fn config(dir: &tempfile::TempDir) -> Config {
+    let mut config = Config::default();
+    config.storage.path = dir.path().join("search.db");
+    config.storage.durability = Durability::Fast;
+    config.execution.poll_interval = "50ms".parse().unwrap();
+    config
+}
+
+async fn eval_queue(dir: &tempfile::TempDir) -> (TaskQueue, usize) {
+    let q = TaskQueue::open_with(config(dir)).await.unwrap();
+    let now = task_queue::model::Timestamp::now().0;
+    let n = eval::load_corpus(&q, now).await.unwrap();
+    (q, n)
+}
+
+fn req(query: &str) -> SearchRequest {
+    SearchRequest {
+        query: query.into(),
+        ..Default::default()
+    }
+}
+
+/// The labelled evaluation (eval/): floors below the numbers reported in
+/// docs/SEARCH.md, so a ranking change that loses quality fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_evaluation_meets_its_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, n) = eval_queue(&dir).await;
+    assert!(n >= 300, "corpus has {n} records");
+    assert!(eval::queries().len() >= 60);
+    let report = eval::evaluate(&q, n).await.unwrap();
+    if let Ok(keep) = std::env::var("EVAL_KEEP_DB") {
+        std::fs::copy(dir.path().join("search.db"), keep).unwrap();
+    }
+    eprintln!("{}", report.table());
+    for m in &report.misses {
+        eprintln!("{m}");
+    }
+    let g = |k: &str| report.groups[k].clone();
+    // Floors a little under the reported numbers (docs/SEARCH.md).
+    assert!(g("test/all").mrr_at_10 >= 0.80, "{}", report.table());
+    assert!(g("test/paraphrase").mrr_at_10 >= 0.70, "{}", report.table());
+    assert!(g("test/all").recall_at_5 >= 0.90, "{}", report.table());
+    assert!(g("dev/all").mrr_at_10 >= 0.80, "{}", report.table());
+}
+
+/// GET through the REST router.
+async fn rest_get(q: &TaskQueue, uri: &str) -> (StatusCode, Value) {
+    use tower::ServiceExt;
+    let app = task_queue::rest::router(task_queue::rest::ApiState {
+        queue: q.clone(),
+        metrics: Default::default(),
+        started: std::time::Instant::now(),
+        shutdown: Default::default(),
+    });
+    let req = axum::http::Request::get(uri)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_records_every_finished_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = TaskQueue::open_with(config(&dir)).await.unwrap();
+    let build = q
+        .submit(
+            Task::new("build-api")
+                .with_command("echo compiled")
+                .with_project("shop"),
+        )
+        .await
+        .unwrap();
+    let mut spec = Task::new("deploy-api")
+        .with_command("echo rolling out the shop; echo 'connection refused by lb' >&2; exit 3")
+        .with_project("shop")
+        .with_tag("prod")
+        .with_retry(RetryPolicy {
+            max_attempts: Some(2),
+            initial_delay: Some("10ms".parse().unwrap()),
+            ..RetryPolicy::default()
+        });
+    spec.description = Some("Roll the API out to production".into());
+    spec.parameters = Some(json!({"region": "eu-west-1"}));
+    spec.depends_on = vec![serde_json::from_value(json!(build.id)).unwrap()];
+    let deploy = q.submit(spec).await.unwrap();
+    q.run_until_idle().await.unwrap();
+    assert_eq!(q.get(&deploy.id).await.unwrap().status, TaskStatus::Failed);
+
+    let r = q.search(req("ship the backend")).await.unwrap();
+    assert_eq!(r.mode, "lexical");
+    let hit = &r.hits[0];
+    assert_eq!(hit.name, "deploy-api");
+    assert_eq!(hit.task_id, deploy.id);
+    assert_eq!(hit.runs, 2, "one record per attempt");
+    assert_eq!(hit.attempt, 2, "the newest run stands for the task");
+    assert_eq!(hit.status, TaskStatus::Failed);
+    assert_eq!(hit.exit_code, Some(3));
+    assert!(hit.matched.contains(&"name".to_string()), "{hit:?}");
+    assert!(hit.snippet.contains('['), "{hit:?}");
+    // Output tails, parameters, dependencies and tags are indexed too.
+    for (query, field) in [
+        ("connection refused", "logs"),
+        ("eu-west-1", "parameters"),
+        ("build", "dependencies"),
+    ] {
+        let r = q.search(req(query)).await.unwrap();
+        let h = r
+            .hits
+            .iter()
+            .find(|h| h.name == "deploy-api")
+            .unwrap_or_else(|| panic!("{query}: {r:?}"));
+        assert!(h.matched.contains(&field.to_string()), "{query}: {h:?}");
+    }
+    let only_ok = q
+        .search(SearchRequest {
+            statuses: vec![TaskStatus::Succeeded],
+            ..req("api")
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_ok.hits.len(), 1);
+    assert_eq!(only_ok.hits[0].name, "build-api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_filters_partial_names_and_hostile_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = eval_queue(&dir).await;
+    let r = q.search(req("ploy")).await.unwrap();
+    assert!(
+        r.hits.iter().take(3).all(|h| h.name.contains("deploy")),
+        "{r:?}"
+    );
+    assert!(r.hits[0].sources.contains(&"trigram".to_string()));
+
+    let r = q
+        .search(SearchRequest {
+            project: Some("infra".into()),
+            ..req("backup")
+        })
+        .await
+        .unwrap();
+    assert!(!r.hits.is_empty());
+    assert!(r.hits.iter().all(|h| h.project.as_deref() == Some("infra")));
+    let r = q
+        .search(SearchRequest {
+            tags: vec!["postgres".into(), "cron".into()],
+            ..req("backup")
+        })
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = r.hits.iter().map(|h| h.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["backup-ledger-db", "backup-postgres-cluster"]);
+    let r = q
+        .search(SearchRequest {
+            statuses: vec![TaskStatus::Failed],
+            ..req("deploy")
+        })
+        .await
+        .unwrap();
+    assert!(!r.hits.is_empty());
+    assert!(r.hits.iter().all(|h| h.status == TaskStatus::Failed));
+    let future = Timestamp(Timestamp::now().0 + 86_400_000);
+    let r = q
+        .search(SearchRequest {
+            since: Some(future),
+            ..req("deploy")
+        })
+        .await
+        .unwrap();
+    assert!(r.hits.is_empty());
+
+    // Nothing a user types can break the MATCH expression.
+    for hostile in [
+        "\"",
+        "\"deploy",
+        "deploy\"\"\"",
+        "NEAR(deploy api",
+        "NEAR(\"a\" \"b\", 2)",
+        "deploy*",
+        "-deploy",
+        "deploy:api",
+        "name:deploy",
+        "((( deploy",
+        ") OR (",
+        "AND OR NOT",
+        "ünïcödé 🚀 デプロイ",
+        "'; DROP TABLE tasks; --",
+        "^deploy",
+        "{name}: api",
+        "\0\u{1}",
+    ] {
+        match q.search(req(hostile)).await {
+            Ok(_) => {}
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "query", "{hostile:?}"),
+            Err(e) => panic!("{hostile:?}: {e}"),
+        }
+    }
+    for empty in ["", "   ", "*", "\"\"", "- : ( )"] {
+        let e = q.search(req(empty)).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput { field, .. } if field == "query"),
+            "{empty:?}: {e}"
+        );
+    }
+    let e = q
+        .search(SearchRequest {
+            statuses: vec![TaskStatus::Running],
+            ..req("deploy")
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("status[0]"), "{e}");
+    let e = q
+        .search(SearchRequest {
+            limit: 51,
+            ..req("deploy")
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("limit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_on_a_known_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = TaskQueue::open_with(config(&dir)).await.unwrap();
+    let marker = dir.path().join("flaky-once");
+    for i in 0..3 {
+        let build = Task::new("build").with_command("true").with_project("shop");
+        // The first deploy fails once, then succeeds on its retry.
+        let mut deploy = Task::new("deploy")
+            .with_command(format!(
+                "test -f {m} || {{ touch {m}; echo 'connection refused' >&2; exit 1; }}; mkdir -p out; echo ok > out/release-{i}.txt",
+                m = marker.display()
+            ))
+            .with_project("shop")
+            .with_retry(RetryPolicy {
+                max_attempts: Some(3),
+                initial_delay: Some("10ms".parse().unwrap()),
+                ..RetryPolicy::default()
+            });
+        deploy.cwd = Some(dir.path().display().to_string());
+        deploy.artifacts = vec![format!("out/release-{i}.txt")];
+        deploy.depends_on = vec![serde_json::from_value(json!("build")).unwrap()];
+        let mut smoke = Task::new("smoke").with_command("true").with_project("shop");
+        smoke.depends_on = vec![serde_json::from_value(json!("deploy")).unwrap()];
+        q.submit_batch(vec![build, deploy, smoke]).await.unwrap();
+        q.run_until_idle().await.unwrap();
+    }
+    let ask = RecommendRequest {
+        name: Some("deploy".into()),
+        project: Some("shop".into()),
+        ..Default::default()
+    };
+    let r = q.recommend(ask.clone()).await.unwrap();
+    assert_eq!(r.based_on.as_deref(), Some("deploy"));
+    assert_eq!(r.runs, 4, "{r:?}");
+    assert_eq!(r.success_rate, Some(0.75));
+    assert!(r.p50_duration_ms.is_some() && r.p90_duration_ms >= r.p50_duration_ms);
+    assert_eq!(r.suggested_timeout.as_deref(), Some("30s"));
+    let retry = r.suggested_retry.clone().expect("a retry helped once");
+    assert_eq!(retry.max_attempts, Some(3));
+    assert!(
+        r.retry_reason.contains("later attempt"),
+        "{}",
+        r.retry_reason
+    );
+    assert_eq!(r.usual_dependencies[0].value, "build");
+    assert_eq!(r.usual_dependencies[0].count, 3);
+    assert_eq!(r.usual_follow_ups[0].value, "smoke");
+    assert!(
+        r.common_failures[0].value.contains("exit")
+            || r.common_failures[0].value.contains("connection refused"),
+        "{:?}",
+        r.common_failures
+    );
+    assert_eq!(r.usual_artifacts.len(), 3, "{:?}", r.usual_artifacts);
+    assert!(r.similar.iter().any(|s| s.name == "deploy"));
+    // Same history, same answer.
+    assert_eq!(q.recommend(ask).await.unwrap(), r);
+    // Described in other words, it finds the same task.
+    let r2 = q
+        .recommend(RecommendRequest {
+            description: Some("ship it".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r2.based_on.as_deref(), Some("deploy"));
+    let e = q.recommend(RecommendRequest::default()).await.unwrap_err();
+    assert!(e.to_string().contains("name"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_old_records_and_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.storage.retention_days = 10;
+    let q = TaskQueue::open_with(c).await.unwrap();
+    let now = Timestamp::now().0;
+    eval::load_corpus(&q, now).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("search.db").display()
+    ))
+    .await
+    .unwrap();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = count("SELECT count(*) FROM interactions").await;
+    let pruned = q.prune_history().await.unwrap();
+    assert!(pruned > 0);
+    // A fresh task with captured output: kept (the engine prunes too, in the background).
+    let t = q
+        .submit(Task::new("fresh").with_command("echo fresh output"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), q.run_until_idle())
+        .await
+        .expect("the engine goes idle")
+        .unwrap();
+    let after = count("SELECT count(*) FROM interactions").await;
+    assert!(after > 1 && after < before, "{before} -> {after}");
+    let cutoff = now - 10 * 86_400_000;
+    let after = count("SELECT count(*) FROM interactions").await;
+    assert!(after > 0 && after < before, "{before} -> {after}");
+    let old: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions WHERE finished_at < ?")
+        .bind(cutoff)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(old, 0);
+    // The indexes follow the records.
+    assert_eq!(count("SELECT count(*) FROM interactions_fts").await, after);
+    assert_eq!(
+        count("SELECT count(*) FROM interactions_trigram").await,
+        after
+    );
+    assert!(!q.logs(&t.id, None).await.unwrap().is_empty());
+    assert_eq!(q.prune_history().await.unwrap(), 0, "nothing left to prune");
+}
+
+/// A deterministic embedding: words hashed into 64 buckets, with a few
+/// words sharing a bucket so that meaning, not spelling, matches.
+fn embed_text(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; 64];
+    for w in text
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let w = match w {
+            "ship" | "deploy" | "rollout" | "release" => "deploy",
+            other => other,
+        };
+        let h = w
+            .bytes()
+            .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+        v[(h % 64) as usize] += 1.0;
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_endpoint_adds_semantic_candidates_and_falls_back() {
+    let calls = Arc::new(Mutex::new(0usize));
+    let app = axum::Router::new()
+        .route(
+            "/v1/embeddings",
+            post(
+                |State(calls): State<Arc<Mutex<usize>>>, Json(body): Json<Value>| async move {
+                    *calls.lock().unwrap() += 1;
+                    assert_eq!(body["model"], "hash-64");
+                    let data: Vec<Value> = body["input"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| json!({"index": i, "embedding": embed_text(t.as_str().unwrap())}))
+                    .collect();
+                    Json(json!({"object": "list", "data": data, "model": "hash-64"}))
+                },
+            ),
+        )
+        .with_state(calls.clone());
+    let url = serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.search.embedder = Embedder::Openai;
+    c.search.openai_url = Some(format!("{url}/v1"));
+    c.search.openai_model = Some("hash-64".into());
+    let q = TaskQueue::open_with(c.clone()).await.unwrap();
+    let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
+    assert_eq!(q.backfill_vectors(64).await.unwrap(), n);
+    assert_eq!(
+        q.backfill_vectors(64).await.unwrap(),
+        0,
+        "backfill is incremental"
+    );
+    let r = q.search(req("ship the payments service")).await.unwrap();
+    assert_eq!(r.mode, "hybrid");
+    assert!(r.notices.is_empty());
+    assert!(
+        r.hits
+            .iter()
+            .any(|h| h.sources.contains(&"semantic".to_string())),
+        "{r:?}"
+    );
+    assert_eq!(r.hits[0].name, "deploy-api");
+    assert!(*calls.lock().unwrap() >= 7);
+    let report = eval::evaluate(&q, n).await.unwrap();
+    eprintln!("with the hashing embedder:\n{}", report.table());
+    drop(q);
+
+    // The endpoint is gone: search still answers, lexically, and says why.
+    c.search.openai_url = Some("http://127.0.0.1:9/v1".into());
+    let q = TaskQueue::open_with(c).await.unwrap();
+    let r = q.search(req("ship the payments service")).await.unwrap();
+    assert_eq!(r.mode, "lexical");
+    assert!(
+        r.notices[0].contains("semantic search unavailable"),
+        "{r:?}"
+    );
+    assert!(!r.hits.is_empty());
+    assert!(
+        q.backfill_vectors(8).await.is_ok(),
+        "vectors of this model exist already"
+    );
+}
+
+#[derive(Default)]
+struct FakeVectorizer {
+    up: bool,
+    collections: Vec<String>,
+    texts: HashMap<String, String>,
+    inserts: usize,
+}
+
+type Fake = Arc<Mutex<FakeVectorizer>>;
+
+fn fake_vectorizer(state: Fake) -> axum::Router {
+    async fn create(State(s): State<Fake>, Json(b): Json<Value>) -> (StatusCode, Json<Value>) {
+        let mut s = s.lock().unwrap();
+        if !s.up {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
+        }
+        let name = b["name"].as_str().unwrap().to_string();
+        if s.collections.contains(&name) {
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({"error": "collection already exists"})),
+            );
+        }
+        s.collections.push(name);
+        (StatusCode::OK, Json(json!({"status": "success"})))
+    }
+    async fn insert(State(s): State<Fake>, Json(b): Json<Value>) -> (StatusCode, Json<Value>) {
+        let mut s = s.lock().unwrap();
+        if !s.up
+            || !s
+                .collections
+                .contains(&b["collection"].as_str().unwrap().to_string())
+        {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
+        }
+        s.inserts += 1;
+        for t in b["texts"].as_array().unwrap() {
+            assert!(t["metadata"]["task_id"].is_string());
+            s.texts.insert(
+                t["id"].as_str().unwrap().into(),
+                t["text"].as_str().unwrap().into(),
+            );
+        }
+        (
+            StatusCode::OK,
+            Json(json!({"inserted": b["texts"].as_array().unwrap().len()})),
+        )
+    }
+    async fn search(
+        State(s): State<Fake>,
+        Path(name): Path<String>,
+        Json(b): Json<Value>,
+    ) -> (StatusCode, Json<Value>) {
+        let s = s.lock().unwrap();
+        if !s.up || !s.collections.contains(&name) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "down"})),
+            );
+        }
+        let word = b["query"].as_str().unwrap().to_lowercase();
+        let mut ids: Vec<&String> = s
+            .texts
+            .iter()
+            .filter(|(_, t)| t.to_lowercase().contains(&word))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        let results: Vec<Value> = ids
+            .iter()
+            .take(b["limit"].as_u64().unwrap() as usize)
+            .map(|id| json!({"id": id, "score": 0.9}))
+            .collect();
+        (StatusCode::OK, Json(json!({"results": results})))
+    }
+    axum::Router::new()
+        .route("/collections", post(create))
+        .route("/insert_texts", post(insert))
+        .route("/collections/{name}/search/text", post(search))
+        .with_state(state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectorizer_outbox_survives_downtime() {
+    let fake: Fake = Arc::default();
+    let url = serve(fake_vectorizer(fake.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.vectorizer.endpoint = Some(url);
+    c.vectorizer.batch_size = 100;
+    let q = TaskQueue::open_with(c).await.unwrap();
+    let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
+
+    // Down: nothing is lost, the state says so, search still works.
+    assert!(q.deliver_to_vectorizer().await.is_err());
+    let s = q.vectorizer_state().await.unwrap().unwrap();
+    assert_eq!(s.outbox.pending, n as u64);
+    assert!(s.last_error.unwrap().contains("503"));
+    assert_eq!(s.outbox.max_attempts, 1);
+    // Each call tries the next due batch of 100; once every record is
+    // backing off, nothing is due and the error stays visible.
+    let mut failures = 1;
+    while q.deliver_to_vectorizer().await.is_err() {
+        failures += 1;
+        assert!(failures < 10);
+    }
+    assert_eq!(failures, n.div_ceil(100));
+    let s = q.vectorizer_state().await.unwrap().unwrap();
+    assert!(s.last_error.is_some());
+    assert_eq!(s.outbox.pending, n as u64);
+    let r = q.search(req("deploy")).await.unwrap();
+    assert!(r.notices[0].contains("Vectorizer"), "{r:?}");
+    assert!(!r.hits.is_empty());
+    let (status, health) = rest_get(&q, "/health").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the outbox never makes the server unhealthy"
+    );
+    let outbox = &health["checks"]["outbox"];
+    assert_eq!(outbox["configured"], true);
+    assert_eq!(outbox["ok"], false);
+    assert_eq!(outbox["pending"], n as u64);
+    assert!(
+        outbox["last_error"].as_str().unwrap().contains("503"),
+        "{outbox}"
+    );
+
+    // Up again: after the backoff (1 s, then 2 s) everything is delivered, once.
+    fake.lock().unwrap().up = true;
+    assert_eq!(
+        q.deliver_to_vectorizer().await.unwrap(),
+        0,
+        "still backing off"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(q.deliver_to_vectorizer().await.unwrap(), n);
+    let s = q.vectorizer_state().await.unwrap().unwrap();
+    assert_eq!(s.outbox.pending, 0);
+    assert!(s.last_error.is_none());
+    {
+        let f = fake.lock().unwrap();
+        assert_eq!(f.texts.len(), n);
+        assert_eq!(f.collections, ["task-interactions"]);
+    }
+    // Its hits are merged into search.
+    let (status, health) = rest_get(&q, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["checks"]["outbox"]["ok"], true);
+    assert_eq!(health["checks"]["outbox"]["pending"], 0);
+    let (status, found) = rest_get(&q, "/api/v1/search?q=pgbackrest&tag=backup,postgres").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["mode"], "hybrid");
+    assert_eq!(found["hits"][0]["name"], "backup-postgres-cluster");
+    let (status, rec) = rest_get(&q, "/api/v1/recommendations?name=backup-postgres-cluster").await;
+    assert_eq!(status, StatusCode::OK, "{rec}");
+    assert_eq!(rec["runs"], 4);
+    let r = q.search(req("pgbackrest")).await.unwrap();
+    assert_eq!(r.mode, "hybrid");
+    assert_eq!(r.hits[0].name, "backup-postgres-cluster");
+    assert!(
+        r.hits[0].sources.contains(&"vectorizer".to_string()),
+        "{:?}",
+        r.hits[0]
+    );
+}
