@@ -1,10 +1,12 @@
 //! One integration test binary: the real `task-queue` binary against real
-//! SQLite files and real child processes, plus the library API.
+//! SQLite files (and PostgreSQL, when `TASK_QUEUE_TEST_PG_URL` is set) and
+//! real child processes, plus the library API.
 
 mod common;
 
 mod audit;
 mod bad_input;
+mod conformance;
 mod crash;
 mod execution;
 mod library;
