@@ -10,6 +10,7 @@ mod conformance;
 mod crash;
 mod execution;
 mod library;
+mod multinode;
 mod mcp;
 mod orchestration;
 mod rest;
