@@ -31,7 +31,11 @@
 //!   unknown names) and Mermaid/DOT export.
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
 //!   (one group-committing writer that also resolves dependents and moves
-//!   workflow counters in the same transaction, a read pool, WAL).
+//!   workflow counters in the same transaction, a read pool, WAL);
+//!   [`store::postgres`] is the same design for several nodes on one
+//!   PostgreSQL database (`SKIP LOCKED` claims, row locks, the audit chain
+//!   under an advisory lock, `LISTEN/NOTIFY` wake-ups). Migrations for both
+//!   live in `migrations/sqlite` and `migrations/postgres`.
 //! * [`engine`] — the scheduler loop (claims, runs, finishes, fires due
 //!   schedules), lease renewal and reclaim, retry decisions, crash
 //!   recovery, service-task lifetimes, the injected clock.
