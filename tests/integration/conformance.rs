@@ -38,7 +38,9 @@ impl Backend {
             return None;
         };
         let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-        let pool = sqlx::PgPool::connect(&base).await.expect("connect to the test server");
+        let pool = sqlx::PgPool::connect(&base)
+            .await
+            .expect("connect to the test server");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&pool)
             .await
@@ -75,11 +77,9 @@ impl Backend {
             && let Ok(base) = std::env::var(PG_URL_VAR)
             && let Ok(pool) = sqlx::PgPool::connect(&base).await
         {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA {schema} CASCADE"
-            )))
-            .execute(&pool)
-            .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&pool)
+                .await;
             pool.close().await;
         }
     }
@@ -217,7 +217,11 @@ fn finish(id: &str, attempt: u32, worker: &str, now: i64, status: TaskStatus) ->
         },
         error: (status != TaskStatus::Succeeded).then(|| "exit 1".to_string()),
         result: TaskResult {
-            exit_code: Some(if status == TaskStatus::Succeeded { 0 } else { 1 }),
+            exit_code: Some(if status == TaskStatus::Succeeded {
+                0
+            } else {
+                1
+            }),
             duration_ms: 5,
             attempt,
             ..Default::default()
@@ -240,7 +244,10 @@ async fn run_ready(s: &Arc<dyn Store>, now: i64, status: TaskStatus) -> Vec<Stri
     let claimed = s.claim(claim_req("w1", now, 100)).await.unwrap();
     let mut ids = Vec::new();
     for c in claimed {
-        let out = s.finish(finish(&c.id, c.attempt, "w1", now + 1, status)).await.unwrap();
+        let out = s
+            .finish(finish(&c.id, c.attempt, "w1", now + 1, status))
+            .await
+            .unwrap();
         assert_eq!(out, FinishOutcome::Applied(status));
         ids.push(c.id);
     }
@@ -263,10 +270,17 @@ async fn submit_claim_finish_in_priority_order(b: &Backend) {
         .submit(tasks(vec![low.clone(), high.clone(), mid.clone()]))
         .await
         .unwrap();
-    assert!(out.iter().all(|o| o.created && o.status == TaskStatus::Queued));
+    assert!(
+        out.iter()
+            .all(|o| o.created && o.status == TaskStatus::Queued)
+    );
     let claimed = s.claim(claim_req("w1", T0 + 10, 2)).await.unwrap();
     let names: Vec<&str> = claimed.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["high", "low"], "priority first, then submission order");
+    assert_eq!(
+        names,
+        ["high", "low"],
+        "priority first, then submission order"
+    );
     assert_eq!(claimed[0].attempt, 1);
     assert_eq!(status(&s, &high.id).await, TaskStatus::Running);
     let got = s.get(&high.id).await.unwrap().unwrap();
@@ -293,7 +307,11 @@ async fn submit_claim_finish_in_priority_order(b: &Backend) {
         FinishOutcome::Applied(TaskStatus::Retrying)
     );
     let claimed = s.claim(claim_req("w1", T0 + 40, 10)).await.unwrap();
-    assert_eq!(claimed.len(), 1, "only mid is ready before the backoff ends");
+    assert_eq!(
+        claimed.len(),
+        1,
+        "only mid is ready before the backoff ends"
+    );
     assert_eq!(claimed[0].name, "mid");
     assert_eq!(s.next_run_at(T0 + 40).await.unwrap(), Some(T0 + 1_000));
     let claimed = s.claim(claim_req("w1", T0 + 1_000, 10)).await.unwrap();
@@ -312,18 +330,31 @@ async fn dependencies_resolve_and_skips_cascade(b: &Backend) {
     let chained = after(task("after-skipped"), &[&ok], Condition::Success);
     let on_fail = after(task("on-failure"), &[&a], Condition::Failure);
     let always = after(task("always"), &[&a], Condition::Completion);
-    let all = vec![a.clone(), ok.clone(), chained.clone(), on_fail.clone(), always.clone()];
+    let all = vec![
+        a.clone(),
+        ok.clone(),
+        chained.clone(),
+        on_fail.clone(),
+        always.clone(),
+    ];
     let out = s.submit(tasks(all)).await.unwrap();
     assert_eq!(out[0].status, TaskStatus::Queued);
     assert!(out[1..].iter().all(|o| o.status == TaskStatus::Pending));
     let ran = run_ready(&s, T0 + 10, TaskStatus::Failed).await;
     assert_eq!(ran, vec![a.id.clone()]);
     assert_eq!(status(&s, &ok.id).await, TaskStatus::Skipped);
-    assert_eq!(status(&s, &chained.id).await, TaskStatus::Skipped, "skips cascade");
+    assert_eq!(
+        status(&s, &chained.id).await,
+        TaskStatus::Skipped,
+        "skips cascade"
+    );
     assert_eq!(status(&s, &on_fail.id).await, TaskStatus::Queued);
     assert_eq!(status(&s, &always.id).await, TaskStatus::Queued);
     let skipped = s.get(&chained.id).await.unwrap().unwrap();
-    assert!(skipped.error.unwrap().contains("on-success"), "the reason names the dependency");
+    assert!(
+        skipped.error.unwrap().contains("on-success"),
+        "the reason names the dependency"
+    );
     let edges = s.dependencies(&ok.id).await.unwrap();
     assert_eq!(edges.len(), 2, "one edge in, one out");
     // A dependency on an already finished task is decided at submit.
@@ -337,9 +368,15 @@ async fn dependencies_resolve_and_skips_cascade(b: &Backend) {
     assert_eq!(status(&s, &chained.id).await, TaskStatus::Pending);
     let claimed = s.claim(claim_req("w1", T0 + 200, 1)).await.unwrap();
     assert_eq!(claimed[0].id, a.id);
-    s.finish(finish(&a.id, claimed[0].attempt, "w1", T0 + 210, TaskStatus::Succeeded))
-        .await
-        .unwrap();
+    s.finish(finish(
+        &a.id,
+        claimed[0].attempt,
+        "w1",
+        T0 + 210,
+        TaskStatus::Succeeded,
+    ))
+    .await
+    .unwrap();
     assert_eq!(status(&s, &ok.id).await, TaskStatus::Queued);
     assert_chain_ok(&s).await;
 }
@@ -491,19 +528,37 @@ async fn leases_renew_expire_and_fence_stale_finishes(b: &Backend) {
     let c = s.claim(req).await.unwrap().remove(0);
     let held = s.renew_leases("w1", T0 + 500, T0 + 2_000).await.unwrap();
     assert_eq!(held, vec![t.id.clone()]);
-    s.heartbeat(&t.id, "w1", T0 + 600, T0 + 2_000).await.unwrap();
+    s.heartbeat(&t.id, "w1", T0 + 600, T0 + 2_000)
+        .await
+        .unwrap();
     let err = s
         .heartbeat(&t.id, "w2", T0 + 600, T0 + 2_000)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("does not hold"), "{err}");
-    assert!(s.reclaim(Reclaim::Expired, T0 + 1_500).await.unwrap().is_empty());
+    assert!(
+        s.reclaim(Reclaim::Expired, T0 + 1_500)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let lost = s.reclaim(Reclaim::Expired, T0 + 2_001).await.unwrap();
     assert_eq!(lost.len(), 1);
     assert_eq!(lost[0].status, TaskStatus::Retrying);
-    assert!(s.renew_leases("w1", T0 + 2_002, T0 + 3_000).await.unwrap().is_empty());
+    assert!(
+        s.renew_leases("w1", T0 + 2_002, T0 + 3_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let stale = s
-        .finish(finish(&t.id, c.attempt, "w1", T0 + 2_003, TaskStatus::Succeeded))
+        .finish(finish(
+            &t.id,
+            c.attempt,
+            "w1",
+            T0 + 2_003,
+            TaskStatus::Succeeded,
+        ))
         .await
         .unwrap();
     assert_eq!(stale, FinishOutcome::Stale(TaskStatus::Retrying));
@@ -592,11 +647,7 @@ async fn schedules_fire_once_per_slot(b: &Backend) {
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, first.id);
     let paused = s
-        .change_schedule(
-            &sid,
-            task_queue::store::ScheduleChange::Pause,
-            T0 + 60_003,
-        )
+        .change_schedule(&sid, task_queue::store::ScheduleChange::Pause, T0 + 60_003)
         .await
         .unwrap()
         .unwrap();
@@ -678,14 +729,14 @@ async fn reads_filter_and_stream_events(b: &Backend) {
     let stats = s.stats(T0 + 2).await.unwrap();
     assert_eq!(stats.ready, 2);
     assert_eq!(stats.leases_by_worker.get("agent"), Some(&1));
-    assert_eq!(
-        stats.by_project["alpha"].get(&TaskStatus::Queued),
-        Some(&1)
-    );
+    assert_eq!(stats.by_project["alpha"].get(&TaskStatus::Queued), Some(&1));
     let events = s.events_after(0, None, None, 100).await.unwrap();
     assert_eq!(events.len(), 4, "three submitted, one claimed");
     assert_eq!(events.last().unwrap().kind, "claimed");
-    assert_eq!(s.last_event_seq().await.unwrap(), events.last().unwrap().seq);
+    assert_eq!(
+        s.last_event_seq().await.unwrap(),
+        events.last().unwrap().seq
+    );
     let only_alpha = s.events_after(0, None, Some("alpha"), 100).await.unwrap();
     assert_eq!(only_alpha.len(), 1);
     let audit = s.audit_events(Some(&ext.id), 10).await.unwrap();
@@ -698,7 +749,10 @@ async fn two_nodes_never_claim_the_same_task(b: &Backend) {
     let list: Vec<NewTask> = (0..300).map(|i| task(&format!("t{i}"))).collect();
     a.submit(tasks(list)).await.unwrap();
     let mut handles = Vec::new();
-    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()].into_iter().enumerate() {
+    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()]
+        .into_iter()
+        .enumerate()
+    {
         handles.push(tokio::spawn(async move {
             let worker = format!("w{n}");
             let mut mine = Vec::new();
@@ -708,9 +762,15 @@ async fn two_nodes_never_claim_the_same_task(b: &Backend) {
                     return mine;
                 }
                 for t in got {
-                    s.finish(finish(&t.id, t.attempt, &worker, T0 + 20, TaskStatus::Succeeded))
-                        .await
-                        .unwrap();
+                    s.finish(finish(
+                        &t.id,
+                        t.attempt,
+                        &worker,
+                        T0 + 20,
+                        TaskStatus::Succeeded,
+                    ))
+                    .await
+                    .unwrap();
                     mine.push(t.id);
                 }
             }
@@ -749,14 +809,26 @@ async fn two_nodes_resolve_a_fan_in_once(b: &Backend) {
                     return;
                 };
                 if t.name == "join" {
-                    s.finish(finish(&t.id, t.attempt, &worker, T0 + 30, TaskStatus::Succeeded))
-                        .await
-                        .unwrap();
-                    continue;
-                }
-                s.finish(finish(&t.id, t.attempt, &worker, T0 + 20, TaskStatus::Succeeded))
+                    s.finish(finish(
+                        &t.id,
+                        t.attempt,
+                        &worker,
+                        T0 + 30,
+                        TaskStatus::Succeeded,
+                    ))
                     .await
                     .unwrap();
+                    continue;
+                }
+                s.finish(finish(
+                    &t.id,
+                    t.attempt,
+                    &worker,
+                    T0 + 20,
+                    TaskStatus::Succeeded,
+                ))
+                .await
+                .unwrap();
             }
         }));
     }
@@ -786,7 +858,10 @@ async fn two_nodes_keep_one_audit_chain(b: &Backend) {
     let a = b.open().await;
     let c = b.open().await;
     let mut handles = Vec::new();
-    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()].into_iter().enumerate() {
+    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()]
+        .into_iter()
+        .enumerate()
+    {
         handles.push(tokio::spawn(async move {
             for i in 0..25 {
                 let batch: Vec<NewTask> = (0..4).map(|k| task(&format!("n{n}-{i}-{k}"))).collect();

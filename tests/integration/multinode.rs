@@ -63,7 +63,8 @@ async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
-    let Some(backend) = Backend::postgres("three_nodes_share_one_queue_and_survive_a_sigkill").await
+    let Some(backend) =
+        Backend::postgres("three_nodes_share_one_queue_and_survive_a_sigkill").await
     else {
         return;
     };
@@ -77,9 +78,7 @@ async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
     let effects_s = effects.display().to_string();
     let wf = ws.write("wf.json", &workflow_file(&effects_s).to_string());
     let ind = ws.write("ind.json", &independent_file(&effects_s).to_string());
-    let run = |args: &[&str]| {
-        ws.cmd_on(url.as_ref(), args).output().unwrap()
-    };
+    let run = |args: &[&str]| ws.cmd_on(url.as_ref(), args).output().unwrap();
     for f in [&wf, &ind] {
         let out = run(&["submit", f.to_str().unwrap()]);
         assert!(
@@ -107,10 +106,11 @@ async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
         assert!(Instant::now() < deadline, "no progress");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let victim = nodes.remove(0);
+    let mut victim = nodes.remove(0);
     let victim_pid = victim.id() as i64;
     // SAFETY: kill(2) on a child this test started.
     unsafe { libc::kill(victim.id() as i32, libc::SIGKILL) };
+    let _ = victim.wait();
     let killed_at = scalar(&pool, terminal).await;
     while scalar(&pool, terminal).await < total {
         assert!(
@@ -124,14 +124,19 @@ async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
         let _ = n.kill();
         let _ = n.wait();
     }
-    let succeeded = scalar(&pool, "SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'").await;
+    let succeeded = scalar(
+        &pool,
+        "SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'",
+    )
+    .await;
     assert_eq!(succeeded, total, "every task succeeded");
-    let victim_worker: String =
-        sqlx::query_scalar("SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1")
-            .bind(victim_pid)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let victim_worker: String = sqlx::query_scalar(
+        "SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1",
+    )
+    .bind(victim_pid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     // Tasks the killed node was running: their lost attempt is recorded.
     let lost: Vec<(String, i64)> = sqlx::query_as(
         "SELECT t.name, t.attempts FROM attempts a JOIN tasks t ON t.id = a.task_id \

@@ -82,7 +82,10 @@ impl PgStore {
     /// node's writer and listener.
     pub async fn open(url: &str, connections: u32) -> Result<Self> {
         let opts: PgConnectOptions = url.parse().map_err(|e| {
-            Error::invalid("storage.database_url", format!("is not a valid PostgreSQL URL: {e}"))
+            Error::invalid(
+                "storage.database_url",
+                format!("is not a valid PostgreSQL URL: {e}"),
+            )
         })?;
         let pool = PgPoolOptions::new()
             // The writer holds one connection per batch, the listener one.
@@ -546,7 +549,6 @@ impl Store for PgStore {
         Some(self.remote.subscribe())
     }
 }
-
 
 /// The claim query the writer runs for `req` (`$1` = now, `$2` = limit,
 /// then [`claim_binds`]).

@@ -26,7 +26,11 @@ pub(super) struct Payload {
 }
 
 /// The notifications that carry these events, each small enough to send.
-pub(super) fn payloads(node: &str, tasks: &[TaskEvent], workflows: &[WorkflowEvent]) -> Vec<String> {
+pub(super) fn payloads(
+    node: &str,
+    tasks: &[TaskEvent],
+    workflows: &[WorkflowEvent],
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut parts: Vec<String> = Vec::new();
     let mut size = 0;

@@ -2,7 +2,7 @@
 
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, Row, PgPool};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use crate::error::{Error, Result};
 use crate::integrity::{AuditEvent, AuditReport, ChainVerifier};
@@ -178,11 +178,7 @@ pub(super) async fn attempts(pool: &PgPool, id: &str) -> Result<Vec<Attempt>> {
         .collect()
 }
 
-pub(super) async fn logs(
-    pool: &PgPool,
-    id: &str,
-    attempt: Option<u32>,
-) -> Result<Vec<LogChunk>> {
+pub(super) async fn logs(pool: &PgPool, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
     let rows = sqlx::query(
         "SELECT attempt, stream, data, dropped_bytes FROM task_logs \
          WHERE task_id = $1 AND ($2 IS NULL OR attempt = $2) ORDER BY attempt, stream DESC",

@@ -259,7 +259,12 @@ pub(super) struct Announce {
     pub workflows: broadcast::Sender<WorkflowEvent>,
 }
 
-pub(super) async fn run(pool: PgPool, mut rx: mpsc::Receiver<Op>, announce: Announce, node: String) {
+pub(super) async fn run(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<Op>,
+    announce: Announce,
+    node: String,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     while let Some(op) = rx.recv().await {
         ops.push(op);
@@ -1460,9 +1465,9 @@ async fn reclaim(
             sqlx::query(AssertSqlSafe(format!(
                 "{base} AND lease_expires_at < $1 FOR UPDATE SKIP LOCKED"
             )))
-                .bind(now)
-                .fetch_all(&mut *conn)
-                .await?
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?
         }
         Reclaim::Workers(ids) if ids.is_empty() => Vec::new(),
         Reclaim::Workers(ids) => {
@@ -1557,10 +1562,12 @@ async fn cancel(
     reason: &Option<String>,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row = sqlx::query("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query(
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some(row) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
@@ -1698,11 +1705,12 @@ async fn approve(
     now: i64,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row: Option<(String, String, i64, Option<String>)> =
-        sqlx::query_as("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((status, name, attempts, wf)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
@@ -1775,13 +1783,12 @@ async fn retry(
     now: i64,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row: Option<(String, String, i64, Option<String>, String)> =
-        sqlx::query_as(
-            "SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = $1 FOR UPDATE",
-        )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(String, String, i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((status, name, attempts, wf, spec)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
