@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{TaskEvent, WorkflowEvent};
+use crate::model::{TaskEvent, TaskStatus, WorkflowEvent};
 
 /// The channel every node listens on.
 pub(super) const CHANNEL: &str = "task_queue_events";
@@ -45,8 +45,11 @@ pub(super) fn payloads(
         parts.clear();
         *size = 0;
     };
+    // Other nodes need what wakes an engine (ready work) or a waiter (an
+    // end); claims and moves back to `pending` stay local.
     let items = tasks
         .iter()
+        .filter(|e| !matches!(e.status, TaskStatus::Running | TaskStatus::Pending))
         .filter_map(|e| serde_json::to_string(e).ok().map(|s| format!("T{s}")))
         .chain(
             workflows
@@ -72,7 +75,7 @@ pub(super) fn payloads(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{TaskStatus, Timestamp};
+    use crate::model::Timestamp;
 
     #[test]
     fn payloads_stay_small_and_round_trip() {
@@ -97,5 +100,8 @@ mod tests {
         }
         assert_eq!(back, events);
         assert!(payloads("node-a", &[], &[]).is_empty());
+        let mut claimed = events[0].clone();
+        claimed.status = TaskStatus::Running;
+        assert!(payloads("node-a", &[claimed], &[]).is_empty(), "claims stay local");
     }
 }
