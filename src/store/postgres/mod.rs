@@ -1,9 +1,10 @@
 //! The PostgreSQL store: several nodes share one queue.
 //!
-//! Each node runs the same single-writer design as SQLite (one task
-//! commits everything pending together), but on a connection pool shared
-//! with reads, and safe against the other nodes' writers: see
-//! [`writer`]. Other nodes hear of committed changes through
+//! Each node runs the same design as SQLite's writer (a task commits
+//! everything pending together), with a few writer tasks instead of one so
+//! that a batch is built while the previous one commits, on a connection
+//! pool shared with reads, and safe against the other writers, on this node
+//! or others: see [`writer`]. Other nodes hear of committed changes through
 //! `LISTEN/NOTIFY` ([`notify`]); the engine's polling covers what a lost
 //! notification would have said.
 //!
@@ -26,6 +27,9 @@ use writer::Op;
 
 /// Embedded migrations (`migrations/postgres`), kept in step with SQLite's.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Writer tasks per node (see [`writer::run`]).
+const WRITERS: u32 = 4;
 
 /// How long a node waits for a connection before an operation fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,8 +92,8 @@ impl PgStore {
             )
         })?;
         let pool = PgPoolOptions::new()
-            // The writer holds one connection per batch, the listener one.
-            .max_connections(connections.max(1) + 2)
+            // Each writer holds one connection per batch, the listener one.
+            .max_connections(connections.max(1) + WRITERS + 1)
             .min_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts)
@@ -106,15 +110,19 @@ impl PgStore {
         let (remote, _) = broadcast::channel(64);
         let node = format!("n-{}", uuid::Uuid::now_v7());
         let (tx, rx) = mpsc::channel(16_384);
-        tokio::spawn(writer::run(
-            pool.clone(),
-            rx,
-            writer::Announce {
-                tasks: events.clone(),
-                workflows: workflow_events.clone(),
-            },
-            node.clone(),
-        ));
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let announce = std::sync::Arc::new(writer::Announce {
+            tasks: events.clone(),
+            workflows: workflow_events.clone(),
+        });
+        for _ in 0..WRITERS {
+            tokio::spawn(writer::run(
+                pool.clone(),
+                rx.clone(),
+                announce.clone(),
+                node.clone(),
+            ));
+        }
         let listener = tokio::spawn(listen(
             pool.clone(),
             node,

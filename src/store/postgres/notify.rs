@@ -102,6 +102,9 @@ mod tests {
         assert!(payloads("node-a", &[], &[]).is_empty());
         let mut claimed = events[0].clone();
         claimed.status = TaskStatus::Running;
-        assert!(payloads("node-a", &[claimed], &[]).is_empty(), "claims stay local");
+        assert!(
+            payloads("node-a", &[claimed], &[]).is_empty(),
+            "claims stay local"
+        );
     }
 }

@@ -259,19 +259,29 @@ pub(super) struct Announce {
     pub workflows: broadcast::Sender<WorkflowEvent>,
 }
 
+/// One of a node's writers. Several share the queue of operations: while
+/// one waits for its commit, the next takes what arrived meanwhile. They
+/// stay out of each other's way (and other nodes') through the same row
+/// locks as writers of different nodes.
 pub(super) async fn run(
     pool: PgPool,
-    mut rx: mpsc::Receiver<Op>,
-    announce: Announce,
+    rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
+    announce: std::sync::Arc<Announce>,
     node: String,
 ) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
-    while let Some(op) = rx.recv().await {
-        ops.push(op);
-        while ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(op) = rx.recv().await else {
+                return;
+            };
+            ops.push(op);
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
             }
         }
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
@@ -475,10 +485,11 @@ async fn apply_all(
     flush_attempts(&mut tx, &batch.attempts).await?;
     flush_audit(&mut tx, &batch.audit).await?;
     // Delivered to the other nodes on commit, never for a rolled-back batch.
-    for payload in super::notify::payloads(node, &batch.events, &batch.workflow_events) {
-        sqlx::query("SELECT pg_notify($1, $2)")
+    let payloads = super::notify::payloads(node, &batch.events, &batch.workflow_events);
+    if !payloads.is_empty() {
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .bind(super::notify::CHANNEL)
-            .bind(payload)
+            .bind(payloads)
             .execute(&mut *tx)
             .await?;
     }
