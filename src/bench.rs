@@ -257,7 +257,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         if args.json {
             println!("{out}");
         } else {
-            print_summary(&out);
+            postgres::print_summary(&out);
         }
         return Ok(ExitCode::SUCCESS);
     }

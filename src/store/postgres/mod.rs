@@ -91,6 +91,20 @@ impl PgStore {
                 format!("is not a valid PostgreSQL URL: {e}"),
             )
         })?;
+        Self::open_with(opts, connections).await
+    }
+
+    /// Like [`PgStore::open`], with connection options built in code
+    /// (e.g. a `search_path` added to the URL's own options).
+    pub async fn open_with(opts: PgConnectOptions, connections: u32) -> Result<Self> {
+        // Named in messages without the password.
+        let url = format!(
+            "postgres://{}@{}:{}/{}",
+            opts.get_username(),
+            opts.get_host(),
+            opts.get_port(),
+            opts.get_database().unwrap_or_default()
+        );
         let pool = PgPoolOptions::new()
             // Each writer holds one connection per batch, the listener one.
             .max_connections(connections.max(1) + WRITERS + 1)
@@ -98,12 +112,7 @@ impl PgStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts)
             .await
-            .map_err(|e| {
-                Error::Store(format!(
-                    "cannot connect to the database {}: {e}",
-                    redacted(url)
-                ))
-            })?;
+            .map_err(|e| Error::Store(format!("cannot connect to the database {url}: {e}")))?;
         MIGRATOR.run(&pool).await?;
         let (events, _) = broadcast::channel(8192);
         let (workflow_events, _) = broadcast::channel(1024);
