@@ -35,6 +35,11 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormatArg,
+    /// Talk to a running `task-queue serve` at this URL instead of opening
+    /// the database (submit, status, logs, cancel, approve, workflow
+    /// show|graph|cancel). The API token is read from TASK_QUEUE_TOKEN.
+    #[arg(long, global = true, env = "TASK_QUEUE_SERVER", value_name = "URL")]
+    pub server: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -137,6 +142,10 @@ pub enum Command {
         /// the port can then run commands as this user.
         #[arg(long)]
         insecure: bool,
+        /// Serve the APIs only and run no tasks here; `task-queue worker`
+        /// processes on the same database run them.
+        #[arg(long)]
+        no_engine: bool,
     },
     /// Print the MCP `tools/list` payload (the content of tools.schema).
     ToolsSchema,
@@ -268,6 +277,11 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    if let Some(server) = cli.server.as_deref() {
+        let token = std::env::var(crate::client::TOKEN_ENV).unwrap_or_default();
+        let client = crate::client::Client::new(server)?.with_token(token);
+        return remote(&client, cli.command).await;
+    }
     let mut config = load_config(&cli)?;
     match cli.command {
         Command::Bench(args) => crate::bench::run(args, config).await,
@@ -307,7 +321,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let queue = TaskQueue::open_with(config).await?;
             mcp_stdio(&queue).await
         }
-        Command::Serve { bind, insecure } => {
+        Command::Serve {
+            bind,
+            insecure,
+            no_engine,
+        } => {
             if let Some(b) = bind {
                 config.server.bind = b;
             }
@@ -325,7 +343,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     config.server.bind
                 );
             }
-            crate::server::serve(queue, bind, grace, async {
+            crate::server::serve(queue, bind, grace, !no_engine, async {
                 let mut term = match signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
                     Err(_) => return std::future::pending().await,
@@ -416,14 +434,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Logs { id, attempt } => {
             let queue = TaskQueue::open_with(config).await?;
             for chunk in queue.logs(&id, attempt).await? {
-                println!("--- attempt {} {} ---", chunk.attempt, chunk.stream);
-                print!("{}", chunk.text);
-                if chunk.dropped_bytes > 0 {
-                    println!(
-                        "[... {} more bytes dropped at the output limit]",
-                        chunk.dropped_bytes
-                    );
-                }
+                print_log(
+                    chunk.attempt,
+                    &chunk.stream,
+                    &chunk.text,
+                    chunk.dropped_bytes,
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -670,34 +686,7 @@ async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result
             }
         }
         WorkflowCommand::Show { id, json: j } => {
-            let d = queue.get_workflow(&id).await?;
-            if j {
-                print_json(&serde_json::to_value(&d).unwrap_or_default());
-            } else {
-                println!(
-                    "{}  {}  {}",
-                    d.workflow.id, d.workflow.name, d.workflow.status
-                );
-                let width = d
-                    .tasks
-                    .iter()
-                    .map(|t| t.name.len())
-                    .max()
-                    .unwrap_or(8)
-                    .min(40);
-                for t in &d.tasks {
-                    println!(
-                        "  {:width$}  {:17}  {}{}",
-                        t.name,
-                        t.status.as_str(),
-                        t.id,
-                        t.error
-                            .as_ref()
-                            .map(|e| format!("  {e}"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
+            print_workflow(&queue.get_workflow(&id).await?, j);
         }
         WorkflowCommand::Graph { id, format } => {
             println!("{}", queue.workflow_graph(&id, &format).await?);
@@ -743,31 +732,7 @@ async fn status(
         Some(id) => {
             let t = queue.get(&id).await?;
             let attempts = queue.attempts(&id).await?;
-            if json_out {
-                let mut v = serde_json::to_value(&t).unwrap_or_default();
-                v["attempt_history"] = serde_json::to_value(&attempts).unwrap_or_default();
-                print_json(&v);
-            } else {
-                println!("{}  {}  {}", t.id, t.name, t.status);
-                println!("attempts: {} of {}", t.attempts, t.max_attempts);
-                if let Some(e) = &t.error {
-                    println!("error: {e}");
-                }
-                for a in &attempts {
-                    println!(
-                        "  #{} {} exit={:?} signal={:?} {} ms{}",
-                        a.result.attempt,
-                        a.status.as_str(),
-                        a.result.exit_code,
-                        a.result.signal,
-                        a.result.duration_ms,
-                        a.error
-                            .as_ref()
-                            .map(|e| format!(" ({e})"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
+            print_task(&t, &attempts, json_out);
         }
         None => {
             let page = queue
@@ -778,14 +743,206 @@ async fn status(
                     ..ListOptions::default()
                 })
                 .await?;
-            if json_out {
-                print_json(&serde_json::to_value(&page).unwrap_or_default());
-            } else {
-                for t in &page.tasks {
-                    println!("{}  {:10}  {}", t.id, t.status.as_str(), t.name);
-                }
-            }
+            print_page(&page, json_out);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_task(t: &TaskRecord, attempts: &[crate::model::Attempt], json_out: bool) {
+    if json_out {
+        let mut v = serde_json::to_value(t).unwrap_or_default();
+        v["attempt_history"] = serde_json::to_value(attempts).unwrap_or_default();
+        print_json(&v);
+        return;
+    }
+    println!("{}  {}  {}", t.id, t.name, t.status);
+    println!("attempts: {} of {}", t.attempts, t.max_attempts);
+    if let Some(e) = &t.error {
+        println!("error: {e}");
+    }
+    for a in attempts {
+        println!(
+            "  #{} {} exit={:?} signal={:?} {} ms{}",
+            a.result.attempt,
+            a.status.as_str(),
+            a.result.exit_code,
+            a.result.signal,
+            a.result.duration_ms,
+            a.error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_workflow(d: &crate::model::WorkflowDetail, json_out: bool) {
+    if json_out {
+        print_json(&serde_json::to_value(d).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{}  {}  {}",
+        d.workflow.id, d.workflow.name, d.workflow.status
+    );
+    let width = d
+        .tasks
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(8)
+        .min(40);
+    for t in &d.tasks {
+        println!(
+            "  {:width$}  {:17}  {}{}",
+            t.name,
+            t.status.as_str(),
+            t.id,
+            t.error
+                .as_ref()
+                .map(|e| format!("  {e}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_page(page: &crate::service::TaskPage, json_out: bool) {
+    if json_out {
+        print_json(&serde_json::to_value(page).unwrap_or_default());
+    } else {
+        for t in &page.tasks {
+            println!("{}  {:10}  {}", t.id, t.status.as_str(), t.name);
+        }
+    }
+}
+
+fn print_log(attempt: u32, stream: &str, text: &str, dropped_bytes: u64) {
+    println!("--- attempt {attempt} {stream} ---");
+    print!("{text}");
+    if dropped_bytes > 0 {
+        println!("[... {dropped_bytes} more bytes dropped at the output limit]");
+    }
+}
+
+/// The commands that work against a running server (`--server URL`),
+/// through [`crate::client::Client`]; their output matches the local forms.
+async fn remote(client: &crate::client::Client, command: Command) -> Result<ExitCode> {
+    use crate::client::{LogsQuery, TaskQuery};
+    match command {
+        Command::Submit { file } => match read_tasks(&file)? {
+            Submission::Workflow(w) => {
+                let out = client.submit_workflow(&w).await?;
+                print_json(&serde_json::to_value(&out).unwrap_or_default());
+            }
+            Submission::Tasks(t) => {
+                let tasks = client.submit_batch(&t).await?;
+                print_json(&json!({ "tasks": tasks }));
+            }
+        },
+        Command::Status {
+            id,
+            json,
+            statuses,
+            project,
+            limit,
+        } => match id {
+            Some(id) => {
+                let d = client.get(&id).await?;
+                print_task(&d.task, &d.attempts, json);
+            }
+            None => {
+                let page = client
+                    .list(&TaskQuery {
+                        statuses,
+                        project,
+                        limit: Some(limit),
+                        ..TaskQuery::default()
+                    })
+                    .await?;
+                print_page(&page, json);
+            }
+        },
+        Command::Cancel { id } => print_json(&summary(&client.cancel(&id).await?)),
+        Command::Approve {
+            id,
+            reject,
+            comment,
+            by,
+        } => {
+            let t = client
+                .approve(&id, !reject, comment.as_deref(), by.as_deref())
+                .await?;
+            print_json(&summary(&t));
+        }
+        Command::Logs { id, attempt } => {
+            // Page through each stream until the server says there is no more.
+            let first = client
+                .logs(
+                    &id,
+                    &LogsQuery {
+                        attempt,
+                        limit: Some(1 << 20),
+                        ..LogsQuery::default()
+                    },
+                )
+                .await?;
+            for slice in first.logs {
+                let mut text = slice.text;
+                let mut next = slice.next_offset;
+                while let Some(offset) = next {
+                    let more = client
+                        .logs(
+                            &id,
+                            &LogsQuery {
+                                attempt: Some(slice.attempt),
+                                stream: Some(slice.stream.clone()),
+                                offset: Some(offset),
+                                limit: Some(1 << 20),
+                                ..LogsQuery::default()
+                            },
+                        )
+                        .await?;
+                    let Some(s) = more.logs.into_iter().next() else {
+                        break;
+                    };
+                    text.push_str(&s.text);
+                    next = s.next_offset.filter(|n| *n > offset);
+                }
+                print_log(slice.attempt, &slice.stream, &text, slice.dropped_bytes);
+            }
+        }
+        Command::Workflow {
+            command: WorkflowCommand::Show { id, json },
+        } => print_workflow(&client.workflow(&id).await?, json),
+        Command::Workflow {
+            command: WorkflowCommand::Graph { id, format },
+        } => println!("{}", client.workflow_graph(&id, &format).await?),
+        Command::Workflow {
+            command: WorkflowCommand::Cancel { id },
+        } => {
+            let w = client.cancel_workflow(&id).await?;
+            print_json(&serde_json::to_value(&w).unwrap_or_default());
+        }
+        other => {
+            return Err(Error::invalid(
+                "--server",
+                format!(
+                    "`{}` works on the database directly; run it without --server \
+                     (remote commands: submit, status, logs, cancel, approve, workflow show|graph|cancel)",
+                    command_name(&other)
+                ),
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn command_name(c: &Command) -> String {
+    let dbg = format!("{c:?}");
+    let head: String = dbg
+        .chars()
+        .take_while(|ch| ch.is_ascii_alphanumeric())
+        .collect();
+    head.to_ascii_lowercase()
 }

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Origins allowed by CORS (`https://host[:port]`, or `*`); empty = CORS off.
     pub cors_origins: Vec<String>,
+    /// Host header names answered besides the loopback names and the bound
+    /// address (a reverse proxy's public name), or `*` for any.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             shutdown_grace: Dur::from_secs(30),
             insecure: false,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -460,6 +464,22 @@ impl Config {
                     format!(
                         "must be \"*\" or an origin such as https://app.example.com \
                          (scheme, host, optional port; no path), got {origin:?}"
+                    ),
+                ));
+            }
+        }
+        for (i, host) in s.allowed_hosts.iter().enumerate() {
+            let ok = host == "*"
+                || (!host.is_empty()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')));
+            if !ok {
+                return Err(Error::invalid(
+                    format!("server.allowed_hosts[{i}]"),
+                    format!(
+                        "must be \"*\" or a host name or IP address without scheme or port \
+                         (api.example.com, 10.0.0.5), got {host:?}"
                     ),
                 ));
             }
@@ -1111,8 +1131,10 @@ execution:
             ),
             ("TASK_QUEUE_MONITORING__METRICS", "false"),
             ("TASK_QUEUE_AUTH__ENABLED", "true"),
+            ("TASK_QUEUE_SERVER__ALLOWED_HOSTS", "[queue.example.com]"),
         ])
         .unwrap();
+        assert_eq!(c.server.allowed_hosts, ["queue.example.com"]);
         assert_eq!(c.execution.env_allowlist, ["PATH", "HOME", "CARGO_HOME"]);
         assert_eq!(
             c.server.cors_origins,

@@ -48,6 +48,16 @@ pub enum Error {
     /// An operating-system error outside the store.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+
+    /// A server answered an HTTP client request with an error that has no
+    /// variant of its own (401, 403, 413, 5xx), or could not be reached
+    /// (`status` 0, code `unreachable`). `code` is the server's error code.
+    #[error("{message} (HTTP {status}, {code})")]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
 
 impl Error {
@@ -63,6 +73,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::Config(_) => "config",
             Error::Io(_) => "io",
+            Error::Remote { .. } => "remote",
         }
     }
 

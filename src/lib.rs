@@ -49,8 +49,11 @@
 //!   shape, SSE events from the audit chain, the OpenAPI document built from
 //!   the types), `/health`, `/metrics`.
 //! * [`server`] — `task-queue serve`: one axum server with REST, MCP
-//!   (`/mcp`, `/sse`, `/messages`) and the engine; Host checks, body limit,
+//!   (`/mcp`, `/sse`, `/messages`) and the engine; Host and Origin checks,
+//!   tokens and roles (MCP tools check theirs per call), body limit,
 //!   graceful shutdown.
+//! * [`client`] — a reqwest client of the REST API, used by the CLI's
+//!   `--server` commands; server errors map back to [`Error`] variants.
 //! * [`integrity`] — spec hashing and the audit hash chain.
 //! * [`config`] — `config.yml` sections, defaults, and
 //!   `TASK_QUEUE_<SECTION>__<KEY>` overrides.
@@ -59,6 +62,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -20,24 +20,85 @@ use crate::mcp::McpServer;
 use crate::service::TaskQueue;
 use crate::store::Role;
 
-/// The HTTP routes of a queue. `allowed_hosts`: the Host header names
-/// accepted (default: the loopback names), on every route.
-pub fn router(
-    queue: TaskQueue,
-    allowed_hosts: Option<Vec<String>>,
-    ct: &CancellationToken,
-) -> axum::Router {
-    let hosts = allowed_hosts.unwrap_or_else(|| {
-        vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ]
-    });
-    let config = StreamableHttpServerConfig::default()
-        .with_cancellation_token(ct.child_token())
-        .with_allowed_hosts(hosts.clone());
+/// Who made an HTTP request, when auth is on: `authorize` puts it in the
+/// request's extensions, and the MCP tools read it to check their role.
+/// Absent when the server is open (no token, auth off).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub role: Role,
+    pub name: String,
+}
+
+/// The Host names and Origins a server answers, and whether auth is forced
+/// on by where it listens.
+#[derive(Debug, Clone)]
+struct Exposure {
+    /// Host header names accepted (any port); empty: any host.
+    hosts: Vec<String>,
+    /// `server.cors_origins`: cross-origin browsers allowed to POST.
+    origins: Vec<String>,
+    /// Listening off loopback without `--insecure`: auth stays required
+    /// even if every token is revoked later.
+    auth_by_bind: bool,
+}
+
+impl Exposure {
+    fn new(queue: &TaskQueue, local: Option<SocketAddr>) -> Exposure {
+        let server = &queue.config().server;
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(ip) = local.map(|l| l.ip()).filter(|ip| !ip.is_loopback()) {
+            hosts.push(ip.to_string());
+        }
+        hosts.extend(server.allowed_hosts.iter().cloned());
+        if server.allowed_hosts.iter().any(|h| h == "*") {
+            hosts.clear();
+        }
+        Exposure {
+            hosts,
+            origins: server.cors_origins.clone(),
+            auth_by_bind: local.is_some_and(|l| !l.ip().is_loopback()) && !server.insecure,
+        }
+    }
+
+    fn host_allowed(&self, host: &str) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host),
+        };
+        self.hosts.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+
+    /// A state-changing request from a browser page is accepted from the
+    /// server's own origin and from `server.cors_origins` only.
+    fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+        if self
+            .origins
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        {
+            return true;
+        }
+        let authority = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+        host.is_some_and(|h| !authority.is_empty() && authority.eq_ignore_ascii_case(h))
+    }
+}
+
+/// The HTTP routes of a queue listening on `local` (None: not bound, as in
+/// tests and benchmarks; treated as loopback).
+pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToken) -> axum::Router {
+    let exposure = std::sync::Arc::new(Exposure::new(&queue, local));
     let body_limit = queue_body_limit(&queue);
+    // Host and Origin are checked for every route by `guard`.
+    let mut config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(ct.child_token())
+        .disable_allowed_hosts();
+    config.max_request_body_bytes = body_limit;
     let q = queue.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(McpServer::new(q.clone())),
@@ -51,18 +112,68 @@ pub fn router(
         shutdown: ct.clone(),
     });
     let auth_queue = queue.clone();
+    let auth_exposure = exposure.clone();
     let origins = std::sync::Arc::new(queue.config().server.cors_origins.clone());
     axum::Router::new()
         .nest_service("/mcp", mcp)
-        .merge(crate::mcp::sse::router(queue, hosts))
+        .merge(crate::mcp::sse::router(queue))
         .merge(api)
         .layer(axum::middleware::from_fn(move |req, next| {
-            authorize(auth_queue.clone(), req, next)
+            authorize(auth_queue.clone(), auth_exposure.clone(), req, next)
         }))
         .layer(axum::middleware::from_fn(move |req, next| {
             cors(origins.clone(), req, next)
         }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            guard(exposure.clone(), req, next)
+        }))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+}
+
+/// Refuses requests a browser could be tricked into sending: a Host the
+/// server does not go by (DNS rebinding) on any route, and a state-changing
+/// request from another site's page (`Origin` neither the server's own nor
+/// in `server.cors_origins`).
+async fn guard(exposure: std::sync::Arc<Exposure>, req: Request, next: Next) -> Response {
+    use axum::http::{Method, header};
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    // `/health` answers any Host: probes address the server by whatever
+    // IP they see, and it discloses nothing a page could use.
+    if let Some(h) = host.as_deref()
+        && req.uri().path() != "/health"
+        && !exposure.host_allowed(h)
+    {
+        return deny(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            format!(
+                "Host {h:?} is not served here; add its name to server.allowed_hosts \
+                 (for a reverse proxy) or use one of: {}",
+                exposure.hosts.join(", ")
+            ),
+        );
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        if !exposure.origin_allowed(origin, host.as_deref()) {
+            return deny(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                format!(
+                    "cross-origin {} from {origin:?} refused; list the origin in \
+                     server.cors_origins to allow a browser application",
+                    req.method()
+                ),
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// CORS for `server.cors_origins` (empty: no CORS headers at all): allowed
@@ -118,8 +229,8 @@ async fn cors(origins: std::sync::Arc<Vec<String>>, req: Request, next: Next) ->
 /// The least role a request needs (SPEC §7).
 fn required_role(method: &axum::http::Method, path: &str) -> Role {
     if path.starts_with("/mcp") || path.starts_with("/sse") || path.starts_with("/messages") {
-        // MCP tools span every role; MCP over HTTP needs an operator token.
-        return Role::Operator;
+        // Any valid token opens MCP; each tool checks its own role.
+        return Role::Viewer;
     }
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         return Role::Viewer;
@@ -152,12 +263,17 @@ fn deny(status: StatusCode, code: &str, message: String) -> Response {
 
 /// Once any token exists (or `auth.enabled`), every request but `/health`
 /// needs a valid bearer token with a role that covers it.
-async fn authorize(queue: TaskQueue, req: Request, next: Next) -> Response {
+async fn authorize(
+    queue: TaskQueue,
+    exposure: std::sync::Arc<Exposure>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if req.uri().path() == "/health" {
         return next.run(req).await;
     }
     let required = match queue.tokens_exist().await {
-        Ok(any) => any || queue.config().auth.enabled,
+        Ok(any) => any || queue.config().auth.enabled || exposure.auth_by_bind,
         Err(e) => {
             return deny(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -214,6 +330,10 @@ async fn authorize(queue: TaskQueue, req: Request, next: Next) -> Response {
             ),
         );
     }
+    req.extensions_mut().insert(Caller {
+        role: token.role,
+        name: token.name,
+    });
     next.run(req).await
 }
 
@@ -223,31 +343,29 @@ fn queue_body_limit(queue: &TaskQueue) -> usize {
 
 /// Binds `addr`, prints the address on stderr, serves until `shutdown`
 /// resolves, then stops the engine (running tasks get `grace` to finish).
+/// With `run_engine` false the server only takes and answers requests;
+/// `task-queue worker` processes on the same database run the tasks.
 pub async fn serve(
     queue: TaskQueue,
     addr: SocketAddr,
     grace: Duration,
+    run_engine: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr()?;
-    let hosts = if local.ip().is_loopback() {
-        None
-    } else {
-        Some(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-            local.ip().to_string(),
-        ])
-    };
     let ct = CancellationToken::new();
-    let app = router(queue.clone(), hosts, &ct);
-    let engine = queue.start();
+    let app = router(queue.clone(), Some(local), &ct);
+    let engine = run_engine.then(|| queue.start());
     eprintln!(
-        "task-queue listening on http://{local} (REST: /api/v1, MCP: /mcp, legacy SSE: /sse)"
+        "task-queue listening on http://{local} (REST: /api/v1, MCP: /mcp, legacy SSE: /sse){}",
+        if run_engine {
+            ""
+        } else {
+            "; no engine here: tasks run in `task-queue worker` processes"
+        }
     );
     tracing::info!(%local, "serving");
     let stop = ct.clone();
@@ -264,5 +382,8 @@ pub async fn serve(
             tokio::time::sleep(grace).await;
         } => tracing::warn!("connections still open after the grace period were closed"),
     }
-    engine.shutdown(grace).await
+    match engine {
+        Some(e) => e.shutdown(grace).await,
+        None => Ok(()),
+    }
 }

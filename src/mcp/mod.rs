@@ -27,6 +27,7 @@ use serde_json::Value;
 use crate::error::Error;
 use crate::model::{TaskSpec, TaskStatus, WorkflowSpec, from_value};
 use crate::service::{ClaimFilter, ListOptions, TaskQueue};
+use crate::store::Role;
 use types::*;
 
 /// Longest a tool waits (wait_for_task): clients time out around 60 s.
@@ -46,6 +47,23 @@ Resources task://{id} and workflow://{id} return the same JSON as get_task and g
 pub struct McpServer {
     queue: TaskQueue,
     tool_router: ToolRouter<Self>,
+    /// The role of the token that opened the session (legacy SSE), when
+    /// auth is on. Over `/mcp` the role comes with each request instead;
+    /// over stdio there is none, and every tool is open.
+    role: Option<Role>,
+}
+
+/// The least role each tool needs when the caller came with a token
+/// (SPEC §7): reading and searching for viewers, the external-task loop for
+/// workers, everything that starts, stops or decides work for operators.
+pub fn tool_role(tool: &str) -> Role {
+    match tool {
+        "claim_task" | "heartbeat_task" | "complete_task" | "fail_task" => Role::Worker,
+        "submit_task" | "submit_workflow" | "cancel_task" | "retry_task" | "approve_task" => {
+            Role::Operator
+        }
+        _ => Role::Viewer,
+    }
 }
 
 type ToolResult = Result<CallToolResult, McpError>;
@@ -84,7 +102,7 @@ fn fail(e: Error) -> CallToolResult {
         Error::Conflict(_) => " Read the task with get_task to see its current state.",
         Error::Store(_) | Error::Io(_) => " This is a server-side problem; try again shortly.",
         Error::ShuttingDown => " The server is restarting; try again shortly.",
-        Error::Integrity(_) | Error::Config(_) => "",
+        Error::Integrity(_) | Error::Config(_) | Error::Remote { .. } => "",
     };
     CallToolResult::error(vec![ContentBlock::text(format!(
         "{} ({}).{hint}",
@@ -130,9 +148,15 @@ fn task_line(t: &crate::model::TaskRecord) -> String {
 #[tool_router]
 impl McpServer {
     pub fn new(queue: TaskQueue) -> Self {
+        Self::for_role(queue, None)
+    }
+
+    /// A server whose tools are limited to what `role` may do (None: all).
+    pub fn for_role(queue: TaskQueue, role: Option<Role>) -> Self {
         McpServer {
             queue,
             tool_router: Self::router(),
+            role,
         }
     }
 
@@ -862,6 +886,37 @@ fn strip_int_formats(v: &mut Value) {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for McpServer {
+    /// Checks the caller's role for the tool, then runs it. A role too low
+    /// is a tool error naming the role needed, so the agent can say why.
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, McpError> {
+        let caller = context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.extensions.get::<crate::server::Caller>())
+            .map(|c| c.role)
+            .or(self.role);
+        let need = tool_role(&request.name);
+        if let Some(role) = caller
+            && role < need
+        {
+            let msg = format!(
+                "{} needs a token with role {} or above; this session's token has role {}. \
+                 Ask for a token with that role (task-queue token create --role {})",
+                request.name,
+                need.as_str(),
+                role.as_str(),
+                need.as_str()
+            );
+            return Ok(CallToolResult::error(vec![ContentBlock::text(msg)]).into());
+        }
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        self.tool_router.call(tcc).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         // Tools and resources only: the deprecated logging capability is
         // not advertised (some clients fail against servers that do).

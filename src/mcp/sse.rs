@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,26 +23,32 @@ use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
 use serde::Deserialize;
 
 use super::McpServer;
+use crate::server::Caller;
 use crate::service::TaskQueue;
+use crate::store::Role;
 
-type Sessions = Arc<Mutex<HashMap<String, mpsc::Sender<ClientJsonRpcMessage>>>>;
+type Sessions = Arc<Mutex<HashMap<String, Session>>>;
+
+/// An open SSE session: where its messages go, and the role of the token
+/// that opened it (None on an open server).
+#[derive(Clone)]
+struct Session {
+    tx: mpsc::Sender<ClientJsonRpcMessage>,
+    role: Option<Role>,
+}
 
 #[derive(Clone)]
 struct SseState {
     sessions: Sessions,
     queue: TaskQueue,
-    /// Host header names accepted (without port), as `/mcp` does: a page
-    /// on another site cannot reach a loopback server by DNS rebinding.
-    allowed_hosts: Arc<Vec<String>>,
 }
 
-/// `GET /sse` and `POST /messages`, answering requests whose Host header
-/// names one of `allowed_hosts` (any port).
-pub fn router(queue: TaskQueue, allowed_hosts: Vec<String>) -> Router {
+/// `GET /sse` and `POST /messages`. Host, Origin and tokens are checked by
+/// the server's middleware before these handlers run.
+pub fn router(queue: TaskQueue) -> Router {
     let state = SseState {
         sessions: Arc::default(),
         queue,
-        allowed_hosts: Arc::new(allowed_hosts),
     };
     Router::new()
         .route("/sse", get(open))
@@ -63,34 +69,8 @@ impl Drop for SessionGuard {
     }
 }
 
-fn host_allowed(st: &SseState, headers: &axum::http::HeaderMap) -> bool {
-    let Some(host) = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-    else {
-        return false;
-    };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host),
-    };
-    st.allowed_hosts
-        .iter()
-        .any(|a| a.eq_ignore_ascii_case(name))
-}
-
-fn forbidden() -> Response {
-    (
-        StatusCode::FORBIDDEN,
-        "Forbidden: Host header is not allowed",
-    )
-        .into_response()
-}
-
-async fn open(State(st): State<SseState>, headers: axum::http::HeaderMap) -> Response {
-    if !host_allowed(&st, &headers) {
-        return forbidden();
-    }
+async fn open(State(st): State<SseState>, caller: Option<Extension<Caller>>) -> Response {
+    let role = caller.map(|Extension(c)| c.role);
     // The session id is the only credential of POST /messages: unguessable.
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (in_tx, in_rx) = mpsc::channel::<ClientJsonRpcMessage>(64);
@@ -98,8 +78,8 @@ async fn open(State(st): State<SseState>, headers: axum::http::HeaderMap) -> Res
     st.sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), in_tx);
-    let server = McpServer::new(st.queue.clone());
+        .insert(id.clone(), Session { tx: in_tx, role });
+    let server = McpServer::for_role(st.queue.clone(), role);
     tokio::spawn(async move {
         // `serve` waits for `initialize`, so it runs beside the stream.
         match server.serve((out_tx, in_rx)).await {
@@ -133,19 +113,33 @@ struct SessionQuery {
 
 async fn message(
     State(st): State<SseState>,
-    headers: axum::http::HeaderMap,
+    caller: Option<Extension<Caller>>,
     Query(q): Query<SessionQuery>,
     axum::Json(msg): axum::Json<ClientJsonRpcMessage>,
 ) -> Response {
-    if !host_allowed(&st, &headers) {
-        return forbidden();
-    }
-    let tx = st
+    let session = st
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&q.session_id)
         .cloned();
+    // A session opened with a token is driven with a token of at least
+    // the same role.
+    let tx = match session {
+        Some(Session {
+            role: Some(need), ..
+        }) if caller.as_ref().is_none_or(|Extension(c)| c.role < need) => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this session was opened with a {} token; send one of that role or above",
+                    need.as_str()
+                ),
+            )
+                .into_response();
+        }
+        s => s.map(|s| s.tx),
+    };
     match tx {
         None => (
             StatusCode::NOT_FOUND,

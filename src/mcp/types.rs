@@ -69,6 +69,7 @@ pub struct ListTasksArgs {
     pub workflow_id: Option<String>,
     /// Page size, 1..=200 (default 20).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 200))]
     pub limit: Option<usize>,
     /// `next_cursor` from the previous page.
     #[serde(default)]
@@ -134,6 +135,7 @@ pub struct LogsArgs {
     pub attempt: Option<u32>,
     /// `stdout` or `stderr`; default both.
     #[serde(default)]
+    #[schemars(regex(pattern = r"^(stdout|stderr)$"))]
     pub stream: Option<String>,
     /// Return only the last N bytes of each stream (the usual choice for a failure).
     #[serde(default)]
@@ -143,6 +145,7 @@ pub struct LogsArgs {
     pub offset: Option<usize>,
     /// Most bytes per stream in this answer, 1..=262144 (default 16384).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 262144))]
     pub limit: Option<usize>,
 }
 
@@ -152,6 +155,7 @@ pub struct LogsArgs {
 pub struct ClaimArgs {
     /// Your worker id (1–128 of `[A-Za-z0-9_.:@-]`); use the same id for
     /// heartbeat_task, complete_task and fail_task.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
     /// Only external tasks with these names (default: any).
     #[serde(default)]
@@ -165,9 +169,11 @@ pub struct ClaimArgs {
     /// Lease in seconds, 1..=3600 (default 300). Renew with heartbeat_task
     /// before it ends, or the task goes back to the queue.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub lease_seconds: Option<u64>,
     /// Most tasks to take, 1..=100 (default 1).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 100))]
     pub limit: Option<usize>,
 }
 
@@ -178,9 +184,11 @@ pub struct HeartbeatArgs {
     /// The claimed task's id.
     pub id: String,
     /// The worker id used to claim it.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
     /// New lease in seconds from now, 1..=3600 (default 300).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub lease_seconds: Option<u64>,
 }
 
@@ -191,6 +199,7 @@ pub struct CompleteArgs {
     /// The claimed task's id.
     pub id: String,
     /// The worker id used to claim it.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
     /// The result (any JSON, usually an object). If the task has a
     /// `validation` schema the output must match it, else the call fails
@@ -206,8 +215,10 @@ pub struct FailArgs {
     /// The claimed task's id.
     pub id: String,
     /// The worker id used to claim it.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
     /// What went wrong, in words.
+    #[schemars(length(min = 1, max = 16384))]
     pub error: String,
     /// true (default): retry per the task's policy while attempts remain;
     /// false: fail now.
@@ -280,7 +291,7 @@ pub struct WaitOut {
 }
 
 /// A slice of one captured stream.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogSlice {
     pub attempt: u32,
     /// `stdout` or `stderr`.
@@ -298,7 +309,7 @@ pub struct LogSlice {
 }
 
 /// Output of get_task_logs.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct LogsOut {
     pub task_id: String,
     pub logs: Vec<LogSlice>,

@@ -425,6 +425,7 @@ impl Limits {
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// 1–128 characters of `[A-Za-z0-9_.:-]`; unique inside a workflow.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
     pub name: String,
     /// `command` (default when `command` or `argv` is given), `http` or `external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -618,6 +619,11 @@ impl TaskSpec {
     }
     pub fn with_artifact(mut self, path: impl Into<String>) -> Self {
         self.artifacts.push(path.into());
+        self
+    }
+    /// The task waits in `awaiting_approval` until approved or rejected.
+    pub fn requiring_approval(mut self) -> Self {
+        self.requires_approval = true;
         self
     }
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {

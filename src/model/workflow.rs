@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSpec {
     /// 1–128 characters of `[A-Za-z0-9_.:-]`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
     pub name: String,
     /// Project of every task that does not name its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]

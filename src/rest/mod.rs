@@ -68,7 +68,7 @@ impl From<Error> for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, Value::Null),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
             Error::Store(_) | Error::Io(_) => (StatusCode::SERVICE_UNAVAILABLE, Value::Null),
-            Error::Integrity(_) | Error::Config(_) => {
+            Error::Integrity(_) | Error::Config(_) | Error::Remote { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, Value::Null)
             }
         };
@@ -102,18 +102,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
-            && !ct
-                .to_str()
+        // A body must say it is JSON: a browser can send text/plain or a
+        // typeless body to another site without a preflight, JSON it cannot.
+        let json = req.headers().get(header::CONTENT_TYPE).map(|ct| {
+            ct.to_str()
                 .unwrap_or("")
                 .to_ascii_lowercase()
                 .starts_with("application/json")
-        {
-            return Err(ApiError::new(
+        });
+        let unsupported = || {
+            ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send the body as application/json",
-            ));
+                "send the body with Content-Type: application/json",
+            )
+        };
+        if json == Some(false) {
+            return Err(unsupported());
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
@@ -127,6 +132,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 )
             }
         })?;
+        if json.is_none() && !bytes.is_empty() {
+            return Err(unsupported());
+        }
         let v: Value = if bytes.is_empty() {
             json!({})
         } else {

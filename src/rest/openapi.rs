@@ -32,6 +32,10 @@ fn query(name: &str, desc: &str, ty: &str) -> Value {
     json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": ty}})
 }
 
+fn query_int(name: &str, desc: &str, min: u64, max: u64) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "integer", "minimum": min, "maximum": max}})
+}
+
 fn body(schema: Value) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": schema}}})
 }
@@ -45,6 +49,39 @@ fn op(id: &str, summary: &str, params: Vec<Value>, req: Option<Value>, responses
         o["requestBody"] = b;
     }
     o
+}
+
+/// OpenAPI links: how the id a creating call returns feeds the calls that
+/// read or act on the created object (clients and fuzzers follow them).
+fn add_links(paths: &mut Value) {
+    let link = |op: &str, id: &str| json!({"operationId": op, "parameters": {"id": id}});
+    let task_ops = [
+        ("GetTask", "getTask"),
+        ("GetTaskLogs", "getTaskLogs"),
+        ("CancelTask", "cancelTask"),
+        ("RetryTask", "retryTask"),
+        ("ApproveTask", "approveTask"),
+        ("RejectTask", "rejectTask"),
+    ];
+    let task_links: Map<String, Value> = task_ops
+        .iter()
+        .map(|(name, op)| (name.to_string(), link(op, "$response.body#/id")))
+        .collect();
+    paths["/tasks"]["post"]["responses"]["201"]["links"] = Value::Object(task_links);
+    let wf_ops = [
+        ("GetWorkflow", "getWorkflow"),
+        ("GetWorkflowGraph", "getWorkflowGraph"),
+        ("CancelWorkflow", "cancelWorkflow"),
+    ];
+    let mut wf_links: Map<String, Value> = wf_ops
+        .iter()
+        .map(|(name, op)| (name.to_string(), link(op, "$response.body#/workflow_id")))
+        .collect();
+    wf_links.insert(
+        "GetFirstTask".into(),
+        link("getTask", "$response.body#/tasks/0/id"),
+    );
+    paths["/workflows"]["post"]["responses"]["201"]["links"] = Value::Object(wf_links);
 }
 
 /// The document.
@@ -91,7 +128,7 @@ pub fn document() -> Value {
     let task_with_attempts = json!({"type": "object", "required": ["task", "attempts"], "properties": {"task": record, "attempts": {"type": "array", "items": attempt}}});
     let decision = json!({"type": "object", "additionalProperties": false, "properties": {"comment": {"type": ["string", "null"]}, "by": {"type": ["string", "null"]}}});
     let worker = |extra: Value, required: Vec<&str>| {
-        let mut props = json!({"worker_id": {"type": "string", "description": "The worker id used to claim the task."}});
+        let mut props = json!({"worker_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:@-]+$", "description": "The worker id used to claim the task."}});
         if let (Value::Object(p), Value::Object(e)) = (&mut props, extra) {
             p.extend(e);
         }
@@ -125,7 +162,7 @@ pub fn document() -> Value {
             "get": op("listTasks", "List tasks, newest first, with cursor pagination",
                 vec![query("status", "Statuses, comma-separated or repeated.", "string"), query("project", "Project.", "string"),
                      query("workflow_id", "Workflow id.", "string"), query("tag", "Tag.", "string"), query("name", "Exact name.", "string"),
-                     query("limit", "Page size, 1..=1000 (default 50).", "integer"), query("cursor", "next_cursor of the previous page.", "string")],
+                     query_int("limit", "Page size, 1..=1000 (default 50).", 1, 1000), query("cursor", "next_cursor of the previous page.", "string")],
                 None, merge(errors(&[]), "200", ok("A page.", page))),
         },
         "/tasks/batch": {
@@ -136,8 +173,8 @@ pub fn document() -> Value {
         "/tasks/{id}": {"get": op("getTask", "A task with its attempts", vec![path_id("task")], None,
             merge(errors(&[("404", "No such task.")]), "200", ok("The task.", task_with_attempts)))},
         "/tasks/{id}/logs": {"get": op("getTaskLogs", "Captured stdout/stderr, sliced by tail or offset/limit",
-            vec![path_id("task"), query("attempt", "Only this attempt.", "integer"), query("stream", "stdout or stderr.", "string"),
-                 query("tail", "Last N bytes of each stream.", "integer"), query("offset", "Start offset.", "integer"), query("limit", "Most bytes per stream (default 65536).", "integer")],
+            vec![path_id("task"), query_int("attempt", "Only this attempt.", 1, u32::MAX as u64), json!({"name": "stream", "in": "query", "required": false, "description": "stdout or stderr.", "schema": {"type": "string", "enum": ["stdout", "stderr"]}}),
+                 query_int("tail", "Last N bytes of each stream.", 0, u32::MAX as u64), query_int("offset", "Start offset.", 0, u32::MAX as u64), query_int("limit", "Most bytes per stream, 1..=1048576 (default 65536).", 1, 1 << 20)],
             None, merge(errors(&[("404", "No such task.")]), "200", ok("The output.", logs)))},
         "/tasks/{id}/cancel": {"post": op("cancelTask", "Cancel an unfinished task (its processes are stopped)", vec![path_id("task")], None,
             merge(errors(&[("404", "No such task."), ("409", "Already finished.")]), "200", ok("The task.", task_out.clone())))},
@@ -148,14 +185,14 @@ pub fn document() -> Value {
         "/tasks/{id}/reject": {"post": op("rejectTask", "Reject a task waiting in awaiting_approval (it fails)", vec![path_id("task")], Some(body(decision)),
             merge(errors(&[("404", "No such task."), ("409", "Not awaiting approval.")]), "200", ok("The task.", task_out.clone())))},
         "/tasks/{id}/heartbeat": {"post": op("heartbeatTask", "Extend the lease of a claimed task", vec![path_id("task")],
-            Some(body(worker(json!({"lease_seconds": {"type": ["integer", "null"], "description": "1..=3600, default 300."}}), vec!["worker_id"]))),
+            Some(body(worker(json!({"lease_seconds": {"type": ["integer", "null"], "minimum": 1, "maximum": 3600, "description": "1..=3600, default 300."}}), vec!["worker_id"]))),
             merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200",
                 ok("The new lease.", json!({"type": "object", "properties": {"task_id": {"type": "string"}, "lease_expires_at": {"type": "string", "format": "date-time"}}}))))},
         "/tasks/{id}/complete": {"post": op("completeTask", "Complete a claimed task with its result output", vec![path_id("task")],
             Some(body(worker(json!({"output": {"description": "The result; must match the task's validation schema."}}), vec!["worker_id"]))),
             merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200", ok("The task.", task_out.clone())))},
         "/tasks/{id}/fail": {"post": op("failTask", "Fail a claimed task", vec![path_id("task")],
-            Some(body(worker(json!({"error": {"type": "string"}, "retryable": {"type": ["boolean", "null"], "description": "Default true."}}), vec!["worker_id", "error"]))),
+            Some(body(worker(json!({"error": {"type": "string", "minLength": 1, "maxLength": 16384}, "retryable": {"type": ["boolean", "null"], "description": "Default true."}}), vec!["worker_id", "error"]))),
             merge(errors(&[("404", "No such task."), ("409", "The worker does not hold the task.")]), "200", ok("The task.", task_out)))},
         "/workers/claim": {"post": op("claimTasks", "Claim ready external tasks under a lease", vec![], Some(body(claim_args)),
             merge(errors(&[]), "200", ok("The claimed tasks (possibly none).", json!({"type": "object", "properties": {"tasks": {"type": "array", "items": claimed}}}))))},
@@ -164,7 +201,7 @@ pub fn document() -> Value {
                 merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", wf_submitted))),
             "get": op("listWorkflows", "List workflows, newest first",
                 vec![query("status", "running, succeeded, failed or cancelled.", "string"), query("project", "Project.", "string"),
-                     query("limit", "Page size, 1..=1000 (default 50).", "integer"), query("cursor", "next_cursor of the previous page.", "string")],
+                     query_int("limit", "Page size, 1..=1000 (default 50).", 1, 1000), query("cursor", "next_cursor of the previous page.", "string")],
                 None, merge(errors(&[]), "200", ok("A page.", wf_page))),
         },
         "/workflows/{id}": {"get": op("getWorkflow", "A workflow with its tasks and edges", vec![path_id("workflow")], None,
@@ -190,6 +227,8 @@ pub fn document() -> Value {
                 "content": {"text/event-stream": {"schema": event}}})))},
         "/openapi.json": {"get": op("openapi", "This document", vec![], None, json!({"200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}}))},
     });
+    let mut paths = paths;
+    add_links(&mut paths);
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -42,7 +42,7 @@ impl std::fmt::Debug for TaskQueue {
 }
 
 /// A page of tasks, newest first.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct TaskPage {
     pub tasks: Vec<TaskRecord>,
     /// Pass as `cursor` to get the next page; absent on the last page.

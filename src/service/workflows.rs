@@ -22,7 +22,7 @@ use crate::store::{
 use crate::workflow::graph::{self, GraphView, ViewEdge, ViewNode};
 
 /// What submitting a workflow did.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct WorkflowSubmitted {
     pub workflow_id: String,
     pub name: String,
@@ -36,7 +36,7 @@ pub struct WorkflowSubmitted {
 }
 
 /// A page of workflows, newest first.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct WorkflowPage {
     pub workflows: Vec<WorkflowRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,7 +54,7 @@ pub struct ClaimFilter {
 }
 
 /// An external task handed to a worker.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct ClaimedWork {
     pub task_id: String,
     pub name: String,
@@ -354,6 +354,28 @@ impl TaskQueue {
             .await?;
         let mut out = Vec::with_capacity(claimed.len());
         for c in claimed {
+            // Integrity, as before every attempt the engine runs: a spec
+            // changed since submit is failed here, never handed out.
+            let computed = crate::integrity::spec_hash(&c.spec_json);
+            if computed != c.spec_hash {
+                let t = self.get(&c.id).await?;
+                let error = format!(
+                    "integrity check failed: the stored spec hashes to {computed} but {} was \
+                     recorded at submit; the task was not handed to a worker",
+                    c.spec_hash
+                );
+                tracing::error!(task = %c.id, "{error}");
+                self.finish_external(
+                    t,
+                    worker_id,
+                    AttemptStatus::Failed,
+                    None,
+                    Some(error),
+                    false,
+                )
+                .await?;
+                continue;
+            }
             let spec: TaskSpec = serde_json::from_str(&c.spec_json)
                 .map_err(|e| Error::Store(format!("task {}: stored spec unreadable: {e}", c.id)))?;
             out.push(ClaimedWork {

@@ -138,7 +138,9 @@ pub struct WorkflowFilter {
 }
 
 /// What a submit did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Submitted {
     pub id: String,
     pub name: String,
@@ -352,7 +354,9 @@ pub struct WorkerInfo {
 pub type StatusCounts = BTreeMap<TaskStatus, u64>;
 
 /// A snapshot of the queue for dashboards and agents.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct QueueStats {
     /// Tasks by status (statuses with no task are left out).
     pub tasks: StatusCounts,

@@ -62,3 +62,38 @@ fn a_tampered_spec_is_not_run() {
         "the tampered command must not run"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_external_task_is_not_handed_to_a_worker() {
+    use task_queue::model::TaskKind;
+    use task_queue::{ClaimFilter, Config, Task, TaskQueue};
+    let ws = Workspace::new();
+    let mut config = Config::default();
+    config.storage.path = ws.db();
+    let q = TaskQueue::open_with(config).await.unwrap();
+    let t = q
+        .submit(
+            Task::new("review")
+                .with_kind(TaskKind::External)
+                .with_parameters(serde_json::json!({"pr": 1})),
+        )
+        .await
+        .unwrap();
+    ws.sqlite("UPDATE tasks SET spec = replace(spec, '\"pr\":1', '\"pr\":2')");
+    let got = q
+        .claim(
+            "agent",
+            ClaimFilter::default(),
+            std::time::Duration::from_secs(30),
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "a tampered spec is not handed out");
+    let rec = q.get(&t.id).await.unwrap();
+    assert_eq!(rec.status.to_string(), "failed");
+    assert!(
+        rec.error.unwrap().contains("integrity check failed"),
+        "the failure says why"
+    );
+}

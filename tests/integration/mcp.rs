@@ -2,9 +2,8 @@
 //! package (stdio, streamable HTTP, legacy SSE) and the MCP Inspector CLI.
 //! `.ci/run` installs both (`pip install 'mcp>=2.3,<3'`, Node's npx).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -38,35 +37,6 @@ fn scenario(args: &[&str]) -> Value {
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
     assert_eq!(report["ok"], true, "{report}");
     report
-}
-
-/// Starts `task-queue serve` on a free port; returns its base URL.
-fn serve(ws: &Workspace) -> String {
-    let mut child = ws
-        .cmd(&["serve", "--bind", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    ws.track(child.id());
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("serve printed its address")
-            .expect("read stderr");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe, and
-    // reap it when the workspace kills it.
-    std::thread::spawn(move || {
-        for _ in lines {}
-        let _ = child.wait();
-    });
-    url
 }
 
 fn inspector(args: &[&str]) -> Value {
@@ -172,7 +142,7 @@ fn python_client_over_stdio() {
 #[test]
 fn python_client_over_streamable_http_and_legacy_sse() {
     let ws = Workspace::new();
-    let base = serve(&ws);
+    let (base, _server) = ws.serve();
     let schema = repo("tools.schema");
     scenario(&["http", &format!("{base}/mcp"), schema.to_str().unwrap()]);
     scenario(&["sse", &format!("{base}/sse"), schema.to_str().unwrap()]);
@@ -197,12 +167,35 @@ fn python_client_over_streamable_http_and_legacy_sse() {
 }
 
 #[test]
+fn python_client_with_tokens_gets_what_each_role_allows() {
+    let ws = Workspace::new();
+    let token = |role: &str| {
+        let out = ws.run(&["token", "create", "--role", role]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (viewer, worker, operator) = (token("viewer"), token("worker"), token("operator"));
+    let (base, _server) = ws.serve();
+    let report = scenario(&["roles", &format!("{base}/mcp"), &viewer, &worker, &operator]);
+    assert!(
+        report["viewer_denied"]
+            .as_str()
+            .unwrap()
+            .contains("task-queue token create --role operator"),
+        "{report}"
+    );
+    let id = report["operator_submitted"].as_str().unwrap();
+    assert_eq!(ws.status(id)["name"], "allowed");
+}
+
+#[test]
 fn inspector_cli_over_stdio_http_and_sse() {
     let ws = Workspace::new();
     let db_env = format!("TASK_QUEUE_DB={}", ws.db().display());
     let list = inspector(&["-e", &db_env, bin(), "mcp", "--method", "tools/list"]);
     assert_eq!(list["tools"].as_array().unwrap().len(), 17);
-    let base = serve(&ws);
+    let (base, _server) = ws.serve();
     let called = inspector(&[
         &format!("{base}/mcp"),
         "--transport",

@@ -484,30 +484,10 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
 }
 
 /// Starts `serve` on a free port; returns the base URL.
-fn serve(ws: &Workspace) -> (String, std::process::Child) {
-    use std::io::{BufRead, BufReader};
-    let mut child = ws
-        .cmd(&["serve", "--bind", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    ws.track(child.id());
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("serve printed its address").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (url, child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_streams_events_and_survives_sigterm() {
     let ws = Workspace::new();
-    let (base, mut child) = serve(&ws);
+    let (base, mut child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     // The event stream from the start.
     let mut events = http
@@ -603,7 +583,7 @@ async fn serve_streams_events_and_survives_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "graceful exit: {status:?}");
-    let (base2, _child2) = serve(&ws);
+    let (base2, _child2) = ws.serve();
     let _ = base2;
     assert!(wait_until(Duration::from_secs(30), || ws.status(&slow_id)
         ["status"]
@@ -649,7 +629,7 @@ async fn tokens_and_roles_guard_every_route() {
     let viewer = token(&ws, "viewer");
     let worker = token(&ws, "worker");
     let admin = token(&ws, "admin");
-    let (base, _child) = serve(&ws);
+    let (base, _child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     let status = |r: reqwest::Response| r.status().as_u16();
     let get = |path: &str, tok: Option<&str>| {
@@ -719,10 +699,10 @@ async fn tokens_and_roles_guard_every_route() {
     assert_eq!(r.status(), 200);
     let claimed: Value = r.json().await.unwrap();
     assert_eq!(claimed["tasks"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        status(post("/mcp", Some(&worker), json!({})).await.unwrap()),
-        403
-    );
+    // Any valid token opens MCP (each tool checks its own role), so a
+    // worker's request is past auth: not 401, not 403.
+    let mcp = status(post("/mcp", Some(&worker), json!({})).await.unwrap());
+    assert!(mcp != 401 && mcp != 403, "{mcp}");
     // A revoked token stops working.
     let list = ws.run(&["token", "list"]);
     let tokens: Value = serde_json::from_slice(&list.stdout).unwrap();
@@ -751,8 +731,87 @@ async fn tokens_and_roles_guard_every_route() {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(public.stderr.take().unwrap()));
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains("listening on http://0.0.0.0:"), "{first}");
+    let port = first
+        .split("0.0.0.0:")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    // Revoking every token does not reopen a server listening off loopback.
+    for t in tokens["tokens"].as_array().unwrap() {
+        ws.run(&["token", "revoke", t["id"].as_str().unwrap()]);
+    }
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/tasks"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "still closed with no live token");
     let _ = public.kill();
     let _ = public.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_requests_from_other_sites_are_refused() {
+    let ws = Workspace::new();
+    let (base, _child) = ws.serve();
+    let http = task_queue::executor::http::client().clone();
+    let task = json!({"name": "csrf", "command": "true"});
+    // Another site's page: its Origin on a state-changing request.
+    let r = http
+        .post(format!("{base}/api/v1/tasks"))
+        .header("origin", "https://evil.example")
+        .json(&task)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden_origin");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.cors_origins")
+    );
+    // The same request from the server's own origin is fine.
+    let own = base.clone();
+    let r = http
+        .post(format!("{base}/api/v1/tasks"))
+        .header("origin", own)
+        .json(&task)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // A body that does not say it is JSON (a browser's "simple" request).
+    for ct in [None, Some("text/plain")] {
+        let mut req = http
+            .post(format!("{base}/api/v1/tasks"))
+            .body(task.to_string());
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 415, "{ct:?}");
+    }
+    // DNS rebinding: another name in Host, on every route.
+    let addr = base.trim_start_matches("http://");
+    for path in ["/api/v1/tasks", "/metrics", "/sse"] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: evil.example:16080\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 403", "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,7 +821,7 @@ async fn cors_and_metrics_follow_the_configuration() {
         "config.yml",
         "server:\n  cors_origins: [http://app.example]\nmonitoring:\n  metrics: false\n",
     );
-    let (base, _child) = serve(&ws);
+    let (base, _child) = ws.serve();
     let http = task_queue::executor::http::client().clone();
     let r = http
         .request(reqwest::Method::OPTIONS, format!("{base}/api/v1/tasks"))

@@ -184,8 +184,57 @@ def check_capabilities(caps):
     check(caps.logging is None, f"logging must not be advertised: {caps}")
 
 
+async def roles(url, viewer, worker, operator):
+    """Each tool checks the role of the token that called it."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
+
+    async def session_with(token, body):
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+        async with http:
+            async with streamable_http_client(url, http_client=http) as streams:
+                r, w = streams[0], streams[1]
+                async with ClientSession(r, w) as s:
+                    await s.initialize()
+                    return await body(s)
+
+    report = {}
+
+    async def as_viewer(s):
+        tools = await s.list_tools()
+        check(len(tools.tools) >= 17, "a viewer lists every tool")
+        stats = await s.call_tool("queue_stats", {})
+        check(not stats.is_error, f"a viewer reads stats: {text_of(stats)}")
+        sub = await s.call_tool("submit_task", {"name": "nope", "command": "true"})
+        check(sub.is_error and "operator" in text_of(sub), f"a viewer cannot submit: {text_of(sub)}")
+        claim = await s.call_tool("claim_task", {"worker_id": "v"})
+        check(claim.is_error and "worker" in text_of(claim), f"a viewer cannot claim: {text_of(claim)}")
+        report["viewer_denied"] = text_of(sub)
+
+    async def as_worker(s):
+        claim = await s.call_tool("claim_task", {"worker_id": "w", "names": ["nothing-*"]})
+        check(not claim.is_error, f"a worker claims: {text_of(claim)}")
+        sub = await s.call_tool("submit_task", {"name": "nope", "command": "true"})
+        check(sub.is_error and "operator" in text_of(sub), f"a worker cannot submit: {text_of(sub)}")
+
+    async def as_operator(s):
+        sub = await s.call_tool("submit_task", {"name": "allowed", "kind": "external"})
+        check(not sub.is_error, f"an operator submits: {text_of(sub)}")
+        report["operator_submitted"] = sub.structured_content["id"]
+
+    await session_with(viewer, as_viewer)
+    await session_with(worker, as_worker)
+    await session_with(operator, as_operator)
+    report["ok"] = True
+    return report
+
+
 async def main():
     kind = sys.argv[1]
+    if kind == "roles":
+        url, viewer, worker, operator = sys.argv[2:6]
+        print(json.dumps(await roles(url, viewer, worker, operator)))
+        return
     if kind == "stdio":
         binary, db, config, schema = sys.argv[2:6]
         target = StdioServerParameters(command=binary, args=["--db", db, "--config", config, "mcp"])

@@ -93,6 +93,32 @@ impl Workspace {
         self.spawned.lock().unwrap().push(pid);
     }
 
+    /// Starts `task-queue serve` on a free loopback port; returns its base
+    /// URL and the child (killed when the workspace goes). Its stderr is
+    /// drained so it never blocks on a full pipe.
+    pub fn serve(&self) -> (String, Child) {
+        use std::io::{BufRead, BufReader};
+        let mut child = self
+            .cmd(&["serve", "--bind", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        self.track(child.id());
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("serve printed its address")
+                .expect("read stderr");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        (url, child)
+    }
+
     pub fn spawn(&self, args: &[&str]) -> Child {
         let child = self
             .cmd(args)
