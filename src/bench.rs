@@ -3,6 +3,7 @@
 //! ```text
 //! task-queue bench submit  [--tasks N] [--concurrency C] [--batch B] [--history H] [--json]
 //! task-queue bench noop    [--tasks N] [--concurrency C] [--history H] [--json]
+//! task-queue bench noop    --db postgres://... [--nodes N] [--tasks N] [--concurrency C] [--json]
 //! task-queue bench command [--tasks N] [--concurrency C] [--history H] [--json]
 //! task-queue bench dag     [--tasks N] [--concurrency C] [--json]
 //! task-queue bench mcp     [--tasks N] [--json]
@@ -59,9 +60,14 @@
 //! the measured tasks are queued; `noop` adds `claim_plan_with_handlers`, the
 //! plan of the query the engine really sends when handlers are registered.
 //!
+//! With a PostgreSQL `--db`, only `noop` runs, drained by `--nodes` nodes
+//! at once: see [`postgres`].
+//!
 //! Peak RSS is `VmHWM` from `/proc/self/status`, reset through
 //! `/proc/self/clear_refs` just before the measured phase, so it is the
 //! peak while the queue does the measured work (baselines run afterwards).
+
+mod postgres;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,6 +108,9 @@ pub struct BenchArgs {
     /// Finished tasks to insert before measuring (history the queue has to live with).
     #[arg(long)]
     pub history: Option<usize>,
+    /// Nodes draining the queue at once (`noop` on a PostgreSQL `--db` only; default 1).
+    #[arg(long)]
+    pub nodes: Option<usize>,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -223,6 +232,41 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         (_, None) => 1,
     };
     let history = args.history.unwrap_or(0);
+    if let Some(url) = config.storage.postgres_url() {
+        if scenario != Scenario::Noop {
+            return Err(Error::invalid(
+                "scenario",
+                format!(
+                    "only noop runs on PostgreSQL; {} runs on SQLite (give --db a file, or no --db)",
+                    scenario.as_str()
+                ),
+            ));
+        }
+        if args.history.is_some() {
+            return Err(Error::invalid("history", "is not available on PostgreSQL"));
+        }
+        let nodes = args.nodes.unwrap_or(1);
+        if nodes == 0 || nodes > postgres::MAX_NODES {
+            return Err(Error::invalid(
+                "nodes",
+                format!("must be between 1 and {}, got {nodes}", postgres::MAX_NODES),
+            ));
+        }
+        config.validate()?;
+        let out = postgres::bench_noop(url, &config, args.tasks, concurrency, nodes).await?;
+        if args.json {
+            println!("{out}");
+        } else {
+            postgres::print_summary(&out);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.nodes.is_some() {
+        return Err(Error::invalid(
+            "nodes",
+            "needs a PostgreSQL --db (postgres://...): nodes share a queue through PostgreSQL",
+        ));
+    }
 
     let dir = BenchDir::create(&config.storage.path)?;
     let mut cfg = config.clone();

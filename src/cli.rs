@@ -18,7 +18,7 @@ use crate::service::{ListOptions, TaskQueue};
 #[derive(Debug, Parser)]
 #[command(name = "task-queue", version, about)]
 pub struct Cli {
-    /// SQLite database file (default: ./data/task-queue.db, or storage.path from --config).
+    /// SQLite database file (default: ./data/task-queue.db, or storage.path from --config), or a postgres://user:password@host:port/db URL to share one queue between nodes.
     #[arg(long, global = true, env = "TASK_QUEUE_DB")]
     pub db: Option<PathBuf>,
     /// Configuration file (YAML).

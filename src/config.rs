@@ -98,14 +98,24 @@ pub enum Durability {
 pub struct StorageConfig {
     /// SQLite database file.
     pub path: PathBuf,
-    /// A database URL instead of `path`: `sqlite:PATH` (sets `path`).
-    /// `postgres://` URLs are refused until PostgreSQL support lands.
+    /// A database URL instead of `path`: `sqlite:PATH` (sets `path`), or
+    /// `postgres://user:password@host:port/db` to share one queue between
+    /// several nodes (see docs/SCALING.md).
     pub database_url: Option<String>,
     pub durability: Durability,
     /// Days finished tasks are kept.
     pub retention_days: u32,
     /// Readers in the read pool.
     pub read_connections: u32,
+}
+
+impl StorageConfig {
+    /// The PostgreSQL URL, when `database_url` names one.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.database_url
+            .as_deref()
+            .filter(|u| crate::store::postgres::is_postgres_url(u))
+    }
 }
 
 impl Default for StorageConfig {
@@ -479,7 +489,14 @@ impl Config {
 
     fn validate_storage(&self) -> Result<()> {
         let s = &self.storage;
-        if let Some(url) = &s.database_url {
+        if let Some(url) = s.postgres_url() {
+            url.parse::<sqlx::postgres::PgConnectOptions>().map_err(|e| {
+                Error::invalid(
+                    "storage.database_url",
+                    format!("is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"),
+                )
+            })?;
+        } else if let Some(url) = &s.database_url {
             sqlite_path(url).map_err(|m| Error::invalid("storage.database_url", m))?;
         }
         if s.path.as_os_str().is_empty() {
@@ -836,16 +853,12 @@ fn set_path(root: &mut Value, path: &[String], value: Value) {
 fn sqlite_path(url: &str) -> std::result::Result<PathBuf, String> {
     let lower = url.to_ascii_lowercase();
     if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-        return Err(
-            "PostgreSQL is not supported yet; use storage.path (a SQLite database \
-                    file; --db PATH sets it too)"
-                .to_string(),
-        );
+        return Err("names a PostgreSQL database, not a SQLite file".to_string());
     }
     let Some(rest) = url.strip_prefix("sqlite:") else {
         let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or(url);
         return Err(format!(
-            "unsupported database URL scheme {scheme:?}; use sqlite:PATH, or storage.path"
+            "unsupported database URL scheme {scheme:?}; use sqlite:PATH, postgres://..., or storage.path"
         ));
     };
     let rest = rest.strip_prefix("//").unwrap_or(rest);
@@ -1313,38 +1326,37 @@ execution:
     }
 
     #[test]
-    fn postgres_urls_are_refused_clearly() {
-        let err = Config::from_yaml("storage:\n  database_url: postgres://u@db/tq\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("storage.database_url")
-                && err.contains("PostgreSQL is not supported yet; use storage.path"),
-            "{err}"
-        );
-        let err = from_env(&[("TASK_QUEUE_STORAGE__DATABASE_URL", "postgresql://u@db/tq")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("TASK_QUEUE_STORAGE__DATABASE_URL")
-                && err.contains("PostgreSQL is not supported yet"),
-            "{err}"
-        );
+    fn postgres_urls_select_postgres() {
+        let c = Config::from_yaml("storage:\n  database_url: postgres://u@db/tq\n").unwrap();
+        assert_eq!(c.storage.postgres_url(), Some("postgres://u@db/tq"));
+        let c = from_env(&[("TASK_QUEUE_STORAGE__DATABASE_URL", "postgresql://u@db/tq")]).unwrap();
+        assert_eq!(c.storage.postgres_url(), Some("postgresql://u@db/tq"));
         let flags = Overrides {
-            db: Some(PathBuf::from("postgres://u@db/tq")),
+            db: Some(PathBuf::from("postgres://u@db:5433/tq")),
             log_level: None,
         };
-        let err = Config::load_with(None, std::iter::empty(), &flags)
-            .unwrap_err()
-            .to_string();
+        let c = Config::load_with(None, std::iter::empty(), &flags).unwrap();
+        assert_eq!(c.storage.postgres_url(), Some("postgres://u@db:5433/tq"));
+        let err = Config::load_with(
+            None,
+            std::iter::empty(),
+            &Overrides {
+                db: Some(PathBuf::from("postgres://u@db:notaport/tq")),
+                log_level: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            err.contains("--db") && err.contains("PostgreSQL is not supported yet"),
+            err.contains("--db") && err.contains("not a valid PostgreSQL URL"),
             "{err}"
         );
         let err = Config::from_yaml("storage:\n  database_url: mysql://db/tq\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("unsupported database URL scheme"), "{err}");
+        let c = Config::from_yaml("storage:\n  path: ./x.db\n").unwrap();
+        assert_eq!(c.storage.postgres_url(), None);
     }
 
     #[test]

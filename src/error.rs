@@ -155,6 +155,17 @@ fn join_field(prefix: &str, field: &str) -> String {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
+        // PostgreSQL's SQLSTATE (and constraint) stay in the text: the
+        // PostgreSQL writer tells a lost race (retry) from a real failure by
+        // them, whatever language the server reports in.
+        if let Some(db) = e.as_database_error()
+            && let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        {
+            return Error::Store(match pg.constraint() {
+                Some(c) => format!("{e} (SQLSTATE {}, constraint {c})", pg.code()),
+                None => format!("{e} (SQLSTATE {})", pg.code()),
+            });
+        }
         Error::Store(e.to_string())
     }
 }

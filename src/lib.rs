@@ -32,8 +32,12 @@
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
 //!   (one group-committing writer that also resolves dependents, moves
 //!   workflow counters and writes interaction records in the same
-//!   transaction, a read pool, WAL); [`store::history`] is what search
-//!   needs from a store (FTS5 candidates, vectors, the Vectorizer outbox).
+//!   transaction, a read pool, WAL); [`store::postgres`] is the same design
+//!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
+//!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
+//!   wake-ups). Migrations for both live in `migrations/sqlite` and
+//!   `migrations/postgres`. [`store::history`] is what search needs from a
+//!   store (FTS5 candidates, vectors, the Vectorizer outbox; SQLite only).
 //! * [`search`] — history search and recommendations: query words,
 //!   synonyms and quoting (`query`), rank fusion and boosts (`rank`),
 //!   `recommend`, the `Embedder` tier (`embed`), the Vectorizer client and

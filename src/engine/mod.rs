@@ -285,6 +285,10 @@ async fn run(
     recovery::register_and_recover(&shared).await?;
     let leases = tokio::spawn(lease_loop(shared.clone()));
     let upkeep = tokio::spawn(history::run(shared.clone()));
+    let remote = shared
+        .store
+        .subscribe_remote()
+        .map(|rx| tokio::spawn(remote_wakeups(shared.clone(), rx)));
     let (watch_stop, watch_stop_rx) = watch::channel(false);
     let watcher = tokio::spawn(service_watch(shared.clone(), watch_stop_rx));
     let queue = crate::service::TaskQueue::from_shared(shared.clone());
@@ -367,6 +371,9 @@ async fn run(
     shared.stop_all_services().await;
     leases.abort();
     upkeep.abort();
+    if let Some(r) = remote {
+        r.abort();
+    }
     drop(reaper);
     let _ = std::fs::remove_dir(&shared.exec.scratch_dir);
     Ok(())
@@ -601,6 +608,18 @@ async fn service_watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Wakes the loop when another node sharing the database made work ready.
+async fn remote_wakeups(shared: Arc<Shared>, mut rx: tokio::sync::broadcast::Receiver<()>) {
+    loop {
+        match rx.recv().await {
+            Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                shared.wake.notify_one()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::executor::{Handler, HandlerError, StopReason, TaskContext};
 use crate::integrity::{AuditEvent, AuditReport};
 use crate::model::{Attempt, LogChunk, TaskEvent, TaskRecord, TaskSpec, TaskStatus};
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{StatusCounts, Store, Submitted, TaskFilter};
 
@@ -79,13 +80,18 @@ impl TaskQueue {
     /// Opens with an injected clock (tests).
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
         config.validate()?;
-        let store = SqliteStore::open(
-            &config.storage.path,
-            config.storage.durability,
-            config.storage.read_connections,
-        )
-        .await?;
-        Ok(Self::with_store(Arc::new(store), config, clock))
+        let store: Arc<dyn Store> = match config.storage.postgres_url() {
+            Some(url) => Arc::new(PgStore::open(url, config.storage.read_connections).await?),
+            None => Arc::new(
+                SqliteStore::open(
+                    &config.storage.path,
+                    config.storage.durability,
+                    config.storage.read_connections,
+                )
+                .await?,
+            ),
+        };
+        Ok(Self::with_store(store, config, clock))
     }
 
     /// A handle over engine state that already exists.

@@ -1,5 +1,6 @@
-//! Persistence behind one trait, so SQLite (embedded default) and later
-//! PostgreSQL are interchangeable under the service.
+//! Persistence behind one trait, so SQLite (embedded default) and
+//! PostgreSQL (several nodes sharing one queue) are interchangeable under
+//! the service.
 //!
 //! The store applies state transitions it is told about; the decisions
 //! (what runs next, retry or give up) belong to the engine. The exception
@@ -7,6 +8,7 @@
 //! lease, so the store applies the task's own retry policy there.
 
 pub mod history;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -490,4 +492,10 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent>;
     /// Committed workflow state changes.
     fn subscribe_workflows(&self) -> broadcast::Receiver<WorkflowEvent>;
+    /// A signal each time another process sharing the database made work
+    /// ready (or may have, after a lost connection), so an idle engine
+    /// claims at once. `None` for stores no other process writes to.
+    fn subscribe_remote(&self) -> Option<broadcast::Receiver<()>> {
+        None
+    }
 }

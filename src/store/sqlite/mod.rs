@@ -25,7 +25,7 @@ use crate::error::Error;
 use writer::Op;
 
 /// Embedded migrations (the `migrations/` directory).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -66,9 +66,14 @@ impl Workspace {
 
     /// A `task-queue` command with `--db` and `--config` set.
     pub fn cmd(&self, args: &[&str]) -> Command {
+        self.cmd_on(self.db().as_os_str(), args)
+    }
+
+    /// A `task-queue` command on another database (a PostgreSQL URL).
+    pub fn cmd_on(&self, db: &std::ffi::OsStr, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_task-queue"));
         c.arg("--db")
-            .arg(self.db())
+            .arg(db)
             .arg("--config")
             .arg(self.path("config.yml"))
             .args(args)

@@ -1,0 +1,2310 @@
+//! This node's writer: receives operations, applies everything pending in
+//! one transaction, commits once, then answers. The same operations as the
+//! SQLite writer, made safe for other nodes writing at the same time:
+//! claims take rows `FOR UPDATE SKIP LOCKED`, read-then-write steps lock
+//! the rows they read (`FOR UPDATE`), and the audit chain is appended under
+//! an advisory lock. A batch that loses a deadlock or a race on an
+//! idempotency key is rolled back and applied again from the start.
+//!
+//! An operation's own failure (unknown id, bad state) is part of its answer
+//! and does not disturb the batch; a database failure fails the whole batch
+//! and every caller hears about it.
+
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::integrity::{EventContent, GENESIS_HASH, event_hash};
+use std::collections::{HashMap, HashSet};
+
+use crate::model::{
+    Approval, AttemptStatus, Condition, RetryPolicy, TaskEvent, TaskKind, TaskResult, TaskSpec,
+    TaskStatus, Timestamp, WorkflowEvent, WorkflowStatus,
+};
+use crate::store::{
+    ApprovalDecision, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, FireSchedule,
+    NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog, Submitted,
+    TokenRecord, WorkerInfo,
+};
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// The advisory lock key that serialises audit-chain appends ("tq-audit").
+const AUDIT_CHAIN_LOCK: i64 = 0x7471_2d61_7564_6974;
+
+/// Most operations committed together.
+const MAX_BATCH: usize = 2048;
+/// Rows per multi-row INSERT (SQLite allows 32766 bound parameters).
+const ROWS_PER_INSERT: usize = 500;
+
+pub(super) enum Op {
+    Submit {
+        sub: Box<NewSubmission>,
+        reply: Reply<Vec<Submitted>>,
+    },
+    CancelWorkflow {
+        id: String,
+        now: i64,
+        reason: Option<String>,
+        reply: Reply<Vec<String>>,
+    },
+    Approve {
+        id: String,
+        decision: ApprovalDecision,
+        now: i64,
+        reply: Reply<()>,
+    },
+    Retry {
+        id: String,
+        now: i64,
+        reply: Reply<()>,
+    },
+    Heartbeat {
+        task_id: String,
+        worker_id: String,
+        lease_until: i64,
+        reply: Reply<()>,
+    },
+    PutLogs {
+        task_id: String,
+        attempt: u32,
+        logs: Vec<StreamLog>,
+        reply: Reply<()>,
+    },
+    FireSchedule {
+        f: Box<FireSchedule>,
+        reply: Reply<bool>,
+    },
+    ChangeSchedule {
+        id: String,
+        change: Box<ScheduleChange>,
+        now: i64,
+        reply: Reply<bool>,
+    },
+    Claim {
+        req: ClaimRequest,
+        reply: Reply<Vec<ClaimedTask>>,
+    },
+    Finish {
+        f: Box<FinishAttempt>,
+        reply: Reply<FinishOutcome>,
+    },
+    Renew {
+        worker_id: String,
+        now: i64,
+        lease_until: i64,
+        reply: Reply<Vec<String>>,
+    },
+    Reclaim {
+        scope: Reclaim,
+        now: i64,
+        reply: Reply<Vec<TaskEvent>>,
+    },
+    Cancel {
+        id: String,
+        now: i64,
+        reason: Option<String>,
+        reply: Reply<()>,
+    },
+    RegisterWorker {
+        w: WorkerInfo,
+        reply: Reply<()>,
+    },
+    /// Inserts a token, or revokes one (`revoke: Some(now)`).
+    Token {
+        token: Box<TokenRecord>,
+        hash: String,
+        revoke: Option<i64>,
+        reply: Reply<bool>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+}
+
+/// The answer computed for an op inside the transaction, sent after commit.
+enum Answer {
+    Submit(Result<Vec<Submitted>>),
+    Ids(Result<Vec<String>>),
+    Bool(Result<bool>),
+    Claim(Vec<ClaimedTask>),
+    Finish(FinishOutcome),
+    Renew(Vec<String>),
+    Reclaim(Vec<TaskEvent>),
+    Unit(Result<()>),
+}
+
+/// An audit event before its place in the chain is known.
+struct AuditDraft {
+    at: i64,
+    task_id: String,
+    kind: &'static str,
+    from: Option<&'static str>,
+    to: &'static str,
+    detail: String,
+}
+
+/// An attempt row to insert.
+struct AttemptRow {
+    task_id: String,
+    attempt: u32,
+    worker_id: String,
+    status: AttemptStatus,
+    started_at: i64,
+    finished_at: i64,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    duration_ms: i64,
+    error: Option<String>,
+    result: String,
+}
+
+/// A task that reached a terminal state in this transaction.
+struct Terminal {
+    id: String,
+    status: TaskStatus,
+    workflow_id: Option<String>,
+}
+
+/// What one transaction accumulates besides its answers.
+#[derive(Default)]
+struct Batch {
+    audit: Vec<AuditDraft>,
+    attempts: Vec<AttemptRow>,
+    events: Vec<TaskEvent>,
+    workflow_events: Vec<WorkflowEvent>,
+    /// Terminal transitions: their dependents are resolved and their
+    /// workflows' counters moved before commit.
+    terminal: Vec<Terminal>,
+    /// Finished tasks whose waiting dependents need resolving (terminal
+    /// transitions, and already-finished dependencies of new tasks).
+    resolve: Vec<(String, TaskStatus, Option<serde_json::Value>)>,
+    /// The latest status of tasks moved after their op answered (submit).
+    latest: HashMap<String, TaskStatus>,
+}
+
+impl Batch {
+    /// Records a task's move into a terminal state.
+    fn terminal(
+        &mut self,
+        id: &str,
+        status: TaskStatus,
+        output: Option<serde_json::Value>,
+        workflow_id: Option<String>,
+    ) {
+        self.resolve.push((id.to_string(), status, output));
+        self.terminal.push(Terminal {
+            id: id.to_string(),
+            status,
+            workflow_id,
+        });
+    }
+
+    /// An audit event for something that is not a task (workflow, schedule).
+    fn audit_other(
+        &mut self,
+        at: i64,
+        subject: &str,
+        kind: &'static str,
+        from: Option<&'static str>,
+        to: &'static str,
+        detail: String,
+    ) {
+        self.audit.push(AuditDraft {
+            at,
+            task_id: subject.to_string(),
+            kind,
+            from,
+            to,
+            detail,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn transition(
+        &mut self,
+        at: i64,
+        task_id: &str,
+        name: &str,
+        workflow_id: Option<&str>,
+        kind: &'static str,
+        from: Option<TaskStatus>,
+        to: TaskStatus,
+        attempt: u32,
+        detail: String,
+    ) {
+        self.latest.insert(task_id.to_string(), to);
+        self.audit.push(AuditDraft {
+            at,
+            task_id: task_id.to_string(),
+            kind,
+            from: from.map(|s| s.as_str()),
+            to: to.as_str(),
+            detail,
+        });
+        self.events.push(TaskEvent {
+            task_id: task_id.to_string(),
+            workflow_id: workflow_id.map(str::to_string),
+            name: name.to_string(),
+            status: to,
+            attempt,
+            at: Timestamp(at),
+        });
+    }
+}
+
+/// Where committed changes are announced.
+pub(super) struct Announce {
+    pub tasks: broadcast::Sender<TaskEvent>,
+    pub workflows: broadcast::Sender<WorkflowEvent>,
+}
+
+/// One of a node's writers. Several share the queue of operations: while
+/// one waits for its commit, the next takes what arrived meanwhile. They
+/// stay out of each other's way (and other nodes') through the same row
+/// locks as writers of different nodes.
+pub(super) async fn run(
+    pool: PgPool,
+    rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
+    announce: std::sync::Arc<Announce>,
+    node: String,
+) {
+    let mut ops = Vec::with_capacity(MAX_BATCH);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(op) = rx.recv().await else {
+                return;
+            };
+            ops.push(op);
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+        let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
+        let started = std::time::Instant::now();
+        let result = apply_retrying(&pool, &ops, &node).await;
+        tracing::trace!(
+            ops = ops.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "write batch"
+        );
+        match result {
+            Ok((answers, batch)) => {
+                for (op, answer) in ops.drain(..).zip(answers) {
+                    deliver(op, Ok(answer));
+                }
+                for e in batch.events {
+                    let _ = announce.tasks.send(e);
+                }
+                for e in batch.workflow_events {
+                    let _ = announce.workflows.send(e);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
+                let msg = e.to_string();
+                for op in ops.drain(..) {
+                    deliver(op, Err(Error::Store(msg.clone())));
+                }
+            }
+        }
+        if closing {
+            return;
+        }
+    }
+}
+
+/// Most times a batch is applied again after losing a race with another node.
+const MAX_TRIES: u32 = 20;
+
+/// Applies a batch, again from the start (with a fresh connection from the
+/// pool, so a lost connection is replaced) when another node got in the way.
+async fn apply_retrying(pool: &PgPool, ops: &[Op], node: &str) -> Result<(Vec<Answer>, Batch)> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut batch = Batch::default();
+        let result = match pool.acquire().await {
+            Ok(mut conn) => apply_all(&mut conn, ops, &mut batch, node).await,
+            Err(e) => Err(Error::from(e)),
+        };
+        match result {
+            Ok(answers) => return Ok((answers, batch)),
+            Err(e) if tries < MAX_TRIES && super::retryable(&e) => {
+                tracing::debug!(error = %e, tries, "write batch lost a race with another node; applying it again");
+                let jitter = rand::random_range(0..(5 * u64::from(tries)));
+                tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn deliver(op: Op, answer: Result<Answer>) {
+    fn send<T>(reply: Reply<T>, r: Result<T>) {
+        let _ = reply.send(r);
+    }
+    match (op, answer) {
+        (Op::Submit { reply, .. }, Ok(Answer::Submit(r))) => send(reply, r),
+        (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
+        (Op::Finish { reply, .. }, Ok(Answer::Finish(v))) => send(reply, Ok(v)),
+        (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
+        (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
+        (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
+        (Op::Token { reply, .. }, Ok(Answer::Bool(r)))
+        | (Op::FireSchedule { reply, .. }, Ok(Answer::Bool(r)))
+        | (Op::ChangeSchedule { reply, .. }, Ok(Answer::Bool(r))) => send(reply, r),
+        (Op::Cancel { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Approve { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Retry { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Heartbeat { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::PutLogs { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::RegisterWorker { reply, .. }, Ok(Answer::Unit(r)))
+        | (Op::Close { reply }, Ok(Answer::Unit(r))) => send(reply, r),
+        (op, Err(e)) => match op {
+            Op::Submit { reply, .. } => send(reply, Err(e)),
+            Op::Claim { reply, .. } => send(reply, Err(e)),
+            Op::Finish { reply, .. } => send(reply, Err(e)),
+            Op::Renew { reply, .. } => send(reply, Err(e)),
+            Op::Reclaim { reply, .. } => send(reply, Err(e)),
+            Op::CancelWorkflow { reply, .. } => send(reply, Err(e)),
+            Op::FireSchedule { reply, .. }
+            | Op::ChangeSchedule { reply, .. }
+            | Op::Token { reply, .. } => send(reply, Err(e)),
+            Op::Cancel { reply, .. }
+            | Op::Approve { reply, .. }
+            | Op::Retry { reply, .. }
+            | Op::Heartbeat { reply, .. }
+            | Op::PutLogs { reply, .. }
+            | Op::RegisterWorker { reply, .. }
+            | Op::Close { reply } => send(reply, Err(e)),
+        },
+        (_, Ok(_)) => unreachable!("answer kind always matches its op"),
+    }
+}
+
+async fn apply_all(
+    conn: &mut PgConnection,
+    ops: &[Op],
+    batch: &mut Batch,
+    node: &str,
+) -> Result<Vec<Answer>> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // All submits of the batch go in together: one multi-row INSERT for
+    // many concurrent submitters.
+    let subs: Vec<&NewSubmission> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Submit { sub, .. } => Some(sub.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let mut submitted = submit_all(&mut tx, &subs, batch).await?.into_iter();
+    // Likewise all finishes: one UPDATE for the whole batch.
+    let finishes: Vec<&FinishAttempt> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Finish { f, .. } => Some(f.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let mut finished = finish_all(&mut tx, &finishes, batch).await?.into_iter();
+    let mut answers = Vec::with_capacity(ops.len());
+    for op in ops {
+        let answer = match op {
+            Op::Submit { .. } => Answer::Submit(submitted.next().expect("one answer per submit")),
+            Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
+            Op::Finish { .. } => Answer::Finish(finished.next().expect("one outcome per finish")),
+            Op::Renew {
+                worker_id,
+                now,
+                lease_until,
+                ..
+            } => Answer::Renew(renew(&mut tx, worker_id, *now, *lease_until).await?),
+            Op::Reclaim { scope, now, .. } => {
+                Answer::Reclaim(reclaim(&mut tx, scope, *now, batch).await?)
+            }
+            Op::Cancel {
+                id, now, reason, ..
+            } => Answer::Unit(cancel(&mut tx, id, *now, reason, batch).await?),
+            Op::CancelWorkflow {
+                id, now, reason, ..
+            } => Answer::Ids(cancel_workflow(&mut tx, id, *now, reason, batch).await?),
+            Op::Approve {
+                id, decision, now, ..
+            } => Answer::Unit(approve(&mut tx, id, decision, *now, batch).await?),
+            Op::Retry { id, now, .. } => Answer::Unit(retry(&mut tx, id, *now, batch).await?),
+            Op::Heartbeat {
+                task_id,
+                worker_id,
+                lease_until,
+                ..
+            } => Answer::Unit(heartbeat(&mut tx, task_id, worker_id, *lease_until).await?),
+            Op::PutLogs {
+                task_id,
+                attempt,
+                logs,
+                ..
+            } => {
+                put_logs(&mut tx, task_id, *attempt, logs).await?;
+                Answer::Unit(Ok(()))
+            }
+            Op::FireSchedule { f, .. } => Answer::Bool(fire_schedule(&mut tx, f, batch).await?),
+            Op::ChangeSchedule {
+                id, change, now, ..
+            } => Answer::Bool(change_schedule(&mut tx, id, change, *now, batch).await?),
+            Op::Token {
+                token,
+                hash,
+                revoke,
+                ..
+            } => Answer::Bool(Ok(write_token(&mut tx, token, hash, *revoke).await?)),
+            Op::RegisterWorker { w, .. } => {
+                Answer::Unit(register_worker(&mut tx, w).await.map(|_| Ok(()))?)
+            }
+            Op::Close { .. } => Answer::Unit(Ok(())),
+        };
+        answers.push(answer);
+    }
+    resolve_dependents(&mut tx, batch).await?;
+    update_workflows(&mut tx, batch).await?;
+    // A new task may have been resolved within this transaction.
+    for a in &mut answers {
+        if let Answer::Submit(Ok(list)) = a {
+            for s in list.iter_mut() {
+                if let Some(st) = batch.latest.get(&s.id) {
+                    s.status = *st;
+                }
+            }
+        }
+    }
+    flush_attempts(&mut tx, &batch.attempts).await?;
+    flush_audit(&mut tx, &batch.audit).await?;
+    // Delivered to the other nodes on commit, never for a rolled-back batch.
+    let payloads = super::notify::payloads(node, &batch.events, &batch.workflow_events);
+    if !payloads.is_empty() {
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(super::notify::CHANNEL)
+            .bind(payloads)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// The status a task takes once its dependencies are met.
+fn ready_status(needs_approval: bool, run_at: i64, now: i64) -> TaskStatus {
+    if run_at > now {
+        TaskStatus::Pending
+    } else if needs_approval {
+        TaskStatus::AwaitingApproval
+    } else {
+        TaskStatus::Queued
+    }
+}
+
+/// Inserts the submissions of a batch. A submission whose dependency on an
+/// existing task cannot be satisfied is answered with an error and stores nothing.
+async fn submit_all(
+    conn: &mut PgConnection,
+    subs: &[&NewSubmission],
+    batch: &mut Batch,
+) -> Result<Vec<Result<Vec<Submitted>>>> {
+    let tasks: Vec<&NewTask> = subs.iter().flat_map(|s| s.tasks.iter()).collect();
+    if tasks.is_empty()
+        && subs
+            .iter()
+            .all(|s| s.workflow.is_none() && s.schedules.is_empty())
+    {
+        return Ok(subs.iter().map(|_| Ok(Vec::new())).collect());
+    }
+    let mut out: Vec<Option<Submitted>> = vec![None; tasks.len()];
+    // Idempotency: existing keys return the earlier task; repeated keys in
+    // this batch return the first of them.
+    let keyed: Vec<(usize, &str)> = tasks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.idempotency_key.as_deref().map(|k| (i, k)))
+        .collect();
+    let mut seen_keys: HashMap<&str, usize> = HashMap::new();
+    if !keyed.is_empty() {
+        for chunk in keyed.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "SELECT idempotency_key, id, name, status, schedule_id FROM tasks WHERE idempotency_key IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (_, k) in chunk {
+                q = q.bind(*k);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let key: String = row.get(0);
+                let status: String = row.get(3);
+                for (i, k) in chunk {
+                    if *k == key {
+                        out[*i] = Some(Submitted {
+                            id: row.get(1),
+                            name: row.get(2),
+                            created: false,
+                            status: status.parse().unwrap_or(TaskStatus::Queued),
+                            schedule_id: row.get(4),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        if let Some(k) = t.idempotency_key.as_deref() {
+            if let Some(&first) = seen_keys.get(k) {
+                duplicate_of.push((i, first));
+                continue;
+            }
+            seen_keys.insert(k, i);
+        }
+        let status = if t.deps.is_empty() {
+            ready_status(t.needs_approval, t.run_at, t.now)
+        } else {
+            TaskStatus::Pending
+        };
+        out[i] = Some(Submitted {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created: true,
+            status,
+            schedule_id: t.schedule_id.clone(),
+        });
+    }
+    for (i, first) in duplicate_of {
+        let mut s = out[first].clone().expect("first occurrence is set");
+        s.created = false;
+        out[i] = Some(s);
+    }
+    let out: Vec<Submitted> = out
+        .into_iter()
+        .map(|s| s.expect("every task answered"))
+        .collect();
+    // A task answered by an earlier one stands in for it as a dependency.
+    let remap: HashMap<&str, &str> = tasks
+        .iter()
+        .zip(&out)
+        .filter(|(t, s)| !s.created && t.id != s.id)
+        .map(|(t, s)| (t.id.as_str(), s.id.as_str()))
+        .collect();
+    let inserted: HashSet<&str> = tasks
+        .iter()
+        .zip(&out)
+        .filter(|(_, s)| s.created)
+        .map(|(t, _)| t.id.as_str())
+        .collect();
+    // Dependencies on tasks outside the inserted set must exist; their
+    // state decides at once if they already finished.
+    let mut outside: Vec<&str> = Vec::new();
+    for (t, s) in tasks.iter().zip(&out) {
+        if !s.created {
+            continue;
+        }
+        for d in &t.deps {
+            let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+            if !inserted.contains(id) {
+                outside.push(id);
+            }
+        }
+    }
+    outside.sort_unstable();
+    outside.dedup();
+    let mut known: HashMap<String, (TaskStatus, Option<String>)> = HashMap::new();
+    for chunk in outside.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "SELECT id, status, result FROM tasks WHERE id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let status: String = row.get(1);
+            known.insert(
+                row.get(0),
+                (status.parse().unwrap_or(TaskStatus::Failed), row.get(2)),
+            );
+        }
+    }
+    // Answer each submission; one with a missing dependency is refused whole.
+    let mut answers = Vec::with_capacity(subs.len());
+    let mut refused: HashSet<usize> = HashSet::new();
+    let mut offset = 0;
+    for (si, sub) in subs.iter().enumerate() {
+        let range = offset..offset + sub.tasks.len();
+        offset += sub.tasks.len();
+        let mut missing = None;
+        'find: for (ti, t) in sub.tasks.iter().enumerate() {
+            for (di, d) in t.deps.iter().enumerate() {
+                let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+                if !inserted.contains(id) && !known.contains_key(id) {
+                    missing = Some(Error::invalid(
+                        format!("tasks[{ti}].depends_on[{di}]"),
+                        format!("no task has id {id}"),
+                    ));
+                    break 'find;
+                }
+            }
+        }
+        match missing {
+            Some(e) => {
+                refused.insert(si);
+                answers.push(Err(e));
+            }
+            None => answers.push(Ok(out[range].to_vec())),
+        }
+    }
+    let mut task_rows = Vec::new();
+    let mut dep_rows = Vec::new();
+    let mut offset = 0;
+    let mut workflow_totals: HashMap<&str, i64> = HashMap::new();
+    for (si, sub) in subs.iter().enumerate() {
+        let range = offset..offset + sub.tasks.len();
+        offset += sub.tasks.len();
+        if refused.contains(&si) {
+            continue;
+        }
+        for (t, s) in sub.tasks.iter().zip(&out[range]) {
+            if !s.created {
+                continue;
+            }
+            if let Some(w) = &t.workflow_id {
+                *workflow_totals.entry(w.as_str()).or_default() += 1;
+            }
+            task_rows.push(serde_json::json!([
+                t.id,
+                t.name,
+                t.kind.as_str(),
+                t.project,
+                serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+                t.priority,
+                t.max_attempts,
+                t.now,
+                t.idempotency_key,
+                t.spec_json,
+                t.spec_hash,
+                s.status.as_str(),
+                t.run_at,
+                t.workflow_id,
+                t.schedule_id,
+                t.deps.len(),
+                t.needs_approval
+            ]));
+            for d in &t.deps {
+                let dep_id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+                dep_rows.push(serde_json::json!([
+                    dep_id,
+                    t.id,
+                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into())
+                ]));
+                if let Some((st, result)) = known.get(dep_id)
+                    && st.is_terminal()
+                {
+                    let output = result
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+                        .and_then(|r| r.output);
+                    batch.resolve.push((dep_id.to_string(), *st, output));
+                }
+            }
+            batch.transition(
+                t.now,
+                &t.id,
+                &t.name,
+                t.workflow_id.as_deref(),
+                "submitted",
+                None,
+                s.status,
+                0,
+                format!("{{\"spec_hash\":\"{}\"}}", t.spec_hash),
+            );
+        }
+    }
+    // Workflows and schedules first, so the audit chain reads in order.
+    for (si, sub) in subs.iter().enumerate() {
+        if refused.contains(&si) {
+            continue;
+        }
+        for sc in &sub.schedules {
+            insert_schedule(conn, sc, batch).await?;
+        }
+        if let Some(w) = &sub.workflow {
+            // Every task may have been answered by an earlier one (idempotency
+            // keys): then the workflow has nothing of its own to run.
+            let total = workflow_totals.get(w.id.as_str()).copied().unwrap_or(0);
+            let status = if total == 0 {
+                WorkflowStatus::Succeeded
+            } else {
+                WorkflowStatus::Running
+            };
+            sqlx::query(
+                "INSERT INTO workflows (id, name, project, tags, description, status, schedule_id, \
+                 tasks_total, created_at, updated_at, finished_at) \
+                 VALUES ($1, $2, $3, $4, $5, $9, $6, $7, $8, $8, CASE WHEN $7 = 0 THEN $8 END)",
+            )
+            .bind(&w.id)
+            .bind(&w.name)
+            .bind(&w.project)
+            .bind(serde_json::to_string(&w.tags).unwrap_or_else(|_| "[]".into()))
+            .bind(&w.description)
+            .bind(&w.schedule_id)
+            .bind(total)
+            .bind(w.now)
+            .bind(status.as_str())
+            .execute(&mut *conn)
+            .await?;
+            batch.audit_other(
+                w.now,
+                &w.id,
+                "workflow_submitted",
+                None,
+                status.as_str(),
+                serde_json::json!({"name": w.name, "tasks": total}).to_string(),
+            );
+            batch.workflow_events.push(WorkflowEvent {
+                workflow_id: w.id.clone(),
+                name: w.name.clone(),
+                status,
+                at: Timestamp(w.now),
+            });
+        }
+    }
+    if !task_rows.is_empty() {
+        // One statement, one bound JSON array: the SQL text never changes, so
+        // it is prepared once, and no per-value binding happens.
+        sqlx::query(
+            "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
+             run_at, created_at, updated_at, idempotency_key, spec, spec_hash, workflow_id, schedule_id, \
+             deps_pending, needs_approval) \
+             SELECT v ->> 0, v ->> 1, v ->> 2, v ->> 3, v ->> 4, v ->> 11, (v ->> 5)::bigint, 0, \
+             (v ->> 6)::bigint, (v ->> 12)::bigint, (v ->> 7)::bigint, (v ->> 7)::bigint, v ->> 8, v ->> 9, \
+             v ->> 10, v ->> 13, v ->> 14, (v ->> 15)::bigint, CASE WHEN (v ->> 16)::boolean THEN 1 ELSE 0 END \
+             FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord",
+        )
+        .bind(serde_json::Value::Array(task_rows).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !dep_rows.is_empty() {
+        sqlx::query(
+            "INSERT INTO task_deps (dep_id, task_id, condition) \
+             SELECT v ->> 0, v ->> 1, v ->> 2 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(serde_json::Value::Array(dep_rows).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(answers)
+}
+
+async fn insert_schedule(
+    conn: &mut PgConnection,
+    sc: &NewSchedule,
+    batch: &mut Batch,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO schedules (id, name, project, cron, timezone, template, next_fire_at, upcoming_run, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+    )
+    .bind(&sc.id)
+    .bind(&sc.name)
+    .bind(&sc.project)
+    .bind(&sc.cron)
+    .bind(&sc.timezone)
+    .bind(&sc.template)
+    .bind(sc.next_fire_at)
+    .bind(&sc.upcoming_run)
+    .bind(sc.now)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        sc.now,
+        &sc.id,
+        "schedule_created",
+        None,
+        "active",
+        serde_json::json!({"name": sc.name, "cron": sc.cron, "timezone": sc.timezone, "next_fire_at": sc.next_fire_at})
+            .to_string(),
+    );
+    Ok(())
+}
+
+/// Whether a finished dependency meets a condition: `Ok` if it does, else why not.
+fn condition_holds(
+    c: &Condition,
+    status: TaskStatus,
+    output: Option<&serde_json::Value>,
+) -> std::result::Result<(), String> {
+    let ok = match c {
+        Condition::Success => status == TaskStatus::Succeeded,
+        Condition::Failure => matches!(status, TaskStatus::Failed | TaskStatus::TimedOut),
+        Condition::Completion => true,
+        Condition::Schema(schema) => {
+            if status != TaskStatus::Succeeded {
+                false
+            } else {
+                let null = serde_json::Value::Null;
+                let out = output.unwrap_or(&null);
+                match jsonschema::validator_for(schema) {
+                    Ok(v) => {
+                        if let Some(e) = v.iter_errors(out).next() {
+                            return Err(format!(
+                                "its result output does not match the schema condition: {e}"
+                            ));
+                        }
+                        true
+                    }
+                    Err(e) => return Err(format!("the schema condition is invalid: {e}")),
+                }
+            }
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "it ended {status}, and the condition is {}",
+            c.label()
+        ))
+    }
+}
+
+/// Resolves the dependents of every task that finished in this
+/// transaction: met edges count down, an unmet one skips the dependent,
+/// and skips cascade. A dependent whose count reaches zero becomes ready.
+async fn resolve_dependents(conn: &mut PgConnection, batch: &mut Batch) -> Result<()> {
+    while !batch.resolve.is_empty() {
+        let round = std::mem::take(&mut batch.resolve);
+        let mut finished: HashMap<String, (TaskStatus, Option<serde_json::Value>)> =
+            HashMap::with_capacity(round.len());
+        for (id, st, out) in round {
+            finished.insert(id, (st, out));
+        }
+        // Locking the dependents serialises nodes that finish dependencies of
+        // the same task: the second reads the count the first left.
+        let ids: Vec<String> = finished.keys().cloned().collect();
+        let rows = sqlx::query(
+            "SELECT d.dep_id, d.task_id, d.condition, t.status, t.deps_pending, t.needs_approval, \
+             t.run_at, t.name, t.workflow_id, t.attempts \
+             FROM task_deps d JOIN tasks t ON t.id = d.task_id \
+             WHERE d.dep_id = ANY($1) AND d.state = 'waiting' \
+             ORDER BY t.id FOR UPDATE OF t",
+        )
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        struct Dependent {
+            status: TaskStatus,
+            pending: i64,
+            needs_approval: bool,
+            run_at: i64,
+            name: String,
+            workflow_id: Option<String>,
+            attempts: u32,
+            /// The dependency that ruled it out, and why.
+            skip: Option<(String, String)>,
+        }
+        let mut dependents: HashMap<String, Dependent> = HashMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut edges = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dep_id: String = row.get(0);
+            let task_id: String = row.get(1);
+            let cond_json: String = row.get(2);
+            let condition: Condition =
+                serde_json::from_str(&cond_json).unwrap_or(Condition::Success);
+            let (dst, dout) = finished
+                .get(&dep_id)
+                .map(|(s, o)| (*s, o.as_ref()))
+                .unwrap_or((TaskStatus::Failed, None));
+            let verdict = condition_holds(&condition, dst, dout);
+            edges.push(serde_json::json!([
+                dep_id,
+                task_id,
+                if verdict.is_ok() { "met" } else { "unmet" }
+            ]));
+            let d = dependents.entry(task_id.clone()).or_insert_with(|| {
+                order.push(task_id.clone());
+                let status: String = row.get(3);
+                Dependent {
+                    status: status.parse().unwrap_or(TaskStatus::Failed),
+                    pending: row.get(4),
+                    needs_approval: row.get::<i64, _>(5) != 0,
+                    run_at: row.get(6),
+                    name: row.get(7),
+                    workflow_id: row.get(8),
+                    attempts: row.get::<i64, _>(9) as u32,
+                    skip: None,
+                }
+            });
+            if d.status != TaskStatus::Pending {
+                continue;
+            }
+            match verdict {
+                Ok(()) => d.pending -= 1,
+                Err(why) => {
+                    if d.skip.is_none() {
+                        d.skip = Some((dep_id.clone(), why));
+                    }
+                }
+            }
+        }
+        let now = batch_now(batch);
+        // Names of the dependencies that skipped something, for the reason text.
+        let mut dep_names: HashMap<String, String> = HashMap::new();
+        for d in dependents.values() {
+            if let Some((dep, _)) = &d.skip
+                && d.status == TaskStatus::Pending
+                && !dep_names.contains_key(dep)
+            {
+                let name: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM tasks WHERE id = $1")
+                        .bind(dep)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                dep_names.insert(dep.clone(), name.unwrap_or_default());
+            }
+        }
+        let mut updates = Vec::new();
+        for id in order {
+            let d = &dependents[&id];
+            if d.status != TaskStatus::Pending {
+                continue;
+            }
+            let (to, finished_at, error) = match &d.skip {
+                Some((dep, why)) => (
+                    TaskStatus::Skipped,
+                    Some(now),
+                    Some(format!(
+                        "skipped: dependency {} ({dep}) can no longer meet its condition: {why}",
+                        dep_names.get(dep).map(String::as_str).unwrap_or("")
+                    )),
+                ),
+                None if d.pending <= 0 => {
+                    (ready_status(d.needs_approval, d.run_at, now), None, None)
+                }
+                None => (TaskStatus::Pending, None, None),
+            };
+            updates.push(serde_json::json!([
+                id,
+                to.as_str(),
+                if to == TaskStatus::Skipped {
+                    0
+                } else {
+                    d.pending.max(0)
+                },
+                finished_at,
+                error
+            ]));
+            if to == TaskStatus::Pending {
+                continue;
+            }
+            let detail = match &error {
+                Some(e) => serde_json::json!({ "reason": e }).to_string(),
+                None => "{}".to_string(),
+            };
+            batch.transition(
+                now,
+                &id,
+                &d.name,
+                d.workflow_id.as_deref(),
+                if to == TaskStatus::Skipped {
+                    "skipped"
+                } else {
+                    "ready"
+                },
+                Some(TaskStatus::Pending),
+                to,
+                d.attempts,
+                detail,
+            );
+            if to.is_terminal() {
+                batch.terminal(&id, to, None, d.workflow_id.clone());
+            }
+        }
+        sqlx::query(
+            "UPDATE task_deps SET state = v ->> 2 FROM jsonb_array_elements($1::jsonb) AS e(v) \
+             WHERE task_deps.dep_id = v ->> 0 AND task_deps.task_id = v ->> 1",
+        )
+        .bind(serde_json::Value::Array(edges).to_string())
+        .execute(&mut *conn)
+        .await?;
+        if !updates.is_empty() {
+            sqlx::query(
+                "UPDATE tasks SET status = v ->> 1, deps_pending = (v ->> 2)::bigint, \
+                 finished_at = (v ->> 3)::bigint, error = COALESCE(v ->> 4, tasks.error), \
+                 updated_at = $2 FROM jsonb_array_elements($1::jsonb) AS e(v) WHERE tasks.id = v ->> 0",
+            )
+            .bind(serde_json::Value::Array(updates).to_string())
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The time of the transaction's latest change (dependents resolve "now").
+fn batch_now(batch: &Batch) -> i64 {
+    batch.audit.iter().map(|a| a.at).max().unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })
+}
+
+/// Moves the counters of workflows whose tasks finished, and finishes a
+/// workflow when its last task does.
+async fn update_workflows(conn: &mut PgConnection, batch: &mut Batch) -> Result<()> {
+    if batch.terminal.iter().all(|t| t.workflow_id.is_none()) {
+        batch.terminal.clear();
+        return Ok(());
+    }
+    let mut per: HashMap<String, (i64, i64, i64)> = HashMap::new();
+    for t in batch.terminal.drain(..) {
+        let Some(w) = t.workflow_id else { continue };
+        let e = per.entry(w).or_default();
+        e.0 += 1;
+        if matches!(t.status, TaskStatus::Failed | TaskStatus::TimedOut) {
+            e.1 += 1;
+        }
+        if t.status == TaskStatus::Cancelled {
+            e.2 += 1;
+        }
+        let _ = t.id;
+    }
+    let rows: Vec<serde_json::Value> = per
+        .iter()
+        .map(|(w, (d, f, c))| serde_json::json!([w, d, f, c]))
+        .collect();
+    let now = batch_now(batch);
+    let done: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "UPDATE workflows SET tasks_done = tasks_done + (v ->> 1)::bigint, \
+         tasks_failed = tasks_failed + (v ->> 2)::bigint, tasks_cancelled = tasks_cancelled + (v ->> 3)::bigint, \
+         updated_at = $2 FROM jsonb_array_elements($1::jsonb) AS e(v) WHERE workflows.id = v ->> 0 \
+         RETURNING workflows.id, workflows.name, workflows.status, workflows.tasks_total, \
+         workflows.tasks_done, workflows.tasks_failed, workflows.tasks_cancelled",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, name, status, total, done, failed, cancelled) in done {
+        if status != "running" || done < total {
+            continue;
+        }
+        let to = if failed > 0 {
+            WorkflowStatus::Failed
+        } else if cancelled > 0 {
+            WorkflowStatus::Cancelled
+        } else {
+            WorkflowStatus::Succeeded
+        };
+        sqlx::query("UPDATE workflows SET status = $1, finished_at = $2 WHERE id = $3")
+            .bind(to.as_str())
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+        batch.audit_other(
+            now,
+            &id,
+            "workflow_finished",
+            Some(WorkflowStatus::Running.as_str()),
+            to.as_str(),
+            serde_json::json!({"tasks": total, "failed": failed, "cancelled": cancelled})
+                .to_string(),
+        );
+        batch.workflow_events.push(WorkflowEvent {
+            workflow_id: id,
+            name,
+            status: to,
+            at: Timestamp(now),
+        });
+    }
+    Ok(())
+}
+
+/// The claim query. `$1` = now, `$2` = limit; the filter's values follow
+/// from `$3` in the order [`claim_binds`] gives them. (sqlx numbers
+/// anonymous `?` on its own, so never mix them with `?N`.)
+pub(super) fn claim_sql(req: &ClaimRequest) -> String {
+    let mut n = 3;
+    let mut next = || {
+        let p = format!("${n}");
+        n += 1;
+        p
+    };
+    let external = req.external.as_ref().map(|f| {
+        let mut c = "kind = 'external'".to_string();
+        if !f.names.is_empty() {
+            // `prefix*` names are prefix patterns.
+            let exact: Vec<String> = f
+                .names
+                .iter()
+                .filter(|n| !n.ends_with('*'))
+                .map(|_| next())
+                .collect();
+            let mut alts = Vec::new();
+            if !exact.is_empty() {
+                alts.push(format!("name IN ({})", exact.join(",")));
+            }
+            for _ in f.names.iter().filter(|n| n.ends_with('*')) {
+                alts.push(format!("starts_with(name, {})", next()));
+            }
+            c.push_str(&format!(" AND ({})", alts.join(" OR ")));
+        }
+        if f.project.is_some() {
+            c.push_str(&format!(" AND project = {}", next()));
+        }
+        for _ in &f.tags {
+            c.push_str(&format!(
+                " AND tasks.tags::jsonb @> jsonb_build_array({}::text)",
+                next()
+            ));
+        }
+        c
+    });
+    let kind_filter = match (req.server_kinds, external) {
+        (true, None) => "AND kind IN ('command', 'http')".to_string(),
+        (true, Some(e)) => format!("AND (kind IN ('command', 'http') OR ({e}))"),
+        (false, Some(e)) => format!("AND {e}"),
+        (false, None) => "AND false".to_string(),
+    };
+    format!(
+        "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, workflow_id \
+         FROM tasks \
+         WHERE status IN ('queued', 'retrying') AND run_at <= $1 {kind_filter} \
+         ORDER BY priority DESC, seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+    )
+}
+
+/// The values bound after `$1`/`$2` in [`claim_sql`], in order.
+pub(super) fn claim_binds(req: &ClaimRequest) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(f) = &req.external {
+        v.extend(f.names.iter().filter(|n| !n.ends_with('*')).cloned());
+        v.extend(
+            f.names
+                .iter()
+                .filter(|n| n.ends_with('*'))
+                .map(|n| n.trim_end_matches('*').to_string()),
+        );
+        v.extend(f.project.iter().cloned());
+        v.extend(f.tags.iter().cloned());
+    }
+    v
+}
+
+/// Moves pending tasks whose time came (and whose dependencies are met) on.
+async fn promote_timers(conn: &mut PgConnection, now: i64, batch: &mut Batch) -> Result<()> {
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE tasks SET status = CASE WHEN needs_approval <> 0 THEN 'awaiting_approval' ELSE 'queued' END, \
+         updated_at = $1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= $1 \
+         RETURNING id, name, status, workflow_id",
+    )
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, name, status, wf) in rows {
+        let to: TaskStatus = status.parse().unwrap_or(TaskStatus::Queued);
+        batch.transition(
+            now,
+            &id,
+            &name,
+            wf.as_deref(),
+            "ready",
+            Some(TaskStatus::Pending),
+            to,
+            0,
+            "{\"reason\":\"its time came\"}".to_string(),
+        );
+    }
+    Ok(())
+}
+
+async fn claim(
+    conn: &mut PgConnection,
+    req: &ClaimRequest,
+    batch: &mut Batch,
+) -> Result<Vec<ClaimedTask>> {
+    promote_timers(conn, req.now, batch).await?;
+    let sql = claim_sql(req);
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(req.now)
+        .bind(req.limit as i64);
+    for v in claim_binds(req) {
+        q = q.bind(v);
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut claimed = Vec::with_capacity(rows.len());
+    let mut from = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let kind: String = row.get(3);
+        let status: String = row.get(5);
+        let attempts: i64 = row.get(6);
+        claimed.push(ClaimedTask {
+            seq: row.get(0),
+            id: row.get(1),
+            name: row.get(2),
+            kind: match kind.as_str() {
+                "external" => TaskKind::External,
+                "http" => TaskKind::Http,
+                _ => TaskKind::Command,
+            },
+            priority: row.get(4),
+            attempt: attempts as u32 + 1,
+            max_attempts: row.get::<i64, _>(7) as u32,
+            spec_json: row.get(8),
+            spec_hash: row.get(9),
+            started_at: req.now,
+            workflow_id: row.get(10),
+        });
+        from.push(if status == "retrying" {
+            TaskStatus::Retrying
+        } else {
+            TaskStatus::Queued
+        });
+    }
+    sqlx::query(
+        "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = $1, \
+         lease_expires_at = $2, started_at = $3, updated_at = $3, run_at = $3 WHERE seq = ANY($4)",
+    )
+    .bind(&req.worker_id)
+    .bind(req.lease_until)
+    .bind(req.now)
+    .bind(claimed.iter().map(|c| c.seq).collect::<Vec<i64>>())
+    .execute(&mut *conn)
+    .await?;
+    for (c, f) in claimed.iter().zip(from) {
+        batch.transition(
+            req.now,
+            &c.id,
+            &c.name,
+            c.workflow_id.as_deref(),
+            "claimed",
+            Some(f),
+            TaskStatus::Running,
+            c.attempt,
+            format!(
+                "{{\"attempt\":{},\"worker\":{}}}",
+                c.attempt,
+                json_str(&req.worker_id)
+            ),
+        );
+    }
+    Ok(claimed)
+}
+
+/// Applies every finish of the batch with one fenced UPDATE: a finish
+/// counts only if the task is still `running` under the same worker and
+/// attempt. Every attempt is recorded either way.
+async fn finish_all(
+    conn: &mut PgConnection,
+    finishes: &[&FinishAttempt],
+    batch: &mut Batch,
+) -> Result<Vec<FinishOutcome>> {
+    if finishes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rows = Vec::with_capacity(finishes.len());
+    let mut planned = Vec::with_capacity(finishes.len());
+    for f in finishes {
+        let result_json =
+            serde_json::to_string(&f.result).map_err(|e| Error::Store(e.to_string()))?;
+        let (status, run_at, finished_at) = match f.next {
+            Next::Done(s) => (s, None, Some(f.now)),
+            Next::Retry { run_at } => (TaskStatus::Retrying, Some(run_at), None),
+        };
+        rows.push(serde_json::json!([
+            f.task_id,
+            status.as_str(),
+            run_at,
+            finished_at,
+            f.now,
+            result_json,
+            f.error,
+            f.worker_id,
+            f.attempt
+        ]));
+        planned.push((status, run_at));
+        batch.attempts.push(AttemptRow {
+            task_id: f.task_id.clone(),
+            attempt: f.attempt,
+            worker_id: f.worker_id.clone(),
+            status: f.status,
+            started_at: f.started_at,
+            finished_at: f.now,
+            exit_code: f.result.exit_code,
+            signal: f.result.signal,
+            duration_ms: f.result.duration_ms as i64,
+            error: f.error.clone(),
+            result: result_json,
+        });
+        for log in &f.logs {
+            if log.data.is_empty() && log.dropped_bytes == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, attempt, stream) \
+                 DO UPDATE SET data = EXCLUDED.data, dropped_bytes = EXCLUDED.dropped_bytes",
+            )
+            .bind(&f.task_id)
+            .bind(f.attempt as i64)
+            .bind(log.stream)
+            .bind(&log.data)
+            .bind(log.dropped_bytes as i64)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    let applied: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE tasks SET status = v ->> 1, run_at = COALESCE((v ->> 2)::bigint, tasks.run_at), \
+         finished_at = (v ->> 3)::bigint, updated_at = (v ->> 4)::bigint, lease_owner = NULL, \
+         lease_expires_at = NULL, result = v ->> 5, error = v ->> 6 \
+         FROM jsonb_array_elements($1::jsonb) AS e(v) \
+         WHERE tasks.id = v ->> 0 AND tasks.status = 'running' \
+         AND tasks.lease_owner = v ->> 7 AND tasks.attempts = (v ->> 8)::bigint \
+         RETURNING tasks.id, tasks.name, tasks.workflow_id",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let applied: HashMap<String, (String, Option<String>)> = applied
+        .into_iter()
+        .map(|(id, name, wf)| (id, (name, wf)))
+        .collect();
+    let mut out = Vec::with_capacity(finishes.len());
+    for (f, (status, run_at)) in finishes.iter().zip(planned) {
+        let Some((name, wf)) = applied.get(&f.task_id) else {
+            let current: Option<String> =
+                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                    .bind(&f.task_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let current = current
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(TaskStatus::Failed);
+            out.push(FinishOutcome::Stale(current));
+            continue;
+        };
+        let mut detail = serde_json::json!({"attempt": f.attempt, "outcome": f.status.as_str()});
+        if let Some(code) = f.result.exit_code {
+            detail["exit_code"] = code.into();
+        }
+        if let Some(sig) = f.result.signal {
+            detail["signal"] = sig.into();
+        }
+        if let Some(e) = &f.error {
+            detail["error"] = e.as_str().into();
+        }
+        if let Some(r) = run_at {
+            detail["retry_at"] = r.into();
+        }
+        batch.transition(
+            f.now,
+            &f.task_id,
+            name,
+            wf.as_deref(),
+            "finished",
+            Some(TaskStatus::Running),
+            status,
+            f.attempt,
+            detail.to_string(),
+        );
+        if status.is_terminal() {
+            batch.terminal(&f.task_id, status, f.result.output.clone(), wf.clone());
+        }
+        out.push(FinishOutcome::Applied(status));
+    }
+    Ok(out)
+}
+
+async fn renew(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    now: i64,
+    lease_until: i64,
+) -> Result<Vec<String>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE tasks SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'running' RETURNING id",
+    )
+    .bind(lease_until)
+    .bind(worker_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
+        .bind(now)
+        .bind(worker_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ids)
+}
+
+async fn reclaim(
+    conn: &mut PgConnection,
+    scope: &Reclaim,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Vec<TaskEvent>> {
+    let base = "SELECT id, name, attempts, max_attempts, spec, lease_owner, started_at, workflow_id FROM tasks WHERE status = 'running'";
+    let rows = match scope {
+        Reclaim::Expired => {
+            sqlx::query(AssertSqlSafe(format!(
+                "{base} AND lease_expires_at < $1 FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        Reclaim::Workers(ids) if ids.is_empty() => Vec::new(),
+        Reclaim::Workers(ids) => {
+            sqlx::query(AssertSqlSafe(format!(
+                "{base} AND lease_owner = ANY($1) FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    let first = batch.events.len();
+    for row in rows {
+        let id: String = row.get(0);
+        let name: String = row.get(1);
+        let attempts = row.get::<i64, _>(2) as u32;
+        let max_attempts = row.get::<i64, _>(3) as u32;
+        let spec: String = row.get(4);
+        let owner: Option<String> = row.get(5);
+        let started_at: Option<i64> = row.get(6);
+        let wf: Option<String> = row.get(7);
+        let owner = owner.unwrap_or_default();
+        let error = format!(
+            "attempt {attempts} was lost: worker {owner} stopped renewing its lease (crashed, killed or cut off from the database)"
+        );
+        let (status, run_at) = if attempts < max_attempts {
+            let policy = serde_json::from_str::<TaskSpec>(&spec)
+                .ok()
+                .and_then(|s| s.retry)
+                .unwrap_or_else(RetryPolicy::standard);
+            let delay = policy.delay_after(attempts, &mut rand::rng());
+            (TaskStatus::Retrying, Some(now + delay.as_millis() as i64))
+        } else {
+            (TaskStatus::Failed, None)
+        };
+        let finished_at = if status.is_terminal() {
+            Some(now)
+        } else {
+            None
+        };
+        sqlx::query(
+            "UPDATE tasks SET status = $1, run_at = COALESCE($2, run_at), finished_at = $3, updated_at = $4, \
+             lease_owner = NULL, lease_expires_at = NULL, error = $5 WHERE id = $6",
+        )
+        .bind(status.as_str())
+        .bind(run_at)
+        .bind(finished_at)
+        .bind(now)
+        .bind(&error)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+        let started = started_at.unwrap_or(now);
+        batch.attempts.push(AttemptRow {
+            task_id: id.clone(),
+            attempt: attempts,
+            worker_id: owner.clone(),
+            status: AttemptStatus::Lost,
+            started_at: started,
+            finished_at: now,
+            exit_code: None,
+            signal: None,
+            duration_ms: (now - started).max(0),
+            error: Some(error.clone()),
+            result: format!(
+                "{{\"attempt\":{attempts},\"duration_ms\":{}}}",
+                (now - started).max(0)
+            ),
+        });
+        batch.transition(
+            now,
+            &id,
+            &name,
+            wf.as_deref(),
+            "lease_expired",
+            Some(TaskStatus::Running),
+            status,
+            attempts,
+            format!("{{\"attempt\":{attempts},\"worker\":{}}}", json_str(&owner)),
+        );
+        if status.is_terminal() {
+            batch.terminal(&id, status, None, wf);
+        }
+    }
+    Ok(batch.events[first..].to_vec())
+}
+
+async fn cancel(
+    conn: &mut PgConnection,
+    id: &str,
+    now: i64,
+    reason: &Option<String>,
+    batch: &mut Batch,
+) -> Result<Result<()>> {
+    let row = sqlx::query(
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Err(Error::task_not_found(id)));
+    };
+    let status: TaskStatus = row
+        .get::<String, _>(0)
+        .parse()
+        .unwrap_or(TaskStatus::Failed);
+    let name: String = row.get(1);
+    let attempts = row.get::<i64, _>(2) as u32;
+    let wf: Option<String> = row.get(3);
+    if status == TaskStatus::Cancelled {
+        return Ok(Ok(()));
+    }
+    if status.is_terminal() {
+        return Ok(Err(Error::Conflict(format!(
+            "task {id} already {status}; only tasks that have not finished can be cancelled"
+        ))));
+    }
+    let error = reason
+        .clone()
+        .unwrap_or_else(|| "cancelled by request".to_string());
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, \
+         lease_expires_at = NULL, error = $2 WHERE id = $3",
+    )
+    .bind(now)
+    .bind(&error)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.transition(
+        now,
+        id,
+        &name,
+        wf.as_deref(),
+        "cancelled",
+        Some(status),
+        TaskStatus::Cancelled,
+        attempts,
+        format!("{{\"reason\":{}}}", json_str(&error)),
+    );
+    batch.terminal(id, TaskStatus::Cancelled, None, wf);
+    Ok(Ok(()))
+}
+
+async fn cancel_workflow(
+    conn: &mut PgConnection,
+    id: &str,
+    now: i64,
+    reason: &Option<String>,
+    batch: &mut Batch,
+) -> Result<Result<Vec<String>>> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT status, name FROM workflows WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((status, wf_name)) = row else {
+        return Ok(Err(Error::workflow_not_found(id)));
+    };
+    match status.as_str() {
+        "running" => {}
+        "cancelled" => return Ok(Ok(Vec::new())),
+        other => {
+            return Ok(Err(Error::Conflict(format!(
+                "workflow {id} already {other}; only a running workflow can be cancelled"
+            ))));
+        }
+    }
+    let error = reason
+        .clone()
+        .unwrap_or_else(|| "cancelled with its workflow".to_string());
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT id, name, status, attempts FROM tasks WHERE workflow_id = $1 \
+         AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying') ORDER BY seq FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, \
+         lease_expires_at = NULL, error = $2 WHERE workflow_id = $3 \
+         AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying')",
+    )
+    .bind(now)
+    .bind(&error)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE workflows SET status = 'cancelled', finished_at = $1, updated_at = $1 WHERE id = $2",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        now,
+        id,
+        "workflow_cancelled",
+        Some(WorkflowStatus::Running.as_str()),
+        WorkflowStatus::Cancelled.as_str(),
+        format!("{{\"reason\":{}}}", json_str(&error)),
+    );
+    batch.workflow_events.push(WorkflowEvent {
+        workflow_id: id.to_string(),
+        name: wf_name,
+        status: WorkflowStatus::Cancelled,
+        at: Timestamp(now),
+    });
+    let mut ids = Vec::with_capacity(rows.len());
+    for (tid, name, st, attempts) in rows {
+        let from: TaskStatus = st.parse().unwrap_or(TaskStatus::Pending);
+        batch.transition(
+            now,
+            &tid,
+            &name,
+            Some(id),
+            "cancelled",
+            Some(from),
+            TaskStatus::Cancelled,
+            attempts as u32,
+            format!("{{\"reason\":{}}}", json_str(&error)),
+        );
+        batch.terminal(&tid, TaskStatus::Cancelled, None, Some(id.to_string()));
+        ids.push(tid);
+    }
+    Ok(Ok(ids))
+}
+
+async fn approve(
+    conn: &mut PgConnection,
+    id: &str,
+    d: &ApprovalDecision,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<()>> {
+    let row: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((status, name, attempts, wf)) = row else {
+        return Ok(Err(Error::task_not_found(id)));
+    };
+    let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
+    if status != TaskStatus::AwaitingApproval {
+        let hint = match status {
+            TaskStatus::Pending => {
+                "it is still waiting for its dependencies or its time; it can be decided once it is awaiting_approval"
+            }
+            s if s.is_terminal() => "it has already finished",
+            _ => "it did not require an approval or was already approved",
+        };
+        return Ok(Err(Error::Conflict(format!(
+            "task {id} is {status}, not awaiting_approval: {hint}"
+        ))));
+    }
+    let approval = Approval {
+        approved: d.approved,
+        comment: d.comment.clone(),
+        by: d.by.clone(),
+        at: Timestamp(now),
+    };
+    let approval_json =
+        serde_json::to_string(&approval).map_err(|e| Error::Store(e.to_string()))?;
+    let (to, error, finished_at) = if d.approved {
+        (TaskStatus::Queued, None, None)
+    } else {
+        let why = match &d.comment {
+            Some(c) => format!("rejected: {c}"),
+            None => "rejected".to_string(),
+        };
+        (TaskStatus::Failed, Some(why), Some(now))
+    };
+    sqlx::query(
+        "UPDATE tasks SET status = $1, approval = $2, error = $3, finished_at = $4, updated_at = $5, \
+         run_at = $5 WHERE id = $6",
+    )
+    .bind(to.as_str())
+    .bind(&approval_json)
+    .bind(&error)
+    .bind(finished_at)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    batch.transition(
+        now,
+        id,
+        &name,
+        wf.as_deref(),
+        if d.approved { "approved" } else { "rejected" },
+        Some(TaskStatus::AwaitingApproval),
+        to,
+        attempts as u32,
+        approval_json,
+    );
+    if to.is_terminal() {
+        batch.terminal(id, to, None, wf);
+    }
+    Ok(Ok(()))
+}
+
+/// Runs a finished task again: it goes back to `queued` with a fresh
+/// allowance of attempts (its history stays), and every task skipped
+/// because of it goes back to `pending` to be decided again. Workflows
+/// involved are running again.
+async fn retry(
+    conn: &mut PgConnection,
+    id: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<()>> {
+    let row: Option<(String, String, i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((status, name, attempts, wf, spec)) = row else {
+        return Ok(Err(Error::task_not_found(id)));
+    };
+    let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
+    if !matches!(
+        status,
+        TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+    ) {
+        let hint = match status {
+            TaskStatus::Succeeded => "it succeeded; submit it again to run it once more",
+            TaskStatus::Skipped => "it was skipped; retry the dependency that caused it",
+            _ => "it has not finished",
+        };
+        return Ok(Err(Error::Conflict(format!(
+            "task {id} is {status}, so it cannot be retried: {hint}"
+        ))));
+    }
+    let allowance = serde_json::from_str::<TaskSpec>(&spec)
+        .ok()
+        .and_then(|s| s.retry)
+        .map(|r| r.max_attempts())
+        .unwrap_or(1) as i64;
+    sqlx::query(
+        "UPDATE tasks SET status = 'queued', max_attempts = $1, finished_at = NULL, error = NULL, \
+         run_at = $2, updated_at = $2, approval = CASE WHEN needs_approval <> 0 THEN NULL ELSE approval END \
+         WHERE id = $3",
+    )
+    .bind(attempts + allowance)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    // An approval gate that was rejected asks again.
+    let to: TaskStatus = sqlx::query_scalar::<_, String>(
+        "UPDATE tasks SET status = CASE WHEN needs_approval <> 0 THEN 'awaiting_approval' ELSE 'queued' END \
+         WHERE id = $1 RETURNING status",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?
+    .parse()
+    .unwrap_or(TaskStatus::Queued);
+    batch.transition(
+        now,
+        id,
+        &name,
+        wf.as_deref(),
+        "retried",
+        Some(status),
+        to,
+        attempts as u32,
+        format!("{{\"max_attempts\":{}}}", attempts + allowance),
+    );
+    let mut reopened: Vec<(Option<String>, TaskStatus)> = vec![(wf, status)];
+    // Tasks skipped because of it (transitively) are decided again.
+    let mut frontier = vec![id.to_string()];
+    while let Some(dep) = frontier.pop() {
+        let skipped: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT t.id, t.name, t.workflow_id, t.attempts FROM task_deps d JOIN tasks t ON t.id = d.task_id \
+             WHERE d.dep_id = $1 AND t.status = 'skipped'",
+        )
+        .bind(&dep)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (tid, tname, twf, tattempts) in skipped {
+            sqlx::query(
+                "UPDATE task_deps SET state = 'waiting' WHERE task_id = $1 AND state != 'met'",
+            )
+            .bind(&tid)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE tasks SET status = 'pending', finished_at = NULL, error = NULL, updated_at = $2, \
+                 deps_pending = (SELECT COUNT(*) FROM task_deps WHERE task_id = $1 AND state = 'waiting') \
+                 WHERE id = $1",
+            )
+            .bind(&tid)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            batch.transition(
+                now,
+                &tid,
+                &tname,
+                twf.as_deref(),
+                "reopened",
+                Some(TaskStatus::Skipped),
+                TaskStatus::Pending,
+                tattempts as u32,
+                format!("{{\"because\":{}}}", json_str(id)),
+            );
+            // Its other finished dependencies decide again.
+            let others: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
+                 WHERE d.task_id = $1 AND d.state = 'waiting' \
+                 AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
+            )
+            .bind(&tid)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (oid, ost, ores) in others {
+                let output = ores
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+                    .and_then(|r| r.output);
+                batch
+                    .resolve
+                    .push((oid, ost.parse().unwrap_or(TaskStatus::Failed), output));
+            }
+            reopened.push((twf, TaskStatus::Skipped));
+            frontier.push(tid);
+        }
+    }
+    // Workflow counters give the reopened tasks back.
+    for (w, was) in reopened {
+        let Some(w) = w else { continue };
+        let failed = i64::from(matches!(was, TaskStatus::Failed | TaskStatus::TimedOut));
+        let cancelled = i64::from(was == TaskStatus::Cancelled);
+        let prev: Option<(String, String)> = sqlx::query_as(
+            "UPDATE workflows SET tasks_done = tasks_done - 1, tasks_failed = tasks_failed - $2, \
+             tasks_cancelled = tasks_cancelled - $3, updated_at = $4 WHERE id = $1 \
+             RETURNING status, name",
+        )
+        .bind(&w)
+        .bind(failed)
+        .bind(cancelled)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((wstatus, wname)) = prev
+            && wstatus != "running"
+        {
+            sqlx::query(
+                "UPDATE workflows SET status = 'running', finished_at = NULL WHERE id = $1",
+            )
+            .bind(&w)
+            .execute(&mut *conn)
+            .await?;
+            let from: WorkflowStatus = wstatus.parse().unwrap_or(WorkflowStatus::Failed);
+            batch.audit_other(
+                now,
+                &w,
+                "workflow_reopened",
+                Some(from.as_str()),
+                WorkflowStatus::Running.as_str(),
+                format!("{{\"because\":{}}}", json_str(id)),
+            );
+            batch.workflow_events.push(WorkflowEvent {
+                workflow_id: w.clone(),
+                name: wname,
+                status: WorkflowStatus::Running,
+                at: Timestamp(now),
+            });
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn heartbeat(
+    conn: &mut PgConnection,
+    task_id: &str,
+    worker_id: &str,
+    lease_until: i64,
+) -> Result<Result<()>> {
+    let done = sqlx::query(
+        "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND status = 'running' AND lease_owner = $3",
+    )
+    .bind(lease_until)
+    .bind(task_id)
+    .bind(worker_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        return Ok(Ok(()));
+    }
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, lease_owner FROM tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(Err(match row {
+        None => Error::task_not_found(task_id),
+        Some((status, owner)) => Error::Conflict(format!(
+            "worker {worker_id} does not hold task {task_id} (it is {status}{}); its lease expired or the task was cancelled — stop working on it",
+            owner.map(|o| format!(", held by {o}")).unwrap_or_default()
+        )),
+    }))
+}
+
+async fn put_logs(
+    conn: &mut PgConnection,
+    task_id: &str,
+    attempt: u32,
+    logs: &[StreamLog],
+) -> Result<()> {
+    for log in logs {
+        sqlx::query(
+            "INSERT INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, attempt, stream) \
+             DO UPDATE SET data = EXCLUDED.data, dropped_bytes = EXCLUDED.dropped_bytes",
+        )
+        .bind(task_id)
+        .bind(attempt as i64)
+        .bind(log.stream)
+        .bind(&log.data)
+        .bind(log.dropped_bytes as i64)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn fire_schedule(
+    conn: &mut PgConnection,
+    f: &FireSchedule,
+    batch: &mut Batch,
+) -> Result<Result<bool>> {
+    let row: Option<(Option<i64>, i64, String)> =
+        sqlx::query_as("SELECT next_fire_at, paused, name FROM schedules WHERE id = $1 FOR UPDATE")
+            .bind(&f.schedule_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((next, paused, name)) = row else {
+        return Ok(Ok(false));
+    };
+    if paused != 0 || next != Some(f.expected) {
+        return Ok(Ok(false));
+    }
+    let answers = submit_all(conn, &[&f.run], batch).await?;
+    if let Some(Err(e)) = answers.into_iter().next() {
+        return Ok(Err(e));
+    }
+    sqlx::query(
+        "UPDATE schedules SET next_fire_at = $1, upcoming_run = $2, last_fired_at = $3, runs = runs + 1, \
+         updated_at = $4 WHERE id = $5",
+    )
+    .bind(f.next_fire_at)
+    .bind(&f.upcoming_run)
+    .bind(f.expected)
+    .bind(f.now)
+    .bind(&f.schedule_id)
+    .execute(&mut *conn)
+    .await?;
+    batch.audit_other(
+        f.now,
+        &f.schedule_id,
+        "schedule_fired",
+        Some("active"),
+        "active",
+        serde_json::json!({"name": name, "slot": f.expected, "next_fire_at": f.next_fire_at, "upcoming_run": f.upcoming_run})
+            .to_string(),
+    );
+    Ok(Ok(true))
+}
+
+async fn change_schedule(
+    conn: &mut PgConnection,
+    id: &str,
+    change: &ScheduleChange,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<Result<bool>> {
+    let row: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT paused, upcoming_run FROM schedules WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((paused, upcoming)) = row else {
+        return Ok(Ok(false));
+    };
+    let was = if paused != 0 { "paused" } else { "active" };
+    match change {
+        ScheduleChange::Pause | ScheduleChange::Remove => {
+            if let Some(run) = upcoming {
+                cancel_upcoming(conn, &run, now, batch).await?;
+            }
+            let (kind, to) = if matches!(change, ScheduleChange::Remove) {
+                sqlx::query("DELETE FROM schedules WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                ("schedule_removed", "removed")
+            } else {
+                sqlx::query(
+                    "UPDATE schedules SET paused = 1, next_fire_at = NULL, upcoming_run = NULL, updated_at = $1 WHERE id = $2",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+                ("schedule_paused", "paused")
+            };
+            batch.audit_other(now, id, kind, Some(was), to, "{}".into());
+        }
+        ScheduleChange::Resume {
+            next_fire_at,
+            upcoming_run,
+            run,
+        } => {
+            if paused == 0 {
+                return Ok(Ok(true));
+            }
+            let answers = submit_all(conn, &[run.as_ref()], batch).await?;
+            if let Some(Err(e)) = answers.into_iter().next() {
+                return Ok(Err(e));
+            }
+            sqlx::query(
+                "UPDATE schedules SET paused = 0, next_fire_at = $1, upcoming_run = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(next_fire_at)
+            .bind(upcoming_run)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+            batch.audit_other(
+                now,
+                id,
+                "schedule_resumed",
+                Some(was),
+                "active",
+                serde_json::json!({"next_fire_at": next_fire_at}).to_string(),
+            );
+        }
+    }
+    Ok(Ok(true))
+}
+
+/// Cancels a schedule's upcoming run if it has not started (all its tasks pending).
+async fn cancel_upcoming(
+    conn: &mut PgConnection,
+    run: &str,
+    now: i64,
+    batch: &mut Batch,
+) -> Result<()> {
+    let started: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE workflow_id = $1 AND status != 'pending') + \
+         (SELECT COUNT(*) FROM tasks WHERE id = $1 AND status != 'pending')",
+    )
+    .bind(run)
+    .fetch_one(&mut *conn)
+    .await?;
+    if started > 0 {
+        return Ok(());
+    }
+    let reason = Some("the schedule was paused or removed before this run started".to_string());
+    let is_workflow: Option<String> = sqlx::query_scalar("SELECT id FROM workflows WHERE id = $1")
+        .bind(run)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if is_workflow.is_some() {
+        let _ = cancel_workflow(conn, run, now, &reason, batch).await?;
+    } else {
+        let _ = cancel(conn, run, now, &reason, batch).await?;
+    }
+    Ok(())
+}
+
+async fn write_token(
+    conn: &mut PgConnection,
+    t: &TokenRecord,
+    hash: &str,
+    revoke: Option<i64>,
+) -> Result<bool> {
+    if let Some(at) = revoke {
+        let n = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(&t.id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        return Ok(n == 1);
+    }
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, role, hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&t.id)
+    .bind(&t.name)
+    .bind(t.role.as_str())
+    .bind(hash)
+    .bind(t.created_at.0)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+async fn register_worker(conn: &mut PgConnection, w: &WorkerInfo) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workers (id, host, pid, pid_start, started_at, last_seen) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, \
+         pid_start = EXCLUDED.pid_start, started_at = EXCLUDED.started_at, last_seen = EXCLUDED.last_seen",
+    )
+    .bind(&w.id)
+    .bind(&w.host)
+    .bind(w.pid)
+    .bind(w.pid_start)
+    .bind(w.started_at)
+    .bind(w.started_at)
+    .execute(&mut *conn)
+    .await?;
+    // Forget workers that hold nothing and have not been seen for a day.
+    sqlx::query(
+        "DELETE FROM workers WHERE last_seen < $1 AND id NOT IN \
+         (SELECT lease_owner FROM tasks WHERE status = 'running' AND lease_owner IS NOT NULL)",
+    )
+    .bind(w.started_at - 86_400_000)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn flush_attempts(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!([
+                r.task_id,
+                r.attempt,
+                r.worker_id,
+                r.status.as_str(),
+                r.started_at,
+                r.finished_at,
+                r.exit_code,
+                r.signal,
+                r.duration_ms,
+                r.error,
+                r.result
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
+         exit_code, signal, duration_ms, error, result) \
+         SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, v ->> 3, (v ->> 4)::bigint, (v ->> 5)::bigint, \
+         (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, v ->> 9, v ->> 10 \
+         FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord ON CONFLICT DO NOTHING",
+    )
+    .bind(serde_json::Value::Array(json).to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn flush_audit(conn: &mut PgConnection, drafts: &[AuditDraft]) -> Result<()> {
+    if drafts.is_empty() {
+        return Ok(());
+    }
+    // One chain for every node: the transaction-scoped advisory lock
+    // serialises appenders until commit, so the head read here is the head
+    // the new events chain onto, and `seq` follows commit order. It is the
+    // last lock a transaction takes, so it cannot close a deadlock cycle.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_CHAIN_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
+    let mut json = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        seq += 1;
+        let hash = event_hash(
+            &prev,
+            &EventContent {
+                seq,
+                at: d.at,
+                task_id: &d.task_id,
+                kind: d.kind,
+                from_status: d.from,
+                to_status: d.to,
+                detail: &d.detail,
+            },
+        );
+        let prev_hash = std::mem::replace(&mut prev, hash);
+        json.push(serde_json::json!([
+            seq, d.at, d.task_id, d.kind, d.from, d.to, d.detail, prev_hash, prev
+        ]));
+    }
+    sqlx::query(
+        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
+         SELECT (v ->> 0)::bigint, (v ->> 1)::bigint, v ->> 2, v ->> 3, v ->> 4, v ->> 5, v ->> 6, \
+         v ->> 7, v ->> 8 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord",
+    )
+    .bind(serde_json::Value::Array(json).to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `$1,$2,...,$n`.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}

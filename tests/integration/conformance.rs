@@ -1,0 +1,878 @@
+//! The store contract, checked the same way on every backend: each check
+//! runs on SQLite, and on PostgreSQL (a fresh schema per test) when
+//! `TASK_QUEUE_TEST_PG_URL` is set. Checks that open two stores on one
+//! database stand for two nodes (two processes on one SQLite file).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use task_queue::config::Durability;
+use task_queue::model::{AttemptStatus, Condition, TaskKind, TaskResult, TaskStatus};
+use task_queue::store::postgres::PgStore;
+use task_queue::store::sqlite::SqliteStore;
+use task_queue::store::{
+    ApprovalDecision, ClaimRequest, FinishAttempt, FinishOutcome, FireSchedule, NewDep,
+    NewSchedule, NewSubmission, NewTask, NewWorkflow, Next, Reclaim, Role, Store, StreamLog,
+    TaskFilter, TokenRecord,
+};
+
+/// The environment variable naming the PostgreSQL server for tests.
+pub const PG_URL_VAR: &str = "TASK_QUEUE_TEST_PG_URL";
+
+/// Where a check's stores live.
+pub enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String, schema: String },
+}
+
+impl Backend {
+    pub fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// A fresh schema in the test database, or `None` (with a visible
+    /// note) when no PostgreSQL server is configured.
+    pub async fn postgres(test: &str) -> Option<Backend> {
+        let Ok(base) = std::env::var(PG_URL_VAR) else {
+            eprintln!("SKIPPED {test} on postgres: {PG_URL_VAR} is not set (see .ci/postgres.sh)");
+            return None;
+        };
+        let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let pool = sqlx::PgPool::connect(&base)
+            .await
+            .expect("connect to the test server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        Some(Backend::Postgres { url, schema })
+    }
+
+    /// The URL a `task-queue` process uses for this backend.
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(dir) => dir.path().join("q.db").display().to_string(),
+            Backend::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    /// Opens a store (another node, when called again).
+    pub async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Sqlite(dir) => Arc::new(
+                SqliteStore::open(&dir.path().join("q.db"), Durability::Durable, 4)
+                    .await
+                    .unwrap(),
+            ),
+            Backend::Postgres { url, .. } => Arc::new(PgStore::open(url, 4).await.unwrap()),
+        }
+    }
+
+    /// Drops a PostgreSQL test schema (best effort).
+    pub async fn cleanup(self) {
+        if let Backend::Postgres { schema, .. } = self
+            && let Ok(base) = std::env::var(PG_URL_VAR)
+            && let Ok(pool) = sqlx::PgPool::connect(&base).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        }
+    }
+}
+
+/// One check, run on SQLite and on PostgreSQL.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let b = super::Backend::sqlite();
+                    super::$name(&b).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(b) = super::Backend::postgres(stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(&b).await;
+                    b.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    submit_claim_finish_in_priority_order,
+    dependencies_resolve_and_skips_cascade,
+    workflow_counters_finish_the_workflow,
+    idempotency_keys_return_the_first_task,
+    approvals_cancels_and_retries,
+    leases_renew_expire_and_fence_stale_finishes,
+    schedules_fire_once_per_slot,
+    tokens_are_stored_by_hash,
+    reads_filter_and_stream_events,
+    two_nodes_never_claim_the_same_task,
+    two_nodes_resolve_a_fan_in_once,
+    two_nodes_keep_one_audit_chain,
+);
+
+const T0: i64 = 1_700_000_000_000;
+
+fn spec(name: &str) -> String {
+    serde_json::json!({"name": name, "command": "true"}).to_string()
+}
+
+fn task(name: &str) -> NewTask {
+    NewTask {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: name.to_string(),
+        kind: TaskKind::Command,
+        project: None,
+        tags: Vec::new(),
+        priority: 0,
+        max_attempts: 1,
+        idempotency_key: None,
+        spec_json: spec(name),
+        spec_hash: "h".repeat(64),
+        now: T0,
+        workflow_id: None,
+        schedule_id: None,
+        deps: Vec::new(),
+        run_at: T0,
+        needs_approval: false,
+    }
+}
+
+fn after(mut t: NewTask, deps: &[&NewTask], condition: Condition) -> NewTask {
+    t.deps = deps
+        .iter()
+        .map(|d| NewDep {
+            dep_id: d.id.clone(),
+            condition: condition.clone(),
+        })
+        .collect();
+    t
+}
+
+fn tasks(list: Vec<NewTask>) -> NewSubmission {
+    NewSubmission {
+        tasks: list,
+        ..Default::default()
+    }
+}
+
+fn workflow(name: &str, mut list: Vec<NewTask>) -> (String, NewSubmission) {
+    let id = uuid::Uuid::now_v7().to_string();
+    for t in &mut list {
+        t.workflow_id = Some(id.clone());
+    }
+    let sub = NewSubmission {
+        workflow: Some(NewWorkflow {
+            id: id.clone(),
+            name: name.to_string(),
+            project: None,
+            tags: Vec::new(),
+            description: None,
+            schedule_id: None,
+            now: T0,
+        }),
+        schedules: Vec::new(),
+        tasks: list,
+    };
+    (id, sub)
+}
+
+fn claim_req(worker: &str, now: i64, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker.to_string(),
+        now,
+        lease_until: now + 30_000,
+        limit,
+        server_kinds: true,
+        external: None,
+    }
+}
+
+fn finish(id: &str, attempt: u32, worker: &str, now: i64, status: TaskStatus) -> FinishAttempt {
+    FinishAttempt {
+        task_id: id.to_string(),
+        attempt,
+        worker_id: worker.to_string(),
+        started_at: now - 5,
+        now,
+        status: match status {
+            TaskStatus::Succeeded => AttemptStatus::Succeeded,
+            _ => AttemptStatus::Failed,
+        },
+        error: (status != TaskStatus::Succeeded).then(|| "exit 1".to_string()),
+        result: TaskResult {
+            exit_code: Some(if status == TaskStatus::Succeeded {
+                0
+            } else {
+                1
+            }),
+            duration_ms: 5,
+            attempt,
+            ..Default::default()
+        },
+        logs: vec![StreamLog {
+            stream: "stdout",
+            data: format!("out of {id}").into_bytes(),
+            dropped_bytes: 0,
+        }],
+        next: Next::Done(status),
+    }
+}
+
+async fn status(s: &Arc<dyn Store>, id: &str) -> TaskStatus {
+    s.get(id).await.unwrap().expect("task exists").status
+}
+
+/// Claims everything ready and finishes it with `status`; returns the ids.
+async fn run_ready(s: &Arc<dyn Store>, now: i64, status: TaskStatus) -> Vec<String> {
+    let claimed = s.claim(claim_req("w1", now, 100)).await.unwrap();
+    let mut ids = Vec::new();
+    for c in claimed {
+        let out = s
+            .finish(finish(&c.id, c.attempt, "w1", now + 1, status))
+            .await
+            .unwrap();
+        assert_eq!(out, FinishOutcome::Applied(status));
+        ids.push(c.id);
+    }
+    ids
+}
+
+async fn assert_chain_ok(s: &Arc<dyn Store>) -> u64 {
+    let report = s.verify_audit().await.unwrap();
+    assert!(report.ok, "audit chain broken: {report:?}");
+    report.events
+}
+
+async fn submit_claim_finish_in_priority_order(b: &Backend) {
+    let s = b.open().await;
+    let low = task("low");
+    let mut high = task("high");
+    high.priority = 10;
+    let mid = task("mid");
+    let out = s
+        .submit(tasks(vec![low.clone(), high.clone(), mid.clone()]))
+        .await
+        .unwrap();
+    assert!(
+        out.iter()
+            .all(|o| o.created && o.status == TaskStatus::Queued)
+    );
+    let claimed = s.claim(claim_req("w1", T0 + 10, 2)).await.unwrap();
+    let names: Vec<&str> = claimed.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["high", "low"],
+        "priority first, then submission order"
+    );
+    assert_eq!(claimed[0].attempt, 1);
+    assert_eq!(status(&s, &high.id).await, TaskStatus::Running);
+    let got = s.get(&high.id).await.unwrap().unwrap();
+    assert_eq!(got.lease_owner.as_deref(), Some("w1"));
+    let out = s
+        .finish(finish(&high.id, 1, "w1", T0 + 20, TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(out, FinishOutcome::Applied(TaskStatus::Succeeded));
+    let got = s.get(&high.id).await.unwrap().unwrap();
+    assert_eq!(got.status, TaskStatus::Succeeded);
+    assert_eq!(got.lease_owner, None);
+    assert_eq!(got.result.unwrap().exit_code, Some(0));
+    let attempts = s.attempts(&high.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, AttemptStatus::Succeeded);
+    let logs = s.logs(&high.id, None).await.unwrap();
+    assert_eq!(logs[0].text, format!("out of {}", high.id));
+    // Failure with a retry goes to `retrying` and comes back at its time.
+    let mut f = finish(&low.id, 1, "w1", T0 + 30, TaskStatus::Failed);
+    f.next = Next::Retry { run_at: T0 + 1_000 };
+    assert_eq!(
+        s.finish(f).await.unwrap(),
+        FinishOutcome::Applied(TaskStatus::Retrying)
+    );
+    let claimed = s.claim(claim_req("w1", T0 + 40, 10)).await.unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "only mid is ready before the backoff ends"
+    );
+    assert_eq!(claimed[0].name, "mid");
+    assert_eq!(s.next_run_at(T0 + 40).await.unwrap(), Some(T0 + 1_000));
+    let claimed = s.claim(claim_req("w1", T0 + 1_000, 10)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].name.as_str(), claimed[0].attempt), ("low", 2));
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.get(&TaskStatus::Running), Some(&2));
+    assert_eq!(counts.get(&TaskStatus::Succeeded), Some(&1));
+    assert!(assert_chain_ok(&s).await >= 8);
+}
+
+async fn dependencies_resolve_and_skips_cascade(b: &Backend) {
+    let s = b.open().await;
+    let a = task("a");
+    let ok = after(task("on-success"), &[&a], Condition::Success);
+    let chained = after(task("after-skipped"), &[&ok], Condition::Success);
+    let on_fail = after(task("on-failure"), &[&a], Condition::Failure);
+    let always = after(task("always"), &[&a], Condition::Completion);
+    let all = vec![
+        a.clone(),
+        ok.clone(),
+        chained.clone(),
+        on_fail.clone(),
+        always.clone(),
+    ];
+    let out = s.submit(tasks(all)).await.unwrap();
+    assert_eq!(out[0].status, TaskStatus::Queued);
+    assert!(out[1..].iter().all(|o| o.status == TaskStatus::Pending));
+    let ran = run_ready(&s, T0 + 10, TaskStatus::Failed).await;
+    assert_eq!(ran, vec![a.id.clone()]);
+    assert_eq!(status(&s, &ok.id).await, TaskStatus::Skipped);
+    assert_eq!(
+        status(&s, &chained.id).await,
+        TaskStatus::Skipped,
+        "skips cascade"
+    );
+    assert_eq!(status(&s, &on_fail.id).await, TaskStatus::Queued);
+    assert_eq!(status(&s, &always.id).await, TaskStatus::Queued);
+    let skipped = s.get(&chained.id).await.unwrap().unwrap();
+    assert!(
+        skipped.error.unwrap().contains("on-success"),
+        "the reason names the dependency"
+    );
+    let edges = s.dependencies(&ok.id).await.unwrap();
+    assert_eq!(edges.len(), 2, "one edge in, one out");
+    // A dependency on an already finished task is decided at submit.
+    let late = after(task("late"), &[&a], Condition::Failure);
+    let out = s.submit(tasks(vec![late.clone()])).await.unwrap();
+    assert_eq!(out[0].status, TaskStatus::Queued);
+    // Retrying the failed task reopens what it skipped.
+    let retried = s.retry(&a.id, T0 + 100).await.unwrap();
+    assert_eq!(retried.status, TaskStatus::Queued);
+    assert_eq!(status(&s, &ok.id).await, TaskStatus::Pending);
+    assert_eq!(status(&s, &chained.id).await, TaskStatus::Pending);
+    let claimed = s.claim(claim_req("w1", T0 + 200, 1)).await.unwrap();
+    assert_eq!(claimed[0].id, a.id);
+    s.finish(finish(
+        &a.id,
+        claimed[0].attempt,
+        "w1",
+        T0 + 210,
+        TaskStatus::Succeeded,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(status(&s, &ok.id).await, TaskStatus::Queued);
+    assert_chain_ok(&s).await;
+}
+
+async fn workflow_counters_finish_the_workflow(b: &Backend) {
+    let s = b.open().await;
+    let root = task("root");
+    let fan: Vec<NewTask> = (0..5)
+        .map(|i| after(task(&format!("fan-{i}")), &[&root], Condition::Success))
+        .collect();
+    let refs: Vec<&NewTask> = fan.iter().collect();
+    let join = after(task("join"), &refs, Condition::Success);
+    let mut list = vec![root.clone()];
+    list.extend(fan.clone());
+    list.push(join.clone());
+    let (wid, sub) = workflow("fan-in", list);
+    s.submit(sub).await.unwrap();
+    let mut events = s.subscribe_workflows();
+    for round in 0..3 {
+        run_ready(&s, T0 + 100 * (round + 1), TaskStatus::Succeeded).await;
+    }
+    let w = s.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!((w.tasks_total, w.tasks_done), (7, 7));
+    assert_eq!(w.status, task_queue::WorkflowStatus::Succeeded);
+    let e = events.recv().await.unwrap();
+    assert_eq!(e.workflow_id, wid);
+    let detail = s.workflow_detail(&wid).await.unwrap().unwrap();
+    assert_eq!(detail.tasks.len(), 7);
+    assert_eq!(detail.edges.len(), 10);
+    // A failed task fails its workflow; cancelling a running one cancels the rest.
+    let x = task("x");
+    let y = after(task("y"), &[&x], Condition::Success);
+    let (w2, sub) = workflow("failing", vec![x, y]);
+    s.submit(sub).await.unwrap();
+    run_ready(&s, T0 + 1_000, TaskStatus::Failed).await;
+    let w = s.workflow(&w2).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Failed);
+    let (w3, sub) = workflow("cancelled", vec![task("p"), task("q")]);
+    s.submit(sub).await.unwrap();
+    let ids = s
+        .cancel_workflow(&w3, T0 + 2_000, Some("stop".into()))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    let w = s.workflow(&w3).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Cancelled);
+    assert_chain_ok(&s).await;
+}
+
+async fn idempotency_keys_return_the_first_task(b: &Backend) {
+    let s = b.open().await;
+    let mut first = task("once");
+    first.idempotency_key = Some("key-1".into());
+    let out = s.submit(tasks(vec![first.clone()])).await.unwrap();
+    assert!(out[0].created);
+    let mut again = task("once");
+    again.idempotency_key = Some("key-1".into());
+    let out = s.submit(tasks(vec![again])).await.unwrap();
+    assert!(!out[0].created);
+    assert_eq!(out[0].id, first.id);
+    // Two nodes submitting the same new key at once create it once.
+    let other = b.open().await;
+    let mut handles = Vec::new();
+    for (i, store) in [s.clone(), other.clone(), s.clone(), other.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        handles.push(tokio::spawn(async move {
+            let mut t = task(&format!("race-{i}"));
+            t.idempotency_key = Some("key-race".into());
+            store.submit(tasks(vec![t])).await.unwrap().remove(0)
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for h in handles {
+        let o = h.await.unwrap();
+        ids.insert(o.id);
+        created += usize::from(o.created);
+    }
+    assert_eq!((ids.len(), created), (1, 1), "one task for one key");
+    let n = s
+        .list(&TaskFilter {
+            name: None,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 2);
+}
+
+async fn approvals_cancels_and_retries(b: &Backend) {
+    let s = b.open().await;
+    let mut gated = task("deploy");
+    gated.needs_approval = true;
+    let plain = task("plain");
+    let out = s
+        .submit(tasks(vec![gated.clone(), plain.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(out[0].status, TaskStatus::AwaitingApproval);
+    let err = s
+        .approve(
+            &plain.id,
+            ApprovalDecision {
+                approved: true,
+                comment: None,
+                by: None,
+            },
+            T0 + 1,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not awaiting_approval"), "{err}");
+    let t = s
+        .approve(
+            &gated.id,
+            ApprovalDecision {
+                approved: true,
+                comment: Some("ship it".into()),
+                by: Some("ana".into()),
+            },
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.status, TaskStatus::Queued);
+    assert_eq!(t.approval.unwrap().by.as_deref(), Some("ana"));
+    let t = s.cancel(&plain.id, T0 + 3, None).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Cancelled);
+    let err = s.cancel("no-such-task", T0 + 3, None).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-task"), "{err}");
+    let t = s.retry(&plain.id, T0 + 4).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Queued);
+    let err = s.retry(&gated.id, T0 + 4).await.unwrap_err();
+    assert!(err.to_string().contains("cannot be retried"), "{err}");
+    assert_chain_ok(&s).await;
+}
+
+async fn leases_renew_expire_and_fence_stale_finishes(b: &Backend) {
+    let s = b.open().await;
+    let mut t = task("leased");
+    t.max_attempts = 3;
+    s.submit(tasks(vec![t.clone()])).await.unwrap();
+    let mut req = claim_req("w1", T0, 1);
+    req.lease_until = T0 + 1_000;
+    let c = s.claim(req).await.unwrap().remove(0);
+    let held = s.renew_leases("w1", T0 + 500, T0 + 2_000).await.unwrap();
+    assert_eq!(held, vec![t.id.clone()]);
+    s.heartbeat(&t.id, "w1", T0 + 600, T0 + 2_000)
+        .await
+        .unwrap();
+    let err = s
+        .heartbeat(&t.id, "w2", T0 + 600, T0 + 2_000)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not hold"), "{err}");
+    assert!(
+        s.reclaim(Reclaim::Expired, T0 + 1_500)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let lost = s.reclaim(Reclaim::Expired, T0 + 2_001).await.unwrap();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].status, TaskStatus::Retrying);
+    assert!(
+        s.renew_leases("w1", T0 + 2_002, T0 + 3_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stale = s
+        .finish(finish(
+            &t.id,
+            c.attempt,
+            "w1",
+            T0 + 2_003,
+            TaskStatus::Succeeded,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(stale, FinishOutcome::Stale(TaskStatus::Retrying));
+    let c2 = s
+        .claim(claim_req("w2", T0 + 120_000, 1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(c2.attempt, 2);
+    let lost = s
+        .reclaim(Reclaim::Workers(vec!["w2".into()]), T0 + 120_001)
+        .await
+        .unwrap();
+    assert_eq!(lost.len(), 1);
+    let attempts = s.attempts(&t.id).await.unwrap();
+    assert!(attempts.iter().any(|a| a.status == AttemptStatus::Lost));
+    assert_chain_ok(&s).await;
+}
+
+async fn schedules_fire_once_per_slot(b: &Backend) {
+    let s = b.open().await;
+    let other = b.open().await;
+    let sid = uuid::Uuid::now_v7().to_string();
+    let mut first = task("tick");
+    first.schedule_id = Some(sid.clone());
+    first.run_at = T0 + 60_000;
+    let sub = NewSubmission {
+        workflow: None,
+        schedules: vec![NewSchedule {
+            id: sid.clone(),
+            name: "tick".into(),
+            project: None,
+            cron: "* * * * *".into(),
+            timezone: None,
+            template: "{}".into(),
+            next_fire_at: T0 + 60_000,
+            upcoming_run: first.id.clone(),
+            now: T0,
+        }],
+        tasks: vec![first.clone()],
+    };
+    let out = s.submit(sub).await.unwrap();
+    assert_eq!(out[0].status, TaskStatus::Pending);
+    assert_eq!(s.due_schedules(T0 + 59_999).await.unwrap().len(), 0);
+    assert_eq!(s.due_schedules(T0 + 60_000).await.unwrap().len(), 1);
+    // Every node tries to fire the same slot at once: one wins.
+    let mut handles = Vec::new();
+    for store in [s.clone(), other.clone(), s.clone(), other.clone()] {
+        let sid = sid.clone();
+        handles.push(tokio::spawn(async move {
+            let mut next = task("tick");
+            next.schedule_id = Some(sid.clone());
+            next.run_at = T0 + 120_000;
+            let upcoming = next.id.clone();
+            store
+                .fire_schedule(FireSchedule {
+                    schedule_id: sid,
+                    expected: T0 + 60_000,
+                    next_fire_at: T0 + 120_000,
+                    upcoming_run: upcoming,
+                    run: tasks(vec![next]),
+                    now: T0 + 60_001,
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    let mut fired = 0;
+    for h in handles {
+        fired += usize::from(h.await.unwrap());
+    }
+    assert_eq!(fired, 1, "one firing per slot");
+    let rec = s.schedule(&sid).await.unwrap().unwrap();
+    assert_eq!(rec.runs, 1);
+    let runs = s
+        .list(&TaskFilter {
+            name: Some("tick".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2, "the first run and the one after it");
+    // The first run became ready at its time.
+    let c = s.claim(claim_req("w1", T0 + 60_002, 10)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].id, first.id);
+    let paused = s
+        .change_schedule(&sid, task_queue::store::ScheduleChange::Pause, T0 + 60_003)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(paused.paused);
+    assert_eq!(s.list_schedules().await.unwrap().len(), 1);
+    assert_chain_ok(&s).await;
+}
+
+async fn tokens_are_stored_by_hash(b: &Backend) {
+    let s = b.open().await;
+    assert!(!s.tokens_exist().await.unwrap());
+    let t = TokenRecord {
+        id: "tok-1".into(),
+        name: "ci".into(),
+        role: Role::Operator,
+        created_at: task_queue::model::Timestamp(T0),
+        revoked_at: None,
+    };
+    s.create_token(t.clone(), "a".repeat(64)).await.unwrap();
+    assert!(s.tokens_exist().await.unwrap());
+    assert_eq!(s.token_by_hash(&"a".repeat(64)).await.unwrap(), Some(t));
+    assert!(s.revoke_token("tok-1", T0 + 1).await.unwrap());
+    assert!(!s.revoke_token("tok-1", T0 + 2).await.unwrap());
+    assert_eq!(s.token_by_hash(&"a".repeat(64)).await.unwrap(), None);
+    assert_eq!(s.list_tokens().await.unwrap().len(), 1);
+    assert!(!s.tokens_exist().await.unwrap());
+}
+
+async fn reads_filter_and_stream_events(b: &Backend) {
+    let s = b.open().await;
+    let mut tagged = task("tagged");
+    tagged.tags = vec!["red".into(), "blue".into()];
+    tagged.project = Some("alpha".into());
+    let mut ext = task("agent.review");
+    ext.kind = TaskKind::External;
+    let plain = task("plain");
+    s.submit(tasks(vec![tagged.clone(), ext.clone(), plain.clone()]))
+        .await
+        .unwrap();
+    let by_tag = s
+        .list(&TaskFilter {
+            tag: Some("blue".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_tag.len(), 1);
+    assert_eq!(by_tag[0].1.id, tagged.id);
+    let page = s
+        .list(&TaskFilter {
+            statuses: vec![TaskStatus::Queued],
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    let rest = s
+        .list(&TaskFilter {
+            limit: 10,
+            before_seq: Some(page[1].0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    // External tasks go to workers whose filter matches, by name prefix.
+    let mut req = claim_req("agent", T0 + 1, 10);
+    req.server_kinds = false;
+    req.external = Some(task_queue::store::ExternalFilter {
+        names: vec!["agent.*".into()],
+        ..Default::default()
+    });
+    assert_eq!(s.runnable_count(&req).await.unwrap(), 1);
+    let c = s.claim(req).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].id, ext.id);
+    let stats = s.stats(T0 + 2).await.unwrap();
+    assert_eq!(stats.ready, 2);
+    assert_eq!(stats.leases_by_worker.get("agent"), Some(&1));
+    assert_eq!(stats.by_project["alpha"].get(&TaskStatus::Queued), Some(&1));
+    let events = s.events_after(0, None, None, 100).await.unwrap();
+    assert_eq!(events.len(), 4, "three submitted, one claimed");
+    assert_eq!(events.last().unwrap().kind, "claimed");
+    assert_eq!(
+        s.last_event_seq().await.unwrap(),
+        events.last().unwrap().seq
+    );
+    let only_alpha = s.events_after(0, None, Some("alpha"), 100).await.unwrap();
+    assert_eq!(only_alpha.len(), 1);
+    let audit = s.audit_events(Some(&ext.id), 10).await.unwrap();
+    assert_eq!(audit.len(), 2);
+}
+
+async fn two_nodes_never_claim_the_same_task(b: &Backend) {
+    let a = b.open().await;
+    let c = b.open().await;
+    let list: Vec<NewTask> = (0..300).map(|i| task(&format!("t{i}"))).collect();
+    a.submit(tasks(list)).await.unwrap();
+    let mut handles = Vec::new();
+    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        handles.push(tokio::spawn(async move {
+            let worker = format!("w{n}");
+            let mut mine = Vec::new();
+            loop {
+                let got = s.claim(claim_req(&worker, T0 + 10, 7)).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                for t in got {
+                    s.finish(finish(
+                        &t.id,
+                        t.attempt,
+                        &worker,
+                        T0 + 20,
+                        TaskStatus::Succeeded,
+                    ))
+                    .await
+                    .unwrap();
+                    mine.push(t.id);
+                }
+            }
+        }));
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for h in handles {
+        for id in h.await.unwrap() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    assert!(seen.values().all(|&n| n == 1), "a task was claimed twice");
+    assert_chain_ok(&a).await;
+}
+
+async fn two_nodes_resolve_a_fan_in_once(b: &Backend) {
+    let a = b.open().await;
+    let c = b.open().await;
+    let deps: Vec<NewTask> = (0..40).map(|i| task(&format!("dep{i}"))).collect();
+    let refs: Vec<&NewTask> = deps.iter().collect();
+    let join = after(task("join"), &refs, Condition::Success);
+    let mut list = deps.clone();
+    list.push(join.clone());
+    let (wid, sub) = workflow("fan-in", list);
+    a.submit(sub).await.unwrap();
+    // Each node claims one at a time and finishes it, so finishes of the
+    // join's dependencies commit on both nodes concurrently.
+    let mut handles = Vec::new();
+    for (n, s) in [a.clone(), c.clone()].into_iter().enumerate() {
+        handles.push(tokio::spawn(async move {
+            let worker = format!("w{n}");
+            loop {
+                let got = s.claim(claim_req(&worker, T0 + 10, 1)).await.unwrap();
+                let Some(t) = got.into_iter().next() else {
+                    return;
+                };
+                if t.name == "join" {
+                    s.finish(finish(
+                        &t.id,
+                        t.attempt,
+                        &worker,
+                        T0 + 30,
+                        TaskStatus::Succeeded,
+                    ))
+                    .await
+                    .unwrap();
+                    continue;
+                }
+                s.finish(finish(
+                    &t.id,
+                    t.attempt,
+                    &worker,
+                    T0 + 20,
+                    TaskStatus::Succeeded,
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    // The join may have become ready after both loops saw an empty queue.
+    run_ready(&a, T0 + 40, TaskStatus::Succeeded).await;
+    let j = a.get(&join.id).await.unwrap().unwrap();
+    assert_eq!(j.status, TaskStatus::Succeeded);
+    assert_eq!(j.deps_pending, 0);
+    let readies = a
+        .audit_events(Some(&join.id), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "ready")
+        .count();
+    assert_eq!(readies, 1, "the join became ready exactly once");
+    let w = a.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!((w.tasks_done, w.tasks_total), (41, 41));
+    assert_eq!(w.status, task_queue::WorkflowStatus::Succeeded);
+    assert_chain_ok(&a).await;
+}
+
+async fn two_nodes_keep_one_audit_chain(b: &Backend) {
+    let a = b.open().await;
+    let c = b.open().await;
+    let mut handles = Vec::new();
+    for (n, s) in [a.clone(), c.clone(), a.clone(), c.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        handles.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let batch: Vec<NewTask> = (0..4).map(|k| task(&format!("n{n}-{i}-{k}"))).collect();
+                s.submit(tasks(batch)).await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let events = assert_chain_ok(&a).await;
+    assert_eq!(events, 400);
+    assert_eq!(c.last_event_seq().await.unwrap(), 400);
+}
