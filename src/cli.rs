@@ -36,8 +36,9 @@ pub struct Cli {
     )]
     pub log_format: LogFormatArg,
     /// Talk to a running `task-queue serve` at this URL instead of opening
-    /// the database (submit, status, logs, cancel, approve, workflow
-    /// show|graph|cancel). The API token is read from TASK_QUEUE_TOKEN.
+    /// the database (submit, status, logs, cancel, approve, search,
+    /// recommend, workflow show|graph|cancel). The API token is read from
+    /// TASK_QUEUE_TOKEN.
     #[arg(long, global = true, env = "TASK_QUEUE_SERVER", value_name = "URL")]
     pub server: Option<String>,
     #[command(subcommand)]
@@ -339,27 +340,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 })
                 .await?;
-            if json {
-                print_json(&serde_json::to_value(&r).unwrap_or_default());
-            } else {
-                for n in &r.notices {
-                    eprintln!("note: {n}");
-                }
-                for h in &r.hits {
-                    println!(
-                        "{:.4}  {}{}  {}  {} runs  {}",
-                        h.score,
-                        h.project
-                            .as_deref()
-                            .map(|p| format!("{p}/"))
-                            .unwrap_or_default(),
-                        h.name,
-                        h.status,
-                        h.runs,
-                        h.snippet
-                    );
-                }
-            }
+            print_search(&r, json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Recommend {
@@ -890,6 +871,30 @@ fn print_task(t: &TaskRecord, attempts: &[crate::model::Attempt], json_out: bool
     }
 }
 
+fn print_search(r: &crate::search::SearchResults, json_out: bool) {
+    if json_out {
+        print_json(&serde_json::to_value(r).unwrap_or_default());
+        return;
+    }
+    for n in &r.notices {
+        eprintln!("note: {n}");
+    }
+    for h in &r.hits {
+        println!(
+            "{:.4}  {}{}  {}  {} runs  {}",
+            h.score,
+            h.project
+                .as_deref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default(),
+            h.name,
+            h.status,
+            h.runs,
+            h.snippet
+        );
+    }
+}
+
 fn print_workflow(d: &crate::model::WorkflowDetail, json_out: bool) {
     if json_out {
         print_json(&serde_json::to_value(d).unwrap_or_default());
@@ -1037,12 +1042,48 @@ async fn remote(client: &crate::client::Client, command: Command) -> Result<Exit
             let w = client.cancel_workflow(&id).await?;
             print_json(&serde_json::to_value(&w).unwrap_or_default());
         }
+        Command::Search {
+            query,
+            project,
+            status,
+            tag,
+            limit,
+            json,
+        } => {
+            let r = client
+                .search(&crate::search::SearchRequest {
+                    query,
+                    project,
+                    statuses: status,
+                    tags: tag,
+                    limit,
+                    ..Default::default()
+                })
+                .await?;
+            print_search(&r, json);
+        }
+        Command::Recommend {
+            name,
+            command,
+            description,
+            project,
+        } => {
+            let r = client
+                .recommend(&crate::search::recommend::RecommendRequest {
+                    name,
+                    command,
+                    description,
+                    project,
+                })
+                .await?;
+            print_json(&serde_json::to_value(&r).unwrap_or_default());
+        }
         other => {
             return Err(Error::invalid(
                 "--server",
                 format!(
                     "`{}` works on the database directly; run it without --server \
-                     (remote commands: submit, status, logs, cancel, approve, workflow show|graph|cancel)",
+                     (remote commands: submit, status, logs, cancel, approve, search, recommend, workflow show|graph|cancel)",
                     command_name(&other)
                 ),
             ));

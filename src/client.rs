@@ -30,6 +30,8 @@ use crate::model::{
     Attempt, TaskRecord, TaskSpec, Timestamp, WorkflowDetail, WorkflowRecord, WorkflowSpec,
     WorkflowStatus,
 };
+use crate::search::recommend::{RecommendRequest, Recommendation};
+use crate::search::{SearchRequest, SearchResults};
 use crate::service::{ClaimFilter, ClaimedWork, TaskPage, WorkflowPage, WorkflowSubmitted};
 use crate::store::{QueueStats, Submitted};
 
@@ -411,6 +413,49 @@ impl Client {
     pub async fn cancel_workflow(&self, id: &str) -> Result<WorkflowRecord> {
         self.post(&format!("/api/v1/workflows/{}/cancel", seg(id)), &json!({}))
             .await
+    }
+
+    /// Past tasks ranked for `req.query` (`GET /api/v1/search`).
+    /// `prefer_project` is not sent (the REST endpoint has no such filter).
+    pub async fn search(&self, req: &SearchRequest) -> Result<SearchResults> {
+        let mut query: Vec<(&str, String)> = vec![("q", req.query.clone())];
+        if let Some(p) = &req.project {
+            query.push(("project", p.clone()));
+        }
+        if !req.statuses.is_empty() {
+            let s: Vec<String> = req.statuses.iter().map(|s| s.to_string()).collect();
+            query.push(("status", s.join(",")));
+        }
+        for t in &req.tags {
+            query.push(("tag", t.clone()));
+        }
+        if let Some(t) = req.since {
+            query.push(("since", t.to_string()));
+        }
+        if let Some(t) = req.until {
+            query.push(("until", t.to_string()));
+        }
+        if req.limit > 0 {
+            query.push(("limit", req.limit.to_string()));
+        }
+        self.get_json("/api/v1/search", &query).await
+    }
+
+    /// Advice from similar past tasks (`GET /api/v1/recommendations`).
+    pub async fn recommend(&self, req: &RecommendRequest) -> Result<Recommendation> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        let fields = [
+            ("name", &req.name),
+            ("command", &req.command),
+            ("description", &req.description),
+            ("project", &req.project),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                query.push((k, v.clone()));
+            }
+        }
+        self.get_json("/api/v1/recommendations", &query).await
     }
 
     /// Queue depth by status, running tasks, throughput and ages.

@@ -51,7 +51,7 @@ pub struct SearchRequest {
 }
 
 /// One past task that matched.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct SearchHit {
     /// The task of the best matching run (get_task shows it in full).
     pub task_id: String,
@@ -83,14 +83,14 @@ pub struct SearchHit {
 }
 
 /// The answer of a search.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct SearchResults {
     pub hits: Vec<SearchHit>,
     /// `lexical` (words and trigrams), or `hybrid` when embeddings or the
     /// Vectorizer contributed.
     pub mode: String,
     /// Why an optional tier did not contribute (not configured tiers are not mentioned).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<String>,
 }
 

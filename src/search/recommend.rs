@@ -25,7 +25,7 @@ pub struct RecommendRequest {
 }
 
 /// A past task like the one described.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct SimilarTask {
     pub task_id: String,
     pub name: String,
@@ -38,7 +38,7 @@ pub struct SimilarTask {
 }
 
 /// A name or message and how often it occurred.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Counted {
     pub value: String,
     /// Runs (or tasks) it occurred in.
@@ -46,7 +46,7 @@ pub struct Counted {
 }
 
 /// Advice from history.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Recommendation {
     /// The task name the statistics come from (absent when history has nothing similar).
     #[serde(skip_serializing_if = "Option::is_none")]

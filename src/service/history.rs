@@ -10,7 +10,10 @@ use crate::store::history::{HistoryStore, OutboxState};
 impl TaskQueue {
     fn history(&self) -> Result<&dyn HistoryStore> {
         self.inner.store.history().ok_or_else(|| {
-            Error::unsupported("search", "this store keeps no task history to search")
+            Error::unsupported(
+                "search",
+                "history search and recommendations are not available on PostgreSQL yet; they work on the embedded SQLite store",
+            )
         })
     }
 

@@ -172,6 +172,27 @@ async fn the_client_covers_the_api_and_maps_its_errors() {
     assert!(stats.by_project.contains_key("batch"), "{stats:?}");
     assert_eq!(op.health().await.unwrap()["status"], "ok");
 
+    // History: search and recommendations.
+    let found = op
+        .search(&task_queue::search::SearchRequest {
+            query: "hello".into(),
+            project: Some("demo".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.hits[0].name, "hello", "{found:?}");
+    let advice = op
+        .recommend(&task_queue::search::recommend::RecommendRequest {
+            name: Some("hello".into()),
+            command: None,
+            description: None,
+            project: Some("demo".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(advice.based_on.as_deref(), Some("hello"), "{advice:?}");
+
     // Errors keep their kinds across the wire.
     let e = op
         .submit(&Task::new("bad").with_command("true").with_priority(1000))
@@ -254,6 +275,9 @@ fn cli_commands_work_against_a_server() {
     let out = remote(&["logs", &greet], &operator);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("hi from the server"), "{text}");
+    let out = remote(&["search", "greet", "--json"], &operator);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hits"][0]["name"], "greet", "{v}");
     let out = remote(&["status", "--json"], &operator);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tasks"].as_array().unwrap().len(), 2);
