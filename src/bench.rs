@@ -134,6 +134,10 @@ pub enum Scenario {
     /// REST submit and get over HTTP/1.1 keep-alive from C connections,
     /// against the same calls made in-process.
     Http,
+    /// History search latency over `--tasks` records (copies of the
+    /// evaluation corpus), against the same queries over 1,000 records in
+    /// the same run.
+    Search,
 }
 
 impl Scenario {
@@ -145,6 +149,7 @@ impl Scenario {
             Scenario::Dag => "dag",
             Scenario::Mcp => "mcp",
             Scenario::Http => "http",
+            Scenario::Search => "search",
         }
     }
 
@@ -156,6 +161,7 @@ impl Scenario {
             Scenario::Dag => 100,
             Scenario::Mcp => 1,
             Scenario::Http => 32,
+            Scenario::Search => 1,
         }
     }
 }
@@ -329,6 +335,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         Scenario::Dag => bench_dag(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Mcp => bench_mcp(&queue, &dir.path, &cfg, args.tasks, &mut out).await,
         Scenario::Http => bench_http(&queue, args.tasks, concurrency, &mut out).await,
+        Scenario::Search => bench_search(&queue, args.tasks, &mut out).await,
     }?;
     if args.history.is_some() && scenario == Scenario::Submit {
         bench_claims(&queue, &store, args.tasks, &mut out).await?;
@@ -756,6 +763,87 @@ where
         all.extend(r.map_err(|e| Error::Store(format!("bench worker failed: {e}")))??);
     }
     Ok((all, start.elapsed()))
+}
+
+// ---------------------------------------------------------------- search
+
+/// Records of the baseline measurement of `bench search`.
+const SEARCH_BASELINE_RECORDS: usize = 1_000;
+/// Times each evaluation query is run per measurement.
+const SEARCH_ROUNDS: usize = 5;
+
+async fn bench_search(queue: &TaskQueue, records: usize, out: &mut Value) -> Result<()> {
+    if records < SEARCH_BASELINE_RECORDS {
+        return Err(Error::invalid(
+            "--tasks",
+            format!("bench search needs at least {SEARCH_BASELINE_RECORDS} records, got {records}"),
+        ));
+    }
+    let queries = crate::search::eval::queries();
+    let now = crate::model::Timestamp::now().0;
+    let measure = |label: &'static str| {
+        let queries = queries.clone();
+        async move {
+            let mut lat = Vec::with_capacity(queries.len() * SEARCH_ROUNDS);
+            let mut hits = 0usize;
+            let start = Instant::now();
+            for _ in 0..SEARCH_ROUNDS {
+                for q in &queries {
+                    let t = Instant::now();
+                    let r = queue
+                        .search(crate::search::SearchRequest {
+                            query: q.query.clone(),
+                            limit: 10,
+                            ..Default::default()
+                        })
+                        .await?;
+                    lat.push(ms(t.elapsed()));
+                    hits += r.hits.len();
+                }
+            }
+            let elapsed = start.elapsed();
+            let n = lat.len();
+            Ok::<_, Error>(json!({
+                "what": label,
+                "queries": n,
+                "queries_per_sec": round(n as f64 / elapsed.as_secs_f64(), 1),
+                "p50_ms": round(percentile(&mut lat, 50.0), 3),
+                "p99_ms": round(percentile(&mut lat, 99.0), 3),
+                "mean_hits": round(hits as f64 / n as f64, 2),
+            }))
+        }
+    };
+    let t = Instant::now();
+    crate::search::eval::load_copies(queue, SEARCH_BASELINE_RECORDS, now).await?;
+    let load_small = t.elapsed();
+    let baseline = measure("the same queries over 1,000 records").await?;
+    let t = Instant::now();
+    crate::search::eval::load_copies(queue, records - SEARCH_BASELINE_RECORDS, now).await?;
+    let load_rest = t.elapsed();
+    let full = measure("search over all records").await?;
+    out["records"] = json!(records);
+    out["records_per_sec_loading"] = json!(round(
+        records as f64 / (load_small + load_rest).as_secs_f64(),
+        1
+    ));
+    out["tasks_per_sec"] = full["queries_per_sec"].clone();
+    out["p50_ms"] = full["p50_ms"].clone();
+    out["p99_ms"] = full["p99_ms"].clone();
+    out["mean_hits"] = full["mean_hits"].clone();
+    out["queries"] = full["queries"].clone();
+    let ratio = full["p50_ms"].as_f64().unwrap_or(0.0)
+        / baseline["p50_ms"].as_f64().unwrap_or(1.0).max(1e-9);
+    out["p50_ratio_vs_baseline"] = json!(round(ratio, 2));
+    out["baseline"] = json!({
+        "what": baseline["what"],
+        "tasks_per_sec": baseline["queries_per_sec"],
+        "p50_ms": baseline["p50_ms"],
+        "p99_ms": baseline["p99_ms"],
+    });
+    out["note"] = json!(
+        "tasks_per_sec is queries per second, one query at a time; the records are copies of the 99 corpus tasks, so each query matches many runs"
+    );
+    Ok(())
 }
 
 async fn bench_http(

@@ -65,23 +65,67 @@ pub fn queries() -> Vec<Query> {
 /// command tasks that this claims and finishes itself, so that none of
 /// their commands is ever executed.
 pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
-    let corpus: Corpus =
-        serde_json::from_str(CORPUS).map_err(|e| Error::Store(format!("eval/corpus.json: {e}")))?;
-    let mut planned = Vec::new();
-    for (i, t) in corpus.tasks.iter().enumerate() {
-        let runs = 3 + i % 2;
-        for j in 0..runs {
-            let mut spec = TaskSpec::new(&t.name).with_command(&t.command);
-            spec.project = Some(t.project.clone());
-            spec.description = Some(t.description.clone());
-            spec.tags = t.tags.clone();
-            spec.retry = Some(RetryPolicy {
-                max_attempts: Some(1),
-                ..Default::default()
-            });
-            let s = queue.submit(spec).await?;
-            planned.push((s.id, i, j, runs));
-        }
+    let corpus = corpus()?;
+    let plan: Vec<(usize, usize, usize)> = corpus
+        .tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, _)| {
+            let runs = 3 + i % 2;
+            (0..runs).map(move |j| (i, j, runs))
+        })
+        .collect();
+    store_runs(queue, &corpus, plan, now).await
+}
+
+/// Stores `records` finished runs made of the corpus's tasks, taken in
+/// turn (so each task has about `records / 99` runs): a history of any
+/// size for `task-queue bench search`. Same rules as [`load_corpus`].
+pub async fn load_copies(queue: &TaskQueue, records: usize, now: i64) -> Result<usize> {
+    let corpus = corpus()?;
+    let n = corpus.tasks.len();
+    let runs = records.div_ceil(n).max(1);
+    let plan = (0..records).map(|k| (k % n, k / n, runs)).collect();
+    store_runs(queue, &corpus, plan, now).await
+}
+
+fn corpus() -> Result<Corpus> {
+    serde_json::from_str(CORPUS).map_err(|e| Error::Store(format!("eval/corpus.json: {e}")))
+}
+
+/// Submits one run per `(task index, run index, runs of that task)`, claims
+/// them all and finishes each with its planned outcome.
+async fn store_runs(
+    queue: &TaskQueue,
+    corpus: &Corpus,
+    plan: Vec<(usize, usize, usize)>,
+    now: i64,
+) -> Result<usize> {
+    use futures::StreamExt;
+    let mut planned = Vec::with_capacity(plan.len());
+    for chunk in plan.chunks(1000) {
+        let specs: Vec<TaskSpec> = chunk
+            .iter()
+            .map(|&(i, _, _)| {
+                let t = &corpus.tasks[i];
+                let mut spec = TaskSpec::new(&t.name).with_command(&t.command);
+                spec.project = Some(t.project.clone());
+                spec.description = Some(t.description.clone());
+                spec.tags = t.tags.clone();
+                spec.retry = Some(RetryPolicy {
+                    max_attempts: Some(1),
+                    ..Default::default()
+                });
+                spec
+            })
+            .collect();
+        let submitted = queue.submit_batch(specs).await?;
+        planned.extend(
+            submitted
+                .into_iter()
+                .zip(chunk)
+                .map(|(s, &(i, j, runs))| (s.id, i, j, runs)),
+        );
     }
     // Every run is claimed here and finished below with its planned
     // outcome: none of the corpus commands is ever executed.
@@ -95,7 +139,7 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
                 worker_id: "eval".into(),
                 now: claim_at,
                 lease_until: claim_at + DAY_MS,
-                limit: planned.len() - attempts.len(),
+                limit: (planned.len() - attempts.len()).min(10_000),
                 server_kinds: true,
                 external: None,
             })
@@ -109,47 +153,56 @@ pub async fn load_corpus(queue: &TaskQueue, now: i64) -> Result<usize> {
         }
         attempts.extend(claimed.into_iter().map(|c| (c.id, c.attempt)));
     }
-    for (id, i, j, runs) in &planned {
+    // Finished concurrently, so the writer commits them in groups.
+    let finishes = planned.iter().map(|(id, i, j, runs)| {
         let t = &corpus.tasks[*i];
         let failed = t.failure.is_some() && (i + j) % 3 == 0;
         let base = 2_000 + (t.name.len() as i64 * 7_919) % 600_000;
-        let duration = base + base * *j as i64 / 10;
-        let finished = now - ((runs - j) as i64 * 7 + (*i % 5) as i64) * DAY_MS;
+        let duration = base + base * (*j % 10) as i64 / 10;
+        let back = (runs.saturating_sub(*j)) as i64 * 7 + (*i % 5) as i64;
+        let finished = now - (back * DAY_MS).min(now / 2);
         let (status, outcome) = if failed {
             (AttemptStatus::Failed, TaskStatus::Failed)
         } else {
             (AttemptStatus::Succeeded, TaskStatus::Succeeded)
         };
-        let outcome_applied = store
-            .finish(FinishAttempt {
-                task_id: id.clone(),
-                attempt: attempts[id],
-                worker_id: "eval".into(),
-                started_at: finished - duration,
-                now: finished,
-                status,
-                error: failed.then(|| t.failure.clone().unwrap_or_default()),
-                result: TaskResult {
-                    exit_code: Some(if failed { 1 } else { 0 }),
-                    duration_ms: duration as u64,
-                    attempt: 1,
-                    stderr_tail: if failed {
-                        t.failure.clone().unwrap_or_default()
-                    } else {
-                        String::new()
-                    },
-                    ..Default::default()
+        let f = FinishAttempt {
+            task_id: id.clone(),
+            attempt: attempts[id],
+            worker_id: "eval".into(),
+            started_at: finished - duration,
+            now: finished,
+            status,
+            error: failed.then(|| t.failure.clone().unwrap_or_default()),
+            result: TaskResult {
+                exit_code: Some(if failed { 1 } else { 0 }),
+                duration_ms: duration as u64,
+                attempt: 1,
+                stderr_tail: if failed {
+                    t.failure.clone().unwrap_or_default()
+                } else {
+                    String::new()
                 },
-                logs: Vec::new(),
-                next: Next::Done(outcome),
-            })
-            .await?;
-        if !matches!(outcome_applied, crate::store::FinishOutcome::Applied(_)) {
-            return Err(Error::Conflict(format!(
-                "run {id} of the corpus was not finished"
-            )));
+                ..Default::default()
+            },
+            logs: Vec::new(),
+            next: Next::Done(outcome),
+        };
+        let id = id.clone();
+        async move {
+            match store.finish(f).await? {
+                crate::store::FinishOutcome::Applied(_) => Ok(()),
+                _ => Err(Error::Conflict(format!(
+                    "run {id} of the corpus was not finished"
+                ))),
+            }
         }
-    }
+    });
+    let results: Vec<Result<()>> = futures::stream::iter(finishes)
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(planned.len())
 }
 
