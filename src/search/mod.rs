@@ -1,8 +1,9 @@
 //! History search and recommendations over interaction records.
 //!
-//! The embedded default needs no network and no model: FTS5 words (porter
-//! stemming, weighted columns, a synonym table for software work) and an
-//! FTS5 trigram index for pieces of names, fused by reciprocal rank, with
+//! The embedded default needs no network and no model: full-text words
+//! (stemming, weighted fields, a synonym table for software work) and a
+//! trigram index for pieces of names — FTS5 on SQLite, `tsvector` and
+//! pg_trgm on PostgreSQL — fused by reciprocal rank, with
 //! boosts for the preferred project and for recency. Optional tiers add
 //! candidates: embeddings from an OpenAI-compatible endpoint
 //! ([`embed`]) and a HiveLLM Vectorizer's text search ([`vectorizer`]).
