@@ -66,6 +66,16 @@ pub(super) async fn record(conn: &mut PgConnection, attempts: &[(&str, u32)]) ->
 async fn apply(conn: &mut PgConnection, change: &HistoryChange) -> Result<u64> {
     match change {
         HistoryChange::Prune { before, limit } => {
+            // One node prunes at a time; the others find nothing to do
+            // this round rather than delete the same rows in another order.
+            let mine: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_xact_lock(hashtext('task-queue history prune'))",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            if !mine {
+                return Ok(0);
+            }
             let ids: Vec<String> = sqlx::query_scalar(
                 "SELECT t.id FROM tasks t WHERE t.finished_at < $1 AND \
                  (EXISTS (SELECT 1 FROM interactions i WHERE i.task_id = t.id) \
