@@ -37,7 +37,8 @@
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
 //!   wake-ups). Migrations for both live in `migrations/sqlite` and
 //!   `migrations/postgres`. [`store::history`] is what search needs from a
-//!   store (FTS5 candidates, vectors, the Vectorizer outbox; SQLite only).
+//!   store (word and substring candidates, vectors, the Vectorizer
+//!   outbox): FTS5 on SQLite, `tsvector` and pg_trgm on PostgreSQL.
 //! * [`search`] — history search and recommendations: query words,
 //!   synonyms and quoting (`query`), rank fusion and boosts (`rank`),
 //!   `recommend`, the `Embedder` tier (`embed`), the Vectorizer client and

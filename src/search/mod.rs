@@ -1,8 +1,9 @@
 //! History search and recommendations over interaction records.
 //!
-//! The embedded default needs no network and no model: FTS5 words (porter
-//! stemming, weighted columns, a synonym table for software work) and an
-//! FTS5 trigram index for pieces of names, fused by reciprocal rank, with
+//! The embedded default needs no network and no model: full-text words
+//! (stemming, weighted fields, a synonym table for software work) and a
+//! trigram index for pieces of names — FTS5 on SQLite, `tsvector` and
+//! pg_trgm on PostgreSQL — fused by reciprocal rank, with
 //! boosts for the preferred project and for recency. Optional tiers add
 //! candidates: embeddings from an OpenAI-compatible endpoint
 //! ([`embed`]) and a HiveLLM Vectorizer's text search ([`vectorizer`]).
@@ -194,8 +195,8 @@ impl Search {
             n => n,
         };
         let terms = query::terms(&req.query);
-        let trigram = query::trigram_expr(&req.query, &terms);
-        if terms.is_empty() && trigram.is_none() {
+        let substrings = query::substrings(&req.query, &terms);
+        if terms.is_empty() && substrings.is_empty() {
             return Err(Error::invalid(
                 "query",
                 "give at least one word to look for (letters or digits; punctuation and words like 'the' are ignored)",
@@ -207,10 +208,11 @@ impl Search {
         // The user's own words, then the same with synonyms at a lower
         // weight: a synonym match must not outrank an exact one.
         for (source, weight, synonyms) in [("words", 1.0, false), ("synonyms", 0.6, true)] {
-            let Some(expr) = query::words_expr(&terms, synonyms) else {
+            let words = query::word_alternatives(&terms, synonyms);
+            if words.is_empty() {
                 continue;
-            };
-            let c = store.words(&expr, &filter, CANDIDATES).await?;
+            }
+            let c = store.words(&words, &filter, CANDIDATES).await?;
             for x in &c {
                 if let Some(s) = &x.snippet {
                     snippets.entry(x.id).or_insert_with(|| s.clone());
@@ -222,8 +224,8 @@ impl Search {
                 ids: c.iter().map(|x| x.id).collect(),
             });
         }
-        if let Some(expr) = trigram {
-            let c = store.substrings(&expr, &filter, CANDIDATES).await?;
+        if !substrings.is_empty() {
+            let c = store.substrings(&substrings, &filter, CANDIDATES).await?;
             lists.push(RankedList {
                 source: "trigram",
                 weight: 0.3,

@@ -1,8 +1,10 @@
-//! From user text to FTS5 MATCH expressions: words, synonyms, quoting.
+//! From user text to what the indexes look up: words, synonyms,
+//! substrings, and FTS5 quoting.
 //!
-//! Every term that reaches SQLite is a double-quoted string (FTS5's
-//! literal syntax), so no input — quotes, `NEAR(`, `*`, `-`, `:`,
-//! parentheses, column names — can change the query's structure.
+//! A store never splices user text into SQL: SQLite receives every term as
+//! a double-quoted FTS5 literal, so no input — quotes, `NEAR(`, `*`, `-`,
+//! `:`, parentheses, column names — can change the query's structure;
+//! PostgreSQL receives the terms as bound parameters.
 
 /// Words that say nothing about which task is meant.
 const STOPWORDS: &[&str] = &[
@@ -147,46 +149,51 @@ pub fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// The terms OR-ed, each with its synonym group when `synonyms`:
-/// `("deploy" OR "ship") OR ("api" OR "backend")`. `None` when the text
-/// has no words.
-pub fn words_expr(terms: &[String], synonyms: bool) -> Option<String> {
-    if terms.is_empty() {
-        return None;
-    }
-    let groups: Vec<String> = terms
+/// Literals OR-ed into one FTS5 MATCH expression: `"deploy" OR "api"`.
+/// Every literal is quoted, so no input can change the query's structure.
+pub fn fts5_any(literals: &[String]) -> String {
+    literals
         .iter()
-        .map(|t| {
-            let words = if synonyms { expand(t) } else { vec![t.clone()] };
-            let alts: Vec<String> = words.iter().map(|w| quote(w)).collect();
-            format!("({})", alts.join(" OR "))
-        })
-        .collect();
-    Some(groups.join(" OR "))
+        .map(|l| quote(l))
+        .collect::<Vec<_>>()
+        .join(" OR ")
 }
 
-/// Substrings for the trigram index: terms of three or more characters,
-/// and the whole query when it looks like part of a name (`deploy-a`).
-pub fn trigram_expr(raw: &str, terms: &[String]) -> Option<String> {
+/// The words a document may match, any of them: the terms, each with its
+/// synonym group when `synonyms`. Empty when the text has no words.
+pub fn word_alternatives(terms: &[String], synonyms: bool) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in terms {
+        let words = if synonyms { expand(t) } else { vec![t.clone()] };
+        for w in words {
+            if !out.contains(&w) {
+                out.push(w);
+            }
+        }
+    }
+    out
+}
+
+/// Substrings for the trigram index, any of them: terms of three or more
+/// characters, and the whole query when it looks like part of a name
+/// (`deploy-a`: no spaces or control characters).
+pub fn substrings(raw: &str, terms: &[String]) -> Vec<String> {
     let mut parts: Vec<String> = terms
         .iter()
         .filter(|t| t.chars().count() >= 3)
-        .map(|t| quote(t))
+        .cloned()
         .collect();
     let whole = raw.trim().to_lowercase();
     let n = whole.chars().count();
     if (3..=64).contains(&n)
         && whole.contains(char::is_alphanumeric)
         && !whole.contains(char::is_whitespace)
+        && !whole.contains(char::is_control)
         && !terms.contains(&whole)
     {
-        parts.push(quote(&whole));
+        parts.push(whole);
     }
-    if parts.is_empty() {
-        None
-    } else {
-        Some(parts.join(" OR "))
-    }
+    parts
 }
 
 #[cfg(test)]
@@ -214,15 +221,28 @@ mod tests {
 
     #[test]
     fn every_term_is_quoted() {
-        let e = words_expr(&terms("a\"b OR c*"), true).unwrap();
-        assert_eq!(e, "(\"b\") OR (\"c\")");
+        let words = word_alternatives(&terms("a\"b OR c*"), true);
+        assert_eq!(fts5_any(&words), "\"b\" OR \"c\"");
         assert_eq!(quote("x\"y"), "\"x\"\"y\"");
-        assert_eq!(trigram_expr("ploy", &terms("ploy")).unwrap(), "\"ploy\"");
+        assert_eq!(fts5_any(&substrings("ploy", &terms("ploy"))), "\"ploy\"");
         assert_eq!(
-            trigram_expr("deploy-ap", &terms("deploy-ap")).unwrap(),
+            fts5_any(&substrings("deploy-ap", &terms("deploy-ap"))),
             "\"deploy\" OR \"deploy-ap\""
         );
-        assert!(trigram_expr("ab", &terms("ab")).is_none());
-        assert!(trigram_expr("***", &terms("***")).is_none());
+        assert!(substrings("ab", &terms("ab")).is_empty());
+        assert!(substrings("***", &terms("***")).is_empty());
+        // No index takes control characters (SQLite ends the literal at a NUL).
+        assert_eq!(
+            substrings("de\u{0}ploy", &terms("de\u{0}ploy")),
+            vec!["ploy"]
+        );
+    }
+
+    #[test]
+    fn synonym_alternatives_keep_the_term_first_once() {
+        let w = word_alternatives(&terms("ship deploy"), true);
+        assert_eq!(w[0], "ship");
+        assert_eq!(w.iter().filter(|x| *x == "deploy").count(), 1);
+        assert!(word_alternatives(&[], true).is_empty());
     }
 }

@@ -12,7 +12,7 @@ impl TaskQueue {
         self.inner.store.history().ok_or_else(|| {
             Error::unsupported(
                 "search",
-                "history search and recommendations are not available on PostgreSQL yet; they work on the embedded SQLite store",
+                "this store keeps no history, so search and recommendations are not available",
             )
         })
     }

@@ -85,9 +85,9 @@ pub struct HistoryFilter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub id: i64,
-    /// BM25 (lower is better, as SQLite reports it).
+    /// Relevance, lower is better (SQLite's BM25; PostgreSQL's rank negated).
     pub bm25: f64,
-    /// Why it matched (an FTS5 snippet), when the index produced one.
+    /// Why it matched (a snippet with the match in `[` `]`), when the index produced one.
     pub snippet: Option<String>,
 }
 
@@ -133,17 +133,18 @@ pub enum HistoryChange {
 pub trait HistoryStore: Send + Sync {
     /// Applies a change; returns how many rows (tasks for `Prune`) it touched.
     async fn change_history(&self, change: HistoryChange) -> Result<u64>;
-    /// Word matches (an FTS5 MATCH expression) best first.
+    /// Records matching any of `words` (stemmed, weighted by field) best first.
     async fn words(
         &self,
-        expr: &str,
+        words: &[String],
         filter: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>>;
-    /// Substring matches (an FTS5 trigram MATCH expression) best first.
+    /// Records whose name, command or tags contain any of `parts`
+    /// (case-insensitive, three characters or more) best first.
     async fn substrings(
         &self,
-        expr: &str,
+        parts: &[String],
         filter: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>>;

@@ -6,8 +6,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use task_queue::Config;
 use task_queue::config::Durability;
-use task_queue::model::{AttemptStatus, Condition, TaskKind, TaskResult, TaskStatus};
+use task_queue::error::Error;
+use task_queue::model::{AttemptStatus, Condition, TaskKind, TaskResult, TaskStatus, Timestamp};
+use task_queue::search::recommend::RecommendRequest;
+use task_queue::search::{Search, SearchRequest};
+use task_queue::store::history::{HistoryChange, HistoryFilter};
 use task_queue::store::postgres::PgStore;
 use task_queue::store::sqlite::SqliteStore;
 use task_queue::store::{
@@ -41,6 +46,12 @@ impl Backend {
         let pool = sqlx::PgPool::connect(&base)
             .await
             .expect("connect to the test server");
+        // pg_trgm once per database, in `public`: an extension created by a
+        // migration inside a test schema would go when that schema is dropped.
+        // Tests race to create it; whichever loses finds it there.
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public")
+            .execute(&pool)
+            .await;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&pool)
             .await
@@ -125,6 +136,11 @@ conformance!(
     two_nodes_never_claim_the_same_task,
     two_nodes_resolve_a_fan_in_once,
     two_nodes_keep_one_audit_chain,
+    search_ranks_words_synonyms_and_pieces_of_names,
+    search_filters_by_project_outcome_tags_and_time,
+    search_survives_hostile_input,
+    recommend_is_deterministic,
+    history_retention_vectors_and_outbox,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -875,4 +891,356 @@ async fn two_nodes_keep_one_audit_chain(b: &Backend) {
     let events = assert_chain_ok(&a).await;
     assert_eq!(events, 400);
     assert_eq!(c.last_event_seq().await.unwrap(), 400);
+}
+
+// History: records written with the attempts, search and recommendations
+// ranked by the same code on every backend.
+
+/// A task with a description, a command, a project and tags.
+fn described(
+    name: &str,
+    project: &str,
+    tags: &[&str],
+    description: &str,
+    command: &str,
+) -> NewTask {
+    let mut t = task(name);
+    t.project = Some(project.to_string());
+    t.tags = tags.iter().map(|s| s.to_string()).collect();
+    t.spec_json = serde_json::json!({
+        "name": name,
+        "description": description,
+        "command": command,
+        "project": project,
+        "tags": tags,
+    })
+    .to_string();
+    t
+}
+
+/// Submits `t`, runs it once at `now` and finishes it with `status`.
+async fn run_once(s: &Arc<dyn Store>, t: NewTask, now: i64, status: TaskStatus) -> String {
+    let mut t = t;
+    t.now = now;
+    t.run_at = now;
+    let id = t.id.clone();
+    s.submit(tasks(vec![t])).await.unwrap();
+    let claimed = s.claim(claim_req("w1", now, 100)).await.unwrap();
+    assert_eq!(claimed.len(), 1, "one task ready");
+    let out = s
+        .finish(finish(&id, claimed[0].attempt, "w1", now + 1, status))
+        .await
+        .unwrap();
+    assert_eq!(out, FinishOutcome::Applied(status));
+    id
+}
+
+/// Three records: a deploy, a failed frontend build and a database backup.
+async fn small_history(s: &Arc<dyn Store>) -> [String; 3] {
+    let deploy = run_once(
+        s,
+        described(
+            "deploy-api",
+            "shop",
+            &["prod"],
+            "Roll the backend service out to production",
+            "kubectl apply -f api.yaml",
+        ),
+        T0,
+        TaskStatus::Succeeded,
+    )
+    .await;
+    let build = run_once(
+        s,
+        described(
+            "build-frontend",
+            "web",
+            &["ci"],
+            "Compile the web bundle",
+            "npm run build",
+        ),
+        T0 + 10_000,
+        TaskStatus::Failed,
+    )
+    .await;
+    let backup = run_once(
+        s,
+        described(
+            "nightly-backup",
+            "shop",
+            &["prod", "db"],
+            "Dump the orders database to object storage",
+            "pg_dump orders > orders.sql",
+        ),
+        T0 + 20_000,
+        TaskStatus::Succeeded,
+    )
+    .await;
+    [deploy, build, backup]
+}
+
+fn search_req(query: &str) -> SearchRequest {
+    SearchRequest {
+        query: query.to_string(),
+        ..Default::default()
+    }
+}
+
+async fn search(s: &Arc<dyn Store>, req: &SearchRequest) -> Vec<(String, Vec<String>)> {
+    let h = s.history().expect("the store keeps history");
+    Search::new(&Config::default())
+        .search(h, req, T0 + 60_000)
+        .await
+        .unwrap()
+        .hits
+        .into_iter()
+        .map(|hit| (hit.name, hit.sources))
+        .collect()
+}
+
+fn names(hits: &[(String, Vec<String>)]) -> Vec<&str> {
+    hits.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+async fn search_ranks_words_synonyms_and_pieces_of_names(b: &Backend) {
+    let s = b.open().await;
+    let [deploy, _, _] = small_history(&s).await;
+    let h = s.history().expect("the store keeps history");
+    assert_eq!(h.interaction_count().await.unwrap(), 3);
+    let rec = h.interactions_named("deploy-api", None, 10).await.unwrap();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].task_id, deploy);
+    assert_eq!(rec[0].command.as_deref(), Some("kubectl apply -f api.yaml"));
+    assert_eq!(rec[0].tags, vec!["prod"]);
+    assert_eq!(rec[0].outcome, "succeeded");
+
+    // Exact words, with the hit's snippet marking the match.
+    let results = Search::new(&Config::default())
+        .search(h, &search_req("orders database"), T0 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(results.hits[0].name, "nightly-backup");
+    assert!(
+        results.hits[0].snippet.contains('['),
+        "snippet marks the match: {:?}",
+        results.hits[0].snippet
+    );
+    // A paraphrase through the synonym table.
+    let hits = search(&s, &search_req("ship the backend")).await;
+    assert_eq!(names(&hits)[0], "deploy-api", "{hits:?}");
+    assert!(hits[0].1.contains(&"synonyms".to_string()), "{hits:?}");
+    // A piece of a name through the trigram index.
+    let hits = search(&s, &search_req("ploy")).await;
+    assert_eq!(names(&hits), vec!["deploy-api"], "{hits:?}");
+    assert!(hits[0].1.contains(&"trigram".to_string()), "{hits:?}");
+    let hits = search(&s, &search_req("FRONTE")).await;
+    assert_eq!(names(&hits), vec!["build-frontend"], "{hits:?}");
+    // Nothing like it.
+    assert!(search(&s, &search_req("zebra")).await.is_empty());
+}
+
+async fn search_filters_by_project_outcome_tags_and_time(b: &Backend) {
+    let s = b.open().await;
+    small_history(&s).await;
+    let all = search_req("deploy build backup");
+    let mut got = names(&search(&s, &all).await)
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    got.sort();
+    assert_eq!(got, vec!["build-frontend", "deploy-api", "nightly-backup"]);
+
+    let shop = SearchRequest {
+        project: Some("shop".into()),
+        ..all.clone()
+    };
+    let mut got = names(&search(&s, &shop).await)
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    got.sort();
+    assert_eq!(got, vec!["deploy-api", "nightly-backup"]);
+
+    let failed = SearchRequest {
+        statuses: vec![TaskStatus::Failed],
+        ..all.clone()
+    };
+    assert_eq!(names(&search(&s, &failed).await), vec!["build-frontend"]);
+
+    let tagged = SearchRequest {
+        tags: vec!["prod".into(), "db".into()],
+        ..all.clone()
+    };
+    assert_eq!(names(&search(&s, &tagged).await), vec!["nightly-backup"]);
+
+    let window = SearchRequest {
+        since: Some(Timestamp(T0 + 5_000)),
+        until: Some(Timestamp(T0 + 15_000)),
+        ..all.clone()
+    };
+    assert_eq!(names(&search(&s, &window).await), vec!["build-frontend"]);
+
+    // Filters apply to pieces of names too.
+    let piece = SearchRequest {
+        project: Some("web".into()),
+        ..search_req("ploy")
+    };
+    assert!(search(&s, &piece).await.is_empty());
+}
+
+async fn search_survives_hostile_input(b: &Backend) {
+    let s = b.open().await;
+    small_history(&s).await;
+    let h = s.history().expect("the store keeps history");
+    let engine = Search::new(&Config::default());
+    let hostile = [
+        "\"; DROP TABLE interactions; --",
+        "'); DELETE FROM tasks; --",
+        "NEAR(deploy api)",
+        "deploy* OR \"",
+        "name:deploy",
+        "a & b | !c <-> d",
+        "%_%",
+        "\\\\x00 \\' \\\"",
+        "((((",
+        ")) OR 1=1 --",
+        "$1 $$ ::text",
+        "deploy\u{0}api",
+        "ploy%",
+        "de_loy",
+    ];
+    for q in hostile {
+        match engine.search(h, &search_req(q), T0 + 60_000).await {
+            Ok(_) => {}
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "query", "{q:?}"),
+            Err(e) => panic!("{q:?} broke the query: {e}"),
+        }
+    }
+    // Wildcards are literal: as patterns these would find `deploy-api`.
+    assert!(search(&s, &search_req("y-a%i")).await.is_empty());
+    assert!(search(&s, &search_req("y-a_i")).await.is_empty());
+    assert_eq!(
+        names(&search(&s, &search_req("y-api")).await),
+        vec!["deploy-api"]
+    );
+    // Quoted SQL is only words: `deploy` still finds the deploy.
+    let hits = search(&s, &search_req("\"; deploy --")).await;
+    assert_eq!(names(&hits)[0], "deploy-api");
+    // Nothing was dropped or deleted.
+    assert_eq!(h.interaction_count().await.unwrap(), 3);
+    assert_eq!(s.counts().await.unwrap().values().sum::<u64>(), 3);
+}
+
+async fn recommend_is_deterministic(b: &Backend) {
+    let s = b.open().await;
+    let mut now = T0;
+    for status in [
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Succeeded,
+        TaskStatus::Succeeded,
+    ] {
+        let t = described(
+            "deploy-api",
+            "shop",
+            &["prod"],
+            "Roll the backend out",
+            "kubectl apply -f api.yaml",
+        );
+        run_once(&s, t, now, status).await;
+        now += 60_000;
+    }
+    let h = s.history().expect("the store keeps history");
+    let engine = Search::new(&Config::default());
+    let req = RecommendRequest {
+        name: Some("deploy-api".into()),
+        project: Some("shop".into()),
+        ..Default::default()
+    };
+    let first = engine.recommend(h, &req, now).await.unwrap();
+    let again = engine.recommend(h, &req, now).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(first.based_on.as_deref(), Some("deploy-api"));
+    assert_eq!(first.runs, 4);
+    assert_eq!(first.success_rate, Some(0.75));
+    assert_eq!(first.common_failures[0].value, "exit #");
+    // Described by words only, it finds the same task.
+    let by_words = RecommendRequest {
+        description: Some("ship the backend".into()),
+        ..Default::default()
+    };
+    let r = engine.recommend(h, &by_words, now).await.unwrap();
+    assert_eq!(r.based_on.as_deref(), Some("deploy-api"));
+    assert_eq!(r, engine.recommend(h, &by_words, now).await.unwrap());
+}
+
+async fn history_retention_vectors_and_outbox(b: &Backend) {
+    let s = b.open().await;
+    let [deploy, build, backup] = small_history(&s).await;
+    let h = s.history().expect("the store keeps history");
+    let all = h.filter_ids(&HistoryFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+
+    // Every record waits in the outbox until delivered.
+    let state = h.outbox_state().await.unwrap();
+    assert_eq!(state.pending, 3);
+    assert_eq!(state.oldest_finished_at, Some(T0 + 1));
+    let due = h.outbox_due(T0, 10).await.unwrap();
+    assert_eq!(due.len(), 3);
+    let failed = HistoryChange::DeliveryFailed {
+        ids: vec![due[0].id],
+        next_at: T0 + 1_000_000,
+        error: "connection refused".into(),
+    };
+    assert_eq!(h.change_history(failed).await.unwrap(), 1);
+    assert_eq!(h.outbox_due(T0, 10).await.unwrap().len(), 2);
+    let state = h.outbox_state().await.unwrap();
+    assert_eq!(state.max_attempts, 1);
+    assert_eq!(state.last_error.as_deref(), Some("connection refused"));
+    let delivered = HistoryChange::Delivered {
+        ids: vec![due[1].id],
+    };
+    assert_eq!(h.change_history(delivered).await.unwrap(), 1);
+    assert_eq!(h.outbox_state().await.unwrap().pending, 2);
+
+    // Vectors round-trip; a vector for an unknown record is not kept.
+    let put = HistoryChange::PutVectors {
+        model: "m".into(),
+        dim: 2,
+        rows: vec![(all[0], vec![0.6, 0.8]), (i64::MAX, vec![1.0, 0.0])],
+    };
+    h.change_history(put).await.unwrap();
+    assert_eq!(
+        h.vectors("m", 0).await.unwrap(),
+        vec![(all[0], vec![0.6, 0.8])]
+    );
+    assert_eq!(h.missing_vectors("m", 10).await.unwrap().len(), 2);
+
+    // Retention removes the records (with their vectors and outbox
+    // entries) and logs of tasks finished before the cut, a batch at a time.
+    let prune = HistoryChange::Prune {
+        before: T0 + 15_000,
+        limit: 1,
+    };
+    assert_eq!(h.change_history(prune.clone()).await.unwrap(), 1);
+    assert_eq!(h.change_history(prune.clone()).await.unwrap(), 1);
+    assert_eq!(h.change_history(prune).await.unwrap(), 0);
+    let left = h.filter_ids(&HistoryFilter::default()).await.unwrap();
+    let left = h.interactions(&left).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].task_id, backup);
+    assert!(s.logs(&deploy, None).await.unwrap().is_empty());
+    assert!(s.logs(&build, None).await.unwrap().is_empty());
+    assert!(!s.logs(&backup, None).await.unwrap().is_empty());
+    let state = h.outbox_state().await.unwrap();
+    assert!(state.pending <= 1, "{state:?}");
+    assert!(
+        h.vectors("m", 0)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(id, _)| *id == left[0].id)
+    );
+    let follow = h.follow_ups(std::slice::from_ref(&backup)).await.unwrap();
+    assert!(follow.is_empty());
 }

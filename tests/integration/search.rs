@@ -65,6 +65,32 @@ async fn search_evaluation_meets_its_floor() {
     assert!(g("dev/all").mrr_at_10 >= 0.80, "{}", report.table());
 }
 
+/// The same evaluation on PostgreSQL (a fresh schema), with the same
+/// floors: both stores answer under one ranking contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_evaluation_on_postgres_meets_its_floor() {
+    let Some(b) = crate::conformance::Backend::postgres("search_evaluation_on_postgres").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.storage.database_url = Some(b.url());
+    let q = TaskQueue::open_with(c).await.unwrap();
+    let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
+    let report = eval::evaluate(&q, n).await.unwrap();
+    eprintln!("{}", report.table());
+    for m in &report.misses {
+        eprintln!("{m}");
+    }
+    let g = |k: &str| report.groups[k].clone();
+    assert!(g("test/all").mrr_at_10 >= 0.80, "{}", report.table());
+    assert!(g("test/paraphrase").mrr_at_10 >= 0.70, "{}", report.table());
+    assert!(g("test/all").recall_at_5 >= 0.90, "{}", report.table());
+    assert!(g("dev/all").mrr_at_10 >= 0.80, "{}", report.table());
+    b.cleanup().await;
+}
+
 /// GET through the REST router.
 async fn rest_get(q: &TaskQueue, uri: &str) -> (StatusCode, Value) {
     use tower::ServiceExt;

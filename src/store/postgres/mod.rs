@@ -8,8 +8,10 @@
 //! `LISTEN/NOTIFY` ([`notify`]); the engine's polling covers what a lost
 //! notification would have said.
 //!
-//! Search is not part of this store yet.
+//! History search uses PostgreSQL full-text search and pg_trgm
+//! ([`history`]), ranked by the same code as SQLite's.
 
+mod history;
 mod notify;
 mod read;
 mod writer;
@@ -552,6 +554,10 @@ impl Store for PgStore {
 
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>> {
         read::workers_with_leases(&self.pool, host).await
+    }
+
+    fn history(&self) -> Option<&dyn crate::store::history::HistoryStore> {
+        Some(self)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {

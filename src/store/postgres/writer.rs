@@ -483,6 +483,14 @@ async fn apply_all(
         }
     }
     flush_attempts(&mut tx, &batch.attempts).await?;
+    // Every finished attempt becomes an interaction record in the same
+    // transaction, so history never misses or half-records one.
+    let finished: Vec<(&str, u32)> = batch
+        .attempts
+        .iter()
+        .map(|a| (a.task_id.as_str(), a.attempt))
+        .collect();
+    super::history::record(&mut tx, &finished).await?;
     flush_audit(&mut tx, &batch.audit).await?;
     // Delivered to the other nodes on commit, never for a rolled-back batch.
     let payloads = super::notify::payloads(node, &batch.events, &batch.workflow_events);

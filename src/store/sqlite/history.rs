@@ -9,6 +9,7 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 use super::SqliteStore;
 use super::writer::Op;
 use crate::error::Result;
+use crate::search::query;
 use crate::store::history::{
     Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, OutboxState,
 };
@@ -213,7 +214,12 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn words(&self, expr: &str, f: &HistoryFilter, limit: usize) -> Result<Vec<Candidate>> {
+    async fn words(
+        &self,
+        words: &[String],
+        f: &HistoryFilter,
+        limit: usize,
+    ) -> Result<Vec<Candidate>> {
         // Column weights: the name says most about a task, then what it
         // is for and how it runs; output and logs least.
         let sql = format!(
@@ -222,12 +228,13 @@ impl HistoryStore for SqliteStore {
              FROM interactions_fts JOIN interactions i ON i.id = interactions_fts.rowid \
              WHERE interactions_fts MATCH ?1 AND {FILTER} ORDER BY r LIMIT ?7"
         );
-        self.candidates(&sql, expr, f, limit).await
+        self.candidates(&sql, &query::fts5_any(words), f, limit)
+            .await
     }
 
     async fn substrings(
         &self,
-        expr: &str,
+        parts: &[String],
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
@@ -236,7 +243,8 @@ impl HistoryStore for SqliteStore {
              FROM interactions_trigram JOIN interactions i ON i.id = interactions_trigram.rowid \
              WHERE interactions_trigram MATCH ?1 AND {FILTER} ORDER BY r LIMIT ?7"
         );
-        self.candidates(&sql, expr, f, limit).await
+        self.candidates(&sql, &query::fts5_any(parts), f, limit)
+            .await
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {
