@@ -344,8 +344,10 @@ async fn cron_fires_each_slot_and_a_missed_stretch_once() {
     assert_eq!(s.upcoming_run.as_deref(), Some(sub.workflow_id.as_str()));
 
     let engine = q.start();
+    // Generous: under a loaded machine (the multi-node test runs beside
+    // this one) a run can take seconds to be fired, run and recorded.
     let runs_done = |q: TaskQueue, n: usize| async move {
-        for _ in 0..200 {
+        for _ in 0..1200 {
             let page = q
                 .list_workflows(vec![WorkflowStatus::Succeeded], None, Some(100), None)
                 .await
