@@ -160,7 +160,11 @@ pub fn document() -> Value {
             "post": op("createTask", "Submit a task (201; 200 when the idempotency key matched an earlier task)",
                 vec![json!({"name": "Idempotency-Key", "in": "header", "required": false, "description": "Same as the spec's idempotency_key: a repeat returns the first task.", "schema": {"type": "string"}})],
                 Some(body(task_spec.clone())),
-                merge(errors(&[("413", "Body too large."), ("415", "Not application/json.")]), "201", ok("Created.", submitted.clone()))),
+                {
+                    let mut r = merge(errors(&[("413", "Body too large."), ("415", "Not application/json.")]), "201", ok("Created.", submitted.clone()));
+                    r["200"] = ok("The idempotency key matched an earlier task; that task is returned (created: false).", submitted.clone());
+                    r
+                }),
             "get": op("listTasks", "List tasks, newest first, with cursor pagination",
                 vec![query("status", "Statuses, comma-separated or repeated.", "string"), query("project", "Project.", "string"),
                      query("workflow_id", "Workflow id.", "string"), query("tag", "Tag.", "string"), query("name", "Exact name.", "string"),
