@@ -367,9 +367,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut c = config.clone();
             c.storage.path = dir.join("eval.db");
             c.storage.durability = crate::config::Durability::Fast;
+            let c_has_embedder = c.search.embedder != crate::config::Embedder::None;
             let queue = TaskQueue::open_with(c).await?;
             let now = crate::model::Timestamp::now().0;
             let n = crate::search::eval::load_corpus(&queue, now).await?;
+            if c_has_embedder {
+                // Embed every record before the queries, as the background
+                // backfill would in time.
+                let started = std::time::Instant::now();
+                let embedded = queue.backfill_vectors(64).await?;
+                eprintln!(
+                    "embedded {embedded} records in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
             let report = crate::search::eval::evaluate(&queue, n).await?;
             let _ = std::fs::remove_dir_all(&dir);
             if json {

@@ -41,7 +41,8 @@
 //!   outbox): FTS5 on SQLite, `tsvector` and pg_trgm on PostgreSQL.
 //! * [`search`] — history search and recommendations: query words,
 //!   synonyms and quoting (`query`), rank fusion and boosts (`rank`),
-//!   `recommend`, the `Embedder` tier (`embed`), the Vectorizer client and
+//!   `recommend`, the `Embedder` tier (`embed`; the in-process model behind
+//!   the `local-embeddings` feature in `local`), the Vectorizer client and
 //!   outbox delivery (`vectorizer`), the labelled evaluation (`eval`).
 //! * [`engine`] — the scheduler loop (claims, runs, finishes, fires due
 //!   schedules), lease renewal and reclaim, retry decisions, crash

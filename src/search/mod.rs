@@ -12,6 +12,8 @@
 
 pub mod embed;
 pub mod eval;
+#[cfg(feature = "local-embeddings")]
+pub mod local;
 pub mod query;
 pub mod rank;
 pub mod recommend;
@@ -113,12 +115,37 @@ pub struct Search {
     pub(crate) vectorizer: Option<vectorizer::Vectorizer>,
     state: Mutex<TierState>,
     pub(crate) retention_days: u32,
+    /// Why the configured embedder could not be built, until taken.
+    startup_error: std::sync::Mutex<Option<Error>>,
+}
+
+/// The local model of `search.model_dir`.
+#[cfg(feature = "local-embeddings")]
+fn local_embedder(dir: Option<&std::path::Path>) -> Result<Arc<dyn Embedder>> {
+    let dir = dir.ok_or_else(|| {
+        Error::invalid(
+            "search.model_dir",
+            "is required when search.embedder is local",
+        )
+    })?;
+    let e = local::LocalEmbedder::load(dir)?;
+    tracing::info!(model = e.model(), dir = %dir.display(), "local embedding model loaded");
+    Ok(Arc::new(e))
+}
+
+#[cfg(not(feature = "local-embeddings"))]
+fn local_embedder(_: Option<&std::path::Path>) -> Result<Arc<dyn Embedder>> {
+    Err(Error::Unsupported {
+        field: "search.embedder".into(),
+        message: "local needs a build with `--features local-embeddings`; or use openai with a local server such as Ollama or llama.cpp".into(),
+    })
 }
 
 impl Search {
     /// Builds the tiers `config` asks for.
     pub fn new(config: &Config) -> Search {
         let s = &config.search;
+        let mut startup_error = std::sync::Mutex::new(None);
         let (embedder, embedder_unavailable): (Option<Arc<dyn Embedder>>, _) = match s.embedder {
             EmbedderKind::None => (None, None),
             EmbedderKind::Openai => match (&s.openai_url, &s.openai_model) {
@@ -131,12 +158,19 @@ impl Search {
                     ))),
                     None,
                 ),
-                _ => (None, Some("search.openai_url and search.openai_model are required".into())),
+                _ => (
+                    None,
+                    Some("search.openai_url and search.openai_model are required".into()),
+                ),
             },
-            EmbedderKind::Local => (
-                None,
-                Some("search.embedder local is not available in this build (no local model runtime); use openai with a local server such as Ollama or llama.cpp".into()),
-            ),
+            EmbedderKind::Local => match local_embedder(s.model_dir.as_deref()) {
+                Ok(e) => (Some(e), None),
+                Err(e) => {
+                    let why = e.to_string();
+                    *startup_error.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    (None, Some(why))
+                }
+            },
         };
         Search {
             half_life_days: s.recency_half_life_days,
@@ -146,6 +180,7 @@ impl Search {
             vectorizer: vectorizer::Vectorizer::from_config(&config.vectorizer),
             state: Mutex::new(TierState::default()),
             retention_days: config.storage.retention_days,
+            startup_error,
         }
     }
 
@@ -154,6 +189,14 @@ impl Search {
         self.embedder = Some(e);
         self.embedder_unavailable = None;
         self
+    }
+
+    /// Why the configured embedder could not be built (once).
+    pub(crate) fn take_startup_error(&self) -> Option<Error> {
+        self.startup_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub(crate) fn embedder(&self) -> Option<&Arc<dyn Embedder>> {

@@ -91,7 +91,12 @@ impl TaskQueue {
                 .await?,
             ),
         };
-        Ok(Self::with_store(store, config, clock))
+        let queue = Self::with_store(store, config, clock);
+        // A configured embedder that cannot be built is a start-up error.
+        if let Some(e) = queue.inner.search.take_startup_error() {
+            return Err(e);
+        }
+        Ok(queue)
     }
 
     /// A handle over engine state that already exists.

@@ -669,3 +669,109 @@ async fn vectorizer_outbox_survives_downtime() {
         r.hits[0]
     );
 }
+
+/// `search.embedder: local` in a build without the model runtime is a
+/// start-up error naming the key, not a silent fallback.
+#[cfg(not(feature = "local-embeddings"))]
+#[tokio::test]
+async fn local_embedder_without_the_feature_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.search.embedder = Embedder::Local;
+    c.search.model_dir = Some(dir.path().join("model"));
+    let Err(err) = TaskQueue::open_with(c).await else {
+        panic!("opened with a bad embedder setting")
+    };
+    assert!(
+        matches!(&err, Error::Unsupported { field, .. } if field == "search.embedder"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("--features local-embeddings"),
+        "{err}"
+    );
+}
+
+/// The directory of the local model, installed by scripts/install-model.sh.
+#[cfg(feature = "local-embeddings")]
+fn model_dir() -> std::path::PathBuf {
+    std::env::var("TASK_QUEUE_TEST_MODEL_DIR")
+        .expect(
+            "TASK_QUEUE_TEST_MODEL_DIR must name a model directory: \
+             bash scripts/install-model.sh DIR",
+        )
+        .into()
+}
+
+/// A model directory that lacks the model is a start-up error naming
+/// `search.model_dir` and the missing file.
+#[cfg(feature = "local-embeddings")]
+#[tokio::test]
+async fn local_embedder_with_a_bad_directory_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.search.embedder = Embedder::Local;
+    c.search.model_dir = Some(dir.path().join("nothing-here"));
+    let Err(err) = TaskQueue::open_with(c).await else {
+        panic!("opened with a bad embedder setting")
+    };
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if field == "search.model_dir"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+/// The local model gives meaning-level similarity: a paraphrase is closer
+/// than an unrelated sentence, and vectors are unit length.
+#[cfg(feature = "local-embeddings")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_model_embeds_paraphrases_close_together() {
+    use task_queue::search::embed::Embedder as _;
+    let e = task_queue::search::local::LocalEmbedder::load(&model_dir()).unwrap();
+    assert!(e.model().starts_with("local:"), "{}", e.model());
+    let texts: Vec<String> = [
+        "ship the new version of the web service to production",
+        "deploy the API release to the prod cluster",
+        "vacuum and reindex the analytics database",
+    ]
+    .map(String::from)
+    .to_vec();
+    let v = e.embed(&texts).await.unwrap();
+    assert_eq!(v.len(), 3);
+    assert!(v.iter().all(|x| x.len() == 384));
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for x in &v {
+        assert!((dot(x, x) - 1.0).abs() < 1e-4);
+    }
+    let close = dot(&v[0], &v[1]);
+    let far = dot(&v[0], &v[2]);
+    assert!(close > far + 0.2, "paraphrase {close}, unrelated {far}");
+    // The same text gives the same vector, alone or in a padded batch.
+    let alone = e.embed(&texts[2..]).await.unwrap();
+    assert!(dot(&alone[0], &v[2]) > 0.9999);
+}
+
+/// The labelled evaluation with the local model as the semantic tier
+/// (hybrid mode), with floors a little under the numbers in docs/SEARCH.md.
+#[cfg(feature = "local-embeddings")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_model_semantic_tier_meets_its_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir);
+    c.search.embedder = Embedder::Local;
+    c.search.model_dir = Some(model_dir());
+    let q = TaskQueue::open_with(c).await.unwrap();
+    let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
+    assert_eq!(q.backfill_vectors(64).await.unwrap(), n);
+    let report = eval::evaluate(&q, n).await.unwrap();
+    eprintln!("with the local model:\n{}", report.table());
+    for m in &report.misses {
+        eprintln!("{m}");
+    }
+    assert_eq!(report.mode, "hybrid");
+    let g = |k: &str| report.groups[k].clone();
+    assert!(g("test/all").mrr_at_10 >= 0.85, "{}", report.table());
+    assert!(g("test/paraphrase").mrr_at_10 >= 0.80, "{}", report.table());
+    assert!(g("dev/all").mrr_at_10 >= 0.85, "{}", report.table());
+}
