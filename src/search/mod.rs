@@ -247,7 +247,6 @@ impl Search {
         }
         let filter = filter_of(req)?;
         let mut lists = Vec::new();
-        let mut snippets: HashMap<i64, String> = HashMap::new();
         // The user's own words, then the same with synonyms at a lower
         // weight: a synonym match must not outrank an exact one.
         for (source, weight, synonyms) in [("words", 1.0, false), ("synonyms", 0.6, true)] {
@@ -256,11 +255,6 @@ impl Search {
                 continue;
             }
             let c = store.words(&words, &filter, CANDIDATES).await?;
-            for x in &c {
-                if let Some(s) = &x.snippet {
-                    snippets.entry(x.id).or_insert_with(|| s.clone());
-                }
-            }
             lists.push(RankedList {
                 source,
                 weight,
@@ -303,7 +297,7 @@ impl Search {
             }
         }
         let hits = self
-            .assemble(store, &lists, &snippets, &terms, req, &filter, now, limit)
+            .assemble(store, &lists, &terms, req, &filter, now, limit)
             .await?;
         Ok(SearchResults {
             hits,
@@ -352,7 +346,6 @@ impl Search {
         &self,
         store: &dyn HistoryStore,
         lists: &[RankedList],
-        snippets: &HashMap<i64, String>,
         terms: &[String],
         req: &SearchRequest,
         filter: &HistoryFilter,
@@ -403,29 +396,25 @@ impl Search {
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.id.cmp(&a.1.id)));
         ranked.truncate(limit);
         let words: Vec<String> = terms.iter().flat_map(|t| query::expand(t)).collect();
-        let group_snippet = |k: &Key, r: &Interaction| -> String {
-            snippets
-                .get(&r.id)
-                .or_else(|| {
-                    records
-                        .values()
-                        .filter(|o| (o.project.clone(), o.name.clone()) == *k)
-                        .find_map(|o| snippets.get(&o.id))
-                })
-                .cloned()
-                .unwrap_or_else(|| {
-                    r.description
-                        .clone()
-                        .unwrap_or_else(|| r.name.clone())
-                        .chars()
-                        .take(160)
-                        .collect()
-                })
+        // Excerpts only for the runs shown: each costs a pass over the text.
+        let shown: Vec<i64> = ranked.iter().map(|(_, r, _, _)| r.id).collect();
+        let snippets = store
+            .snippets(&query::word_alternatives(terms, true), &shown)
+            .await?;
+        let snippet_of = |r: &Interaction| -> String {
+            snippets.get(&r.id).cloned().unwrap_or_else(|| {
+                r.description
+                    .clone()
+                    .unwrap_or_else(|| r.name.clone())
+                    .chars()
+                    .take(160)
+                    .collect()
+            })
         };
         Ok(ranked
             .into_iter()
             .map(|(score, r, runs, k)| {
-                let snippet = group_snippet(k, r);
+                let snippet = snippet_of(r);
                 SearchHit {
                     matched: rank::matched_fields(r, &words),
                     sources: fused[k].sources.iter().map(|s| s.to_string()).collect(),

@@ -4,6 +4,8 @@
 //! outbox and retention. Ranking lives in [`crate::search`]; this is only
 //! what needs the database.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -87,9 +89,13 @@ pub struct Candidate {
     pub id: i64,
     /// Relevance, lower is better (SQLite's BM25; PostgreSQL's rank negated).
     pub bm25: f64,
-    /// Why it matched (a snippet with the match in `[` `]`), when the index produced one.
-    pub snippet: Option<String>,
 }
+
+/// Full-text candidates are ranked among at most this many matching
+/// records, the newest: a word common to a long history then costs the
+/// same as in a short one. Runs of one task share their words, so the
+/// newest runs stand for the task.
+pub const MATCH_WINDOW: usize = 2000;
 
 /// The state of the Vectorizer outbox.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
@@ -148,6 +154,10 @@ pub trait HistoryStore: Send + Sync {
         filter: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>>;
+    /// Why each of `ids` matched `words`: a short excerpt with the matched
+    /// words in `[` `]`. Ids that do not match are left out. Asked only for
+    /// the records a search returns, since excerpts are costly.
+    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>>;
     /// Records by id (missing ids are left out), in no particular order.
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>>;
     /// Every record of tasks with this name (in this project, if given), newest first.

@@ -7,6 +7,8 @@
 //! goes through `plainto_tsquery`, each substring is matched with `LIKE`
 //! after its wildcards are escaped.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -14,7 +16,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use super::PgStore;
 use crate::error::Result;
 use crate::store::history::{
-    Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, OutboxState,
+    Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, MATCH_WINDOW, OutboxState,
 };
 
 /// Writes the interaction records of attempts just inserted (same
@@ -164,6 +166,12 @@ const FILTER: &str = "($2::text IS NULL OR i.project = $2) \
 /// Field weights for `ts_rank`, `{D, C, B, A}`: the name says most about a
 /// task, then what it is for, then how it runs; output and logs least
 /// (SQLite's bm25 weights 8 / 4 / 2 / 0.5, relative to the name).
+/// The tsquery of `$1`: any of the words; words that are stopwords to the
+/// parser become empty queries and are left out.
+const TSQUERY: &str = "SELECT tsquery_any(w) AS q FROM \
+     (SELECT plainto_tsquery('english', t) AS w FROM unnest($1::text[]) AS t) AS x \
+     WHERE numnode(w) > 0";
+
 const WEIGHTS: &str = "'{0.0625, 0.25, 0.5, 1.0}'::float4[]";
 
 fn interaction_from(row: &PgRow) -> Interaction {
@@ -225,6 +233,7 @@ impl PgStore {
             .bind(f.since)
             .bind(f.until)
             .bind(limit as i64)
+            .bind(MATCH_WINDOW as i64)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -232,7 +241,6 @@ impl PgStore {
             .map(|r| Candidate {
                 id: r.get(0),
                 bm25: r.get(1),
-                snippet: r.get(2),
             })
             .collect())
     }
@@ -255,18 +263,14 @@ impl HistoryStore for PgStore {
     ) -> Result<Vec<Candidate>> {
         // Any of the words: each one's tsquery OR-ed; words that are
         // stopwords to the parser become empty queries and are left out.
+        // Ranked among the newest MATCH_WINDOW matches, as on SQLite.
         let sql = format!(
-            "WITH q AS (SELECT tsquery_any(w) AS q FROM \
-                 (SELECT plainto_tsquery('english', t) AS w FROM unnest($1::text[]) AS t) AS x \
-                 WHERE numnode(w) > 0), \
-             hits AS (SELECT i.id, i.name, i.description, i.command, i.error, \
-                 -ts_rank({WEIGHTS}, i.words, q.q)::float8 AS r \
-                 FROM interactions i, q WHERE q.q IS NOT NULL AND i.words @@ q.q AND {FILTER} \
-                 ORDER BY r, i.id LIMIT $7) \
-             SELECT h.id, h.r, ts_headline('english', \
-                 concat_ws(' — ', h.name, h.description, h.command, h.error), q.q, \
-                 'StartSel=[, StopSel=], MaxWords=12, MinWords=4, FragmentDelimiter=…, MaxFragments=1') \
-             FROM hits h, q ORDER BY h.r, h.id"
+            "WITH q AS ({TSQUERY}), \
+             recent AS (SELECT i.id, i.words FROM interactions i, q \
+                 WHERE q.q IS NOT NULL AND i.words @@ q.q AND {FILTER} \
+                 ORDER BY i.id DESC LIMIT $8) \
+             SELECT r.id, -ts_rank({WEIGHTS}, r.words, q.q)::float8 AS s \
+             FROM recent r, q ORDER BY s, r.id LIMIT $7"
         );
         self.candidates(&sql, words.to_vec(), f, limit).await
     }
@@ -284,16 +288,35 @@ impl HistoryStore for PgStore {
             .map(|p| contains_pattern(&p.to_lowercase()))
             .collect();
         let sql = format!(
-            "SELECT i.id, -(SELECT sum(CASE WHEN lower(i.name) LIKE p THEN 4 ELSE 0 END \
-                   + CASE WHEN lower(coalesce(i.command, '')) LIKE p THEN 1 ELSE 0 END \
-                   + CASE WHEN lower(i.tags::text) LIKE p THEN 2 ELSE 0 END) \
-                   FROM unnest($1::text[]) AS p)::float8 AS r, NULL::text \
-             FROM interactions i \
-             WHERE (lower(i.name) LIKE ANY($1) OR lower(coalesce(i.command, '')) LIKE ANY($1) \
-                    OR lower(i.tags::text) LIKE ANY($1)) AND {FILTER} \
-             ORDER BY r, length(i.name), i.id LIMIT $7"
+            "SELECT c.id, -(SELECT sum(CASE WHEN lower(c.name) LIKE p THEN 4 ELSE 0 END \
+                   + CASE WHEN lower(coalesce(c.command, '')) LIKE p THEN 1 ELSE 0 END \
+                   + CASE WHEN lower(c.tags::text) LIKE p THEN 2 ELSE 0 END) \
+                   FROM unnest($1::text[]) AS p)::float8 AS r \
+             FROM (SELECT i.id, i.name, i.command, i.tags FROM interactions i \
+                 WHERE (lower(i.name) LIKE ANY($1) OR lower(coalesce(i.command, '')) LIKE ANY($1) \
+                        OR lower(i.tags::text) LIKE ANY($1)) AND {FILTER} \
+                 ORDER BY i.id DESC LIMIT $8) AS c \
+             ORDER BY r, length(c.name), c.id LIMIT $7"
         );
         self.candidates(&sql, patterns, f, limit).await
+    }
+
+    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>> {
+        if words.is_empty() || ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "WITH q AS ({TSQUERY}) \
+             SELECT i.id, ts_headline('english', \
+                 concat_ws(' — ', i.name, i.description, i.command, i.error), q.q, \
+                 'StartSel=[, StopSel=], MaxWords=12, MinWords=4, FragmentDelimiter=…, MaxFragments=1') \
+             FROM interactions i, q WHERE q.q IS NOT NULL AND i.id = ANY($2) AND i.words @@ q.q"
+        )))
+        .bind(words)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {

@@ -2,6 +2,8 @@
 //! word and trigram indexes (kept in step by triggers, see
 //! `migrations/0004_search.sql`), vectors and the Vectorizer outbox.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
@@ -11,7 +13,7 @@ use super::writer::Op;
 use crate::error::Result;
 use crate::search::query;
 use crate::store::history::{
-    Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, OutboxState,
+    Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, MATCH_WINDOW, OutboxState,
 };
 
 /// Writes the interaction records of attempts just inserted (same transaction).
@@ -191,6 +193,7 @@ impl SqliteStore {
             .bind(f.since)
             .bind(f.until)
             .bind(limit as i64)
+            .bind(MATCH_WINDOW as i64)
             .fetch_all(&self.read)
             .await?;
         Ok(rows
@@ -198,7 +201,6 @@ impl SqliteStore {
             .map(|r| Candidate {
                 id: r.get(0),
                 bm25: r.get(1),
-                snippet: r.get(2),
             })
             .collect())
     }
@@ -222,11 +224,14 @@ impl HistoryStore for SqliteStore {
     ) -> Result<Vec<Candidate>> {
         // Column weights: the name says most about a task, then what it
         // is for and how it runs; output and logs least.
+        // Ranked among the newest MATCH_WINDOW matches (FTS5 walks its
+        // doclists in descending rowid order, so the cost is bounded).
         let sql = format!(
-            "SELECT i.id, bm25(interactions_fts, 8.0, 4.0, 2.0, 3.0, 1.0, 1.0, 0.5, 0.5) AS r, \
-             snippet(interactions_fts, -1, '[', ']', '…', 12) \
+            "SELECT c.id, c.r FROM (SELECT interactions_fts.rowid AS id, \
+             bm25(interactions_fts, 8.0, 4.0, 2.0, 3.0, 1.0, 1.0, 0.5, 0.5) AS r \
              FROM interactions_fts JOIN interactions i ON i.id = interactions_fts.rowid \
-             WHERE interactions_fts MATCH ?1 AND {FILTER} ORDER BY r LIMIT ?7"
+             WHERE interactions_fts MATCH ?1 AND {FILTER} \
+             ORDER BY interactions_fts.rowid DESC LIMIT ?8) AS c ORDER BY c.r, c.id LIMIT ?7"
         );
         self.candidates(&sql, &query::fts5_any(words), f, limit)
             .await
@@ -239,12 +244,30 @@ impl HistoryStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Candidate>> {
         let sql = format!(
-            "SELECT i.id, bm25(interactions_trigram, 4.0, 1.0, 2.0) AS r, NULL \
+            "SELECT c.id, c.r FROM (SELECT interactions_trigram.rowid AS id, \
+             bm25(interactions_trigram, 4.0, 1.0, 2.0) AS r \
              FROM interactions_trigram JOIN interactions i ON i.id = interactions_trigram.rowid \
-             WHERE interactions_trigram MATCH ?1 AND {FILTER} ORDER BY r LIMIT ?7"
+             WHERE interactions_trigram MATCH ?1 AND {FILTER} \
+             ORDER BY interactions_trigram.rowid DESC LIMIT ?8) AS c ORDER BY c.r, c.id LIMIT ?7"
         );
         self.candidates(&sql, &query::fts5_any(parts), f, limit)
             .await
+    }
+
+    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>> {
+        if words.is_empty() || ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(
+            "SELECT rowid, snippet(interactions_fts, -1, '[', ']', '…', 12) \
+             FROM interactions_fts WHERE interactions_fts MATCH ?1 \
+             AND rowid IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(query::fts5_any(words))
+        .bind(serde_json::to_string(ids).unwrap_or_default())
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {
