@@ -111,6 +111,11 @@ pub struct BenchArgs {
     /// Nodes draining the queue at once (`noop` on a PostgreSQL `--db` only; default 1).
     #[arg(long)]
     pub nodes: Option<usize>,
+    /// `search` only: add the semantic tier, with a built-in hashing
+    /// embedder of 384 dimensions (the vector scan and fusion of a real
+    /// model's tier, without its inference time).
+    #[arg(long)]
+    pub semantic: bool,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -287,7 +292,22 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         cfg.storage.read_connections,
     )
     .await?;
-    let queue = TaskQueue::with_store(Arc::new(store.clone()), cfg.clone(), Arc::new(SystemClock));
+    if args.semantic && scenario != Scenario::Search {
+        return Err(Error::invalid(
+            "--semantic",
+            "applies to `bench search` only",
+        ));
+    }
+    let queue = if args.semantic {
+        TaskQueue::with_store_and_embedder(
+            Arc::new(store.clone()),
+            cfg.clone(),
+            Arc::new(SystemClock),
+            Arc::new(HashEmbedder),
+        )
+    } else {
+        TaskQueue::with_store(Arc::new(store.clone()), cfg.clone(), Arc::new(SystemClock))
+    };
 
     let mut out = json!({
         "scenario": scenario.as_str(),
@@ -335,7 +355,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         Scenario::Dag => bench_dag(&queue, &store, args.tasks, concurrency, &mut out).await,
         Scenario::Mcp => bench_mcp(&queue, &dir.path, &cfg, args.tasks, &mut out).await,
         Scenario::Http => bench_http(&queue, args.tasks, concurrency, &mut out).await,
-        Scenario::Search => bench_search(&queue, args.tasks, &mut out).await,
+        Scenario::Search => bench_search(&queue, args.tasks, args.semantic, &mut out).await,
     }?;
     if args.history.is_some() && scenario == Scenario::Submit {
         bench_claims(&queue, &store, args.tasks, &mut out).await?;
@@ -772,7 +792,50 @@ const SEARCH_BASELINE_RECORDS: usize = 1_000;
 /// Times each evaluation query is run per measurement.
 const SEARCH_ROUNDS: usize = 5;
 
-async fn bench_search(queue: &TaskQueue, records: usize, out: &mut Value) -> Result<()> {
+/// A stand-in for a sentence-embedding model in `bench search --semantic`:
+/// words and word pairs hashed into 384 dimensions, unit length. It costs
+/// next to nothing, so the benchmark measures the semantic tier's vector
+/// scan and fusion; a real model adds its inference time per query.
+struct HashEmbedder;
+
+#[async_trait::async_trait]
+impl crate::search::embed::Embedder for HashEmbedder {
+    fn model(&self) -> &str {
+        "bench-hash-384"
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let hash = |s: &str| {
+            s.bytes()
+                .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619))
+        };
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0f32; 384];
+                let lower = t.to_lowercase();
+                let words: Vec<&str> = lower
+                    .split(|c: char| !c.is_alphanumeric())
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                for w in &words {
+                    v[(hash(w) % 384) as usize] += 1.0;
+                }
+                for p in words.windows(2) {
+                    v[(hash(&format!("{} {}", p[0], p[1])) % 384) as usize] += 0.5;
+                }
+                crate::search::embed::normalise(v)
+            })
+            .collect())
+    }
+}
+
+async fn bench_search(
+    queue: &TaskQueue,
+    records: usize,
+    semantic: bool,
+    out: &mut Value,
+) -> Result<()> {
     if records < SEARCH_BASELINE_RECORDS {
         return Err(Error::invalid(
             "--tasks",
@@ -815,13 +878,24 @@ async fn bench_search(queue: &TaskQueue, records: usize, out: &mut Value) -> Res
     };
     let t = Instant::now();
     crate::search::eval::load_copies(queue, SEARCH_BASELINE_RECORDS, now).await?;
+    if semantic {
+        queue.backfill_vectors(1000).await?;
+    }
     let load_small = t.elapsed();
     let baseline = measure("the same queries over 1,000 records").await?;
     let t = Instant::now();
     crate::search::eval::load_copies(queue, records - SEARCH_BASELINE_RECORDS, now).await?;
+    if semantic {
+        queue.backfill_vectors(1000).await?;
+    }
     let load_rest = t.elapsed();
     let full = measure("search over all records").await?;
     out["records"] = json!(records);
+    out["semantic"] = if semantic {
+        json!("hashing embedder, 384 dimensions: vector scan and fusion, no model inference")
+    } else {
+        json!(false)
+    };
     out["records_per_sec_loading"] = json!(round(
         records as f64 / (load_small + load_rest).as_secs_f64(),
         1

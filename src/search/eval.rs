@@ -219,6 +219,9 @@ pub struct Scores {
 pub struct Report {
     pub records: usize,
     pub mode: String,
+    /// Latency of the evaluation's searches, one at a time (ms).
+    pub search_p50_ms: f64,
+    pub search_p99_ms: f64,
     pub groups: BTreeMap<String, Scores>,
     /// Dev queries whose first hit was not relevant, for tuning (test
     /// queries are never listed).
@@ -238,6 +241,10 @@ impl Report {
                 k, v.queries, v.mrr_at_10, v.recall_at_5
             ));
         }
+        s.push_str(&format!(
+            "search latency, one query at a time: p50 {:.2} ms, p99 {:.2} ms\n",
+            self.search_p50_ms, self.search_p99_ms
+        ));
         s
     }
 }
@@ -247,7 +254,9 @@ pub async fn evaluate(queue: &TaskQueue, records: usize) -> Result<Report> {
     let mut sums: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
     let mut misses = Vec::new();
     let mut mode = String::from("lexical");
+    let mut latencies = Vec::new();
     for q in queries() {
+        let started = std::time::Instant::now();
         let r = queue
             .search(SearchRequest {
                 query: q.query.clone(),
@@ -255,6 +264,7 @@ pub async fn evaluate(queue: &TaskQueue, records: usize) -> Result<Report> {
                 ..Default::default()
             })
             .await?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
         mode = r.mode.clone();
         let keys: Vec<String> = r
             .hits
@@ -299,9 +309,18 @@ pub async fn evaluate(queue: &TaskQueue, records: usize) -> Result<Report> {
             )
         })
         .collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies
+            .get(i)
+            .map_or(0.0, |v| (v * 1000.0).round() / 1000.0)
+    };
     Ok(Report {
         records,
         mode,
+        search_p50_ms: at(0.50),
+        search_p99_ms: at(0.99),
         groups,
         misses,
     })

@@ -186,9 +186,18 @@ impl Search {
 
     /// Replaces the embedder (tests and library users with their own model).
     pub fn with_embedder(mut self, e: Arc<dyn Embedder>) -> Self {
+        self.set_embedder(e);
+        self
+    }
+
+    /// Replaces the embedder in place.
+    pub fn set_embedder(&mut self, e: Arc<dyn Embedder>) {
         self.embedder = Some(e);
         self.embedder_unavailable = None;
-        self
+        *self
+            .startup_error
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Why the configured embedder could not be built (once).
@@ -247,6 +256,8 @@ impl Search {
         }
         let filter = filter_of(req)?;
         let mut lists = Vec::new();
+        // Matching runs per task, as the candidate lists counted them.
+        let mut runs: HashMap<i64, u64> = HashMap::new();
         // The user's own words, then the same with synonyms at a lower
         // weight: a synonym match must not outrank an exact one.
         for (source, weight, synonyms) in [("words", 1.0, false), ("synonyms", 0.6, true)] {
@@ -255,6 +266,9 @@ impl Search {
                 continue;
             }
             let c = store.words(&words, &filter, CANDIDATES).await?;
+            for x in &c {
+                runs.insert(x.id, x.runs);
+            }
             lists.push(RankedList {
                 source,
                 weight,
@@ -263,6 +277,9 @@ impl Search {
         }
         if !substrings.is_empty() {
             let c = store.substrings(&substrings, &filter, CANDIDATES).await?;
+            for x in &c {
+                runs.entry(x.id).or_insert(x.runs);
+            }
             lists.push(RankedList {
                 source: "trigram",
                 weight: 0.3,
@@ -297,7 +314,7 @@ impl Search {
             }
         }
         let hits = self
-            .assemble(store, &lists, &terms, req, &filter, now, limit)
+            .assemble(store, &lists, &runs, &terms, req, &filter, now, limit)
             .await?;
         Ok(SearchResults {
             hits,
@@ -346,6 +363,7 @@ impl Search {
         &self,
         store: &dyn HistoryStore,
         lists: &[RankedList],
+        runs: &HashMap<i64, u64>,
         terms: &[String],
         req: &SearchRequest,
         filter: &HistoryFilter,
@@ -377,6 +395,7 @@ impl Search {
                 .entry((r.project.clone(), r.name.clone()))
                 .or_insert((r, 0));
             g.1 += 1;
+            g.1 = g.1.max(runs.get(&r.id).copied().unwrap_or(0));
             if (r.finished_at, r.id) > (g.0.finished_at, g.0.id) {
                 g.0 = r;
             }

@@ -112,6 +112,23 @@ impl TaskQueue {
         }
     }
 
+    /// Builds a queue over any store with a given embedder as the semantic
+    /// tier, whatever `search.embedder` says (library users with a model of
+    /// their own; benchmarks).
+    pub fn with_store_and_embedder(
+        store: Arc<dyn Store>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        embedder: Arc<dyn crate::search::embed::Embedder>,
+    ) -> Self {
+        let worker_id = format!("w-{}", uuid::Uuid::now_v7());
+        let mut shared = Shared::new(store, config, clock, worker_id);
+        shared.search.set_embedder(embedder);
+        TaskQueue {
+            inner: Arc::new(shared),
+        }
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.inner.config

@@ -89,6 +89,24 @@ pub struct Candidate {
     pub id: i64,
     /// Relevance, lower is better (SQLite's BM25; PostgreSQL's rank negated).
     pub bm25: f64,
+    /// Matching runs of the same task (project and name) in the window;
+    /// the candidate is the best of them, the newest on ties.
+    pub runs: u64,
+}
+
+/// Wraps a query over the window `c(id, r, project, name)` so that each
+/// task (project and name) gives one candidate: its best run (the newest
+/// on ties), with the task's count of matching runs; tasks ordered by
+/// that best score, then by their oldest run. Standard SQL: SQLite and
+/// PostgreSQL alike. `limit` is the placeholder of the row limit.
+pub fn best_run_per_task(window: &str, limit: &str) -> String {
+    format!(
+        "SELECT id, r, runs FROM (SELECT c.id, c.r, \
+             count(*) OVER (PARTITION BY c.project, c.name) AS runs, \
+             min(c.id) OVER (PARTITION BY c.project, c.name) AS first, \
+             row_number() OVER (PARTITION BY c.project, c.name ORDER BY c.r, c.id DESC) AS k \
+         FROM ({window}) AS c) AS t WHERE k = 1 ORDER BY r, first LIMIT {limit}"
+    )
 }
 
 /// Full-text candidates are ranked among at most this many matching

@@ -17,6 +17,7 @@ use super::PgStore;
 use crate::error::Result;
 use crate::store::history::{
     Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, MATCH_WINDOW, OutboxState,
+    best_run_per_task,
 };
 
 /// Writes the interaction records of attempts just inserted (same
@@ -241,6 +242,7 @@ impl PgStore {
             .map(|r| Candidate {
                 id: r.get(0),
                 bm25: r.get(1),
+                runs: r.get::<i64, _>(2).max(0) as u64,
             })
             .collect())
     }
@@ -266,11 +268,16 @@ impl HistoryStore for PgStore {
         // Ranked among the newest MATCH_WINDOW matches, as on SQLite.
         let sql = format!(
             "WITH q AS ({TSQUERY}), \
-             recent AS (SELECT i.id, i.words FROM interactions i, q \
+             recent AS (SELECT i.id, i.words, i.project, i.name FROM interactions i, q \
                  WHERE q.q IS NOT NULL AND i.words @@ q.q AND {FILTER} \
-                 ORDER BY i.id DESC LIMIT $8) \
-             SELECT r.id, -ts_rank({WEIGHTS}, r.words, q.q)::float8 AS s \
-             FROM recent r, q ORDER BY s, r.id LIMIT $7"
+                 ORDER BY i.id DESC LIMIT $8) {}",
+            best_run_per_task(
+                &format!(
+                    "SELECT w.id, -ts_rank({WEIGHTS}, w.words, q.q)::float8 AS r, w.project, w.name \
+                     FROM recent w, q"
+                ),
+                "$7"
+            )
         );
         self.candidates(&sql, words.to_vec(), f, limit).await
     }
@@ -287,16 +294,19 @@ impl HistoryStore for PgStore {
             .iter()
             .map(|p| contains_pattern(&p.to_lowercase()))
             .collect();
-        let sql = format!(
-            "SELECT c.id, -(SELECT sum(CASE WHEN lower(c.name) LIKE p THEN 4 ELSE 0 END \
-                   + CASE WHEN lower(coalesce(c.command, '')) LIKE p THEN 1 ELSE 0 END \
-                   + CASE WHEN lower(c.tags::text) LIKE p THEN 2 ELSE 0 END) \
-                   FROM unnest($1::text[]) AS p)::float8 AS r \
-             FROM (SELECT i.id, i.name, i.command, i.tags FROM interactions i \
-                 WHERE (lower(i.name) LIKE ANY($1) OR lower(coalesce(i.command, '')) LIKE ANY($1) \
-                        OR lower(i.tags::text) LIKE ANY($1)) AND {FILTER} \
-                 ORDER BY i.id DESC LIMIT $8) AS c \
-             ORDER BY r, length(c.name), c.id LIMIT $7"
+        let sql = best_run_per_task(
+            &format!(
+                "SELECT m.id, -(SELECT sum(CASE WHEN lower(m.name) LIKE p THEN 4 ELSE 0 END \
+                           + CASE WHEN lower(coalesce(m.command, '')) LIKE p THEN 1 ELSE 0 END \
+                           + CASE WHEN lower(m.tags::text) LIKE p THEN 2 ELSE 0 END) \
+                           FROM unnest($1::text[]) AS p)::float8 \
+                           + length(m.name) / 10000.0 AS r, m.project, m.name \
+                     FROM (SELECT i.id, i.name, i.project, i.command, i.tags FROM interactions i \
+                         WHERE (lower(i.name) LIKE ANY($1) OR lower(coalesce(i.command, '')) LIKE ANY($1) \
+                                OR lower(i.tags::text) LIKE ANY($1)) AND {FILTER} \
+                         ORDER BY i.id DESC LIMIT $8) AS m"
+            ),
+            "$7",
         );
         self.candidates(&sql, patterns, f, limit).await
     }

@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::search::query;
 use crate::store::history::{
     Candidate, HistoryChange, HistoryFilter, HistoryStore, Interaction, MATCH_WINDOW, OutboxState,
+    best_run_per_task,
 };
 
 /// Writes the interaction records of attempts just inserted (same transaction).
@@ -201,6 +202,7 @@ impl SqliteStore {
             .map(|r| Candidate {
                 id: r.get(0),
                 bm25: r.get(1),
+                runs: r.get::<i64, _>(2).max(0) as u64,
             })
             .collect())
     }
@@ -226,12 +228,16 @@ impl HistoryStore for SqliteStore {
         // is for and how it runs; output and logs least.
         // Ranked among the newest MATCH_WINDOW matches (FTS5 walks its
         // doclists in descending rowid order, so the cost is bounded).
-        let sql = format!(
-            "SELECT c.id, c.r FROM (SELECT interactions_fts.rowid AS id, \
-             bm25(interactions_fts, 8.0, 4.0, 2.0, 3.0, 1.0, 1.0, 0.5, 0.5) AS r \
-             FROM interactions_fts JOIN interactions i ON i.id = interactions_fts.rowid \
-             WHERE interactions_fts MATCH ?1 AND {FILTER} \
-             ORDER BY interactions_fts.rowid DESC LIMIT ?8) AS c ORDER BY c.r, c.id LIMIT ?7"
+        let sql = best_run_per_task(
+            &format!(
+                "SELECT interactions_fts.rowid AS id, \
+                 bm25(interactions_fts, 8.0, 4.0, 2.0, 3.0, 1.0, 1.0, 0.5, 0.5) AS r, \
+                 i.project, i.name \
+                 FROM interactions_fts JOIN interactions i ON i.id = interactions_fts.rowid \
+                 WHERE interactions_fts MATCH ?1 AND {FILTER} \
+                 ORDER BY interactions_fts.rowid DESC LIMIT ?8"
+            ),
+            "?7",
         );
         self.candidates(&sql, &query::fts5_any(words), f, limit)
             .await
@@ -243,12 +249,15 @@ impl HistoryStore for SqliteStore {
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
-        let sql = format!(
-            "SELECT c.id, c.r FROM (SELECT interactions_trigram.rowid AS id, \
-             bm25(interactions_trigram, 4.0, 1.0, 2.0) AS r \
-             FROM interactions_trigram JOIN interactions i ON i.id = interactions_trigram.rowid \
-             WHERE interactions_trigram MATCH ?1 AND {FILTER} \
-             ORDER BY interactions_trigram.rowid DESC LIMIT ?8) AS c ORDER BY c.r, c.id LIMIT ?7"
+        let sql = best_run_per_task(
+            &format!(
+                "SELECT interactions_trigram.rowid AS id, \
+                 bm25(interactions_trigram, 4.0, 1.0, 2.0) AS r, i.project, i.name \
+                 FROM interactions_trigram JOIN interactions i ON i.id = interactions_trigram.rowid \
+                 WHERE interactions_trigram MATCH ?1 AND {FILTER} \
+                 ORDER BY interactions_trigram.rowid DESC LIMIT ?8"
+            ),
+            "?7",
         );
         self.candidates(&sql, &query::fts5_any(parts), f, limit)
             .await
