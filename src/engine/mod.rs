@@ -500,10 +500,11 @@ async fn run_attempt(
         );
     }
     let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
-    // The slot stays reserved for the task the finish claims, unless the
-    // engine is stopping; otherwise it frees now, while the finish may
-    // still be on its way to the store.
-    let replace = !shutdown && *engine_state.borrow() == RUNNING;
+    // The slot stays reserved for the task the finish claims, if the
+    // store claims with finishes and the engine is not stopping; otherwise
+    // it frees now, while the finish may still be on its way to the store.
+    let replace =
+        shared.store.claims_with_finish() && !shutdown && *engine_state.borrow() == RUNNING;
     {
         let mut running = shared.running();
         if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {

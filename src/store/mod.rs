@@ -389,6 +389,12 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>>;
     /// Records an attempt and moves the task on, if the worker still holds its lease.
     async fn finish(&self, f: FinishAttempt) -> Result<FinishOutcome>;
+    /// Whether the engine should claim a slot's next task with the finish
+    /// of its last ([`Store::finish_and_claim`]) rather than free the slot
+    /// and claim from the scheduler.
+    fn claims_with_finish(&self) -> bool {
+        false
+    }
     /// [`Store::finish`], and in the same atomic write a claim with `next`
     /// (the engine asks for the task that takes the ended attempt's slot).
     /// The claim is made whatever the finish's outcome. The stores do both
