@@ -73,6 +73,12 @@ pub(crate) struct Shared {
     pub wake: Notify,
     pub worker_id: String,
     running: Mutex<HashMap<String, Running>>,
+    /// Slots whose attempt ended and whose finish (with the claim of the
+    /// slot's next task) is on its way to the store. Raised under the
+    /// `running` lock as the attempt leaves `running`, lowered only after
+    /// the next task entered it, and read under that lock: the two never
+    /// add up to fewer slots than are in use.
+    reserved: std::sync::atomic::AtomicUsize,
     services: Mutex<HashMap<String, LocalService>>,
     stats: Mutex<EngineStats>,
     pub exec: ExecSettings,
@@ -103,6 +109,7 @@ impl Shared {
             wake: Notify::new(),
             worker_id,
             running: Mutex::new(HashMap::new()),
+            reserved: std::sync::atomic::AtomicUsize::new(0),
             services: Mutex::new(HashMap::new()),
             stats: Mutex::new(EngineStats::default()),
             exec,
@@ -112,6 +119,12 @@ impl Shared {
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Slots in use: running attempts and slots reserved for a replacement.
+    fn busy_slots(&self) -> usize {
+        let running = self.running();
+        running.len() + self.reserved.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops a task this process is running, if it is.
@@ -228,6 +241,14 @@ impl Instant {
     }
 }
 
+/// Longest a freed slot waits for others before the scheduler claims for it.
+const CLAIM_WINDOW: Duration = Duration::from_millis(1);
+
+/// Free slots that make the scheduler claim at once: a quarter of them.
+fn claim_threshold(max: usize) -> usize {
+    (max / 4).max(1)
+}
+
 /// Shutdown phases sent to the engine loop.
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -297,6 +318,8 @@ async fn run(
     let poll = shared.config.execution.poll_interval.0;
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut store_errors = 0u32;
+    // When the first slot of the current claim window became free.
+    let mut free_since: Option<tokio::time::Instant> = None;
     shared.stats().running = true;
     loop {
         shared.stats().last_tick_ms = Instant::now_ms();
@@ -314,10 +337,26 @@ async fn run(
                 Err(e) => tracing::warn!(error = %e, "firing schedules failed; retrying"),
             }
         }
-        // A slot frees when the attempt's execution ends; its finish may
-        // still be on its way to the store.
-        let free = max.saturating_sub(shared.running().len());
-        if free > 0 {
+        // A slot frees when an attempt's execution ends and its finish
+        // does not claim the slot's next task (see `run_attempt`).
+        let free = max.saturating_sub(shared.busy_slots());
+        if free == 0 {
+            free_since = None;
+        }
+        // Claims are coalesced: while most slots are busy, a freed slot
+        // waits until a quarter of them are free or `CLAIM_WINDOW` has
+        // passed, so one claim (one write) serves many finished attempts
+        // instead of one each.
+        let mut hold = None;
+        if free > 0 && free < claim_threshold(max) && !tasks.is_empty() {
+            let since = *free_since.get_or_insert_with(tokio::time::Instant::now);
+            let waited = since.elapsed();
+            if waited < CLAIM_WINDOW {
+                hold = Some(CLAIM_WINDOW - waited);
+            }
+        }
+        if free > 0 && hold.is_none() {
+            free_since = None;
             let t = std::time::Instant::now();
             let result = shared.store.claim(shared.claim_request(free)).await;
             shared.stats().claim_latency.observe(t.elapsed());
@@ -327,7 +366,13 @@ async fn run(
                     let full = claimed.len() == free;
                     for c in claimed {
                         let stop = register_running(&shared, &c);
-                        tasks.spawn(run_attempt(shared.clone(), c, reaper.clone(), stop));
+                        tasks.spawn(run_slot(
+                            shared.clone(),
+                            c,
+                            reaper.clone(),
+                            stop,
+                            shutdown.clone(),
+                        ));
                     }
                     if full {
                         continue;
@@ -350,7 +395,9 @@ async fn run(
         }
         let now = shared.clock.now_ms();
         let mut sleep = poll;
-        if free > 0
+        if let Some(h) = hold {
+            sleep = h;
+        } else if free > 0
             && let Ok(Some(at)) = shared.store.next_run_at(now).await
         {
             sleep = sleep.min(Duration::from_millis((at - now).max(1) as u64));
@@ -404,14 +451,38 @@ fn register_running(shared: &Shared, c: &ClaimedTask) -> watch::Receiver<Option<
     rx
 }
 
-async fn run_attempt(
+/// Runs a claimed attempt, then, in the same write as its finish, claims
+/// the task that takes its slot and runs that, until a finish brings no
+/// replacement or the engine stops.
+async fn run_slot(
     shared: Arc<Shared>,
-    c: ClaimedTask,
+    mut c: ClaimedTask,
+    reaper: Option<Arc<Reaper>>,
+    mut stop: watch::Receiver<Option<StopReason>>,
+    shutdown: watch::Receiver<u8>,
+) {
+    loop {
+        match run_attempt(&shared, &c, reaper.clone(), stop, &shutdown).await {
+            Some((next, next_stop)) => {
+                c = next;
+                stop = next_stop;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Runs one attempt and records it; returns the slot's next task, already
+/// registered as running, if the finish claimed one.
+async fn run_attempt(
+    shared: &Arc<Shared>,
+    c: &ClaimedTask,
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
-) {
+    engine_state: &watch::Receiver<u8>,
+) -> Option<(ClaimedTask, watch::Receiver<Option<StopReason>>)> {
     let t = std::time::Instant::now();
-    let (report, policy, service) = execute(&shared, &c, reaper.clone(), stop.clone()).await;
+    let (report, policy, service) = execute(shared, c, reaper, stop.clone()).await;
     shared
         .stats()
         .attempt_durations
@@ -429,13 +500,25 @@ async fn run_attempt(
         );
     }
     let shutdown = *stop.borrow() == Some(StopReason::Shutdown);
+    // The slot stays reserved for the task the finish claims, if the
+    // store claims with finishes and the engine is not stopping; otherwise
+    // it frees now, while the finish may still be on its way to the store.
+    let replace =
+        shared.store.claims_with_finish() && !shutdown && *engine_state.borrow() == RUNNING;
     {
         let mut running = shared.running();
         if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
             running.remove(&c.id);
         }
+        if replace {
+            shared
+                .reserved
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
-    shared.wake.notify_one();
+    if !replace {
+        shared.wake.notify_one();
+    }
     let now = shared.clock.now_ms();
     let next = retry::next_state(&report, c.attempt, &policy, now, shutdown);
     let finish = FinishAttempt {
@@ -453,18 +536,33 @@ async fn run_attempt(
     // The result must not be lost to a passing store error: retry, and if
     // the store stays away the lease expires and the task runs again.
     let mut delay = Duration::from_millis(50);
+    let mut claimed = Vec::new();
     for _ in 0..8 {
-        match shared.store.finish(finish.clone()).await {
-            Ok(FinishOutcome::Applied(s)) => {
+        let result = if replace {
+            shared
+                .store
+                .finish_and_claim(finish.clone(), shared.claim_request(1))
+                .await
+        } else {
+            shared
+                .store
+                .finish(finish.clone())
+                .await
+                .map(|o| (o, Vec::new()))
+        };
+        match result {
+            Ok((FinishOutcome::Applied(s), next)) => {
                 tracing::debug!(task = %c.id, name = %c.name, attempt = c.attempt, status = %s, "attempt finished");
+                claimed = next;
                 // The commit may have made dependents ready.
                 if s.is_terminal() {
                     shared.wake.notify_one();
                 }
                 break;
             }
-            Ok(FinishOutcome::Stale(s)) => {
+            Ok((FinishOutcome::Stale(s), next)) => {
                 tracing::info!(task = %c.id, attempt = c.attempt, current = %s, "attempt ended after the task moved on; recorded only");
+                claimed = next;
                 break;
             }
             Err(Error::ShuttingDown) => break,
@@ -475,6 +573,28 @@ async fn run_attempt(
             }
         }
     }
+    if !replace {
+        return None;
+    }
+    // Hand the reserved slot to the claimed task (at most one was asked for).
+    let mut claimed = claimed.into_iter();
+    let next = claimed.next().map(|n| {
+        let stop = register_running(shared, &n);
+        // Claimed while the engine was told to stop now: it goes back at once.
+        if *engine_state.borrow() == STOP_NOW
+            && let Some(r) = shared.running().get(&n.id)
+        {
+            let _ = r.stop.send(Some(StopReason::Shutdown));
+        }
+        (n, stop)
+    });
+    shared
+        .reserved
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    if next.is_none() {
+        shared.wake.notify_one();
+    }
+    next
 }
 
 async fn execute(

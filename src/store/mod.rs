@@ -167,7 +167,7 @@ pub struct ClaimRequest {
 }
 
 /// Which external tasks a worker takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExternalFilter {
     /// Task names (empty: any).
     pub names: Vec<String>,
@@ -389,6 +389,31 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>>;
     /// Records an attempt and moves the task on, if the worker still holds its lease.
     async fn finish(&self, f: FinishAttempt) -> Result<FinishOutcome>;
+    /// Whether the engine should claim a slot's next task with the finish
+    /// of its last ([`Store::finish_and_claim`]) rather than free the slot
+    /// and claim from the scheduler.
+    fn claims_with_finish(&self) -> bool {
+        false
+    }
+    /// [`Store::finish`], and in the same atomic write a claim with `next`
+    /// (the engine asks for the task that takes the ended attempt's slot).
+    /// The claim is made whatever the finish's outcome. The stores do both
+    /// in one transaction; this default does them one after the other.
+    async fn finish_and_claim(
+        &self,
+        f: FinishAttempt,
+        next: ClaimRequest,
+    ) -> Result<(FinishOutcome, Vec<ClaimedTask>)> {
+        let outcome = self.finish(f).await?;
+        let claimed = match self.claim(next).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "claim after a finish failed");
+                Vec::new()
+            }
+        };
+        Ok((outcome, claimed))
+    }
     /// Extends the leases a worker holds; returns the ids it still holds.
     async fn renew_leases(
         &self,

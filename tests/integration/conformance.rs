@@ -136,6 +136,8 @@ conformance!(
     two_nodes_never_claim_the_same_task,
     two_nodes_resolve_a_fan_in_once,
     two_nodes_keep_one_audit_chain,
+    finish_and_claim_hands_the_slot_on,
+    two_nodes_finish_and_claim_each_task_once,
     search_ranks_words_synonyms_and_pieces_of_names,
     search_filters_by_project_outcome_tags_and_time,
     search_survives_hostile_input,
@@ -800,6 +802,112 @@ async fn two_nodes_never_claim_the_same_task(b: &Backend) {
     }
     assert_eq!(seen.len(), 300);
     assert!(seen.values().all(|&n| n == 1), "a task was claimed twice");
+    assert_chain_ok(&a).await;
+}
+
+async fn finish_and_claim_hands_the_slot_on(b: &Backend) {
+    let s = b.open().await;
+    let first = task("first");
+    let low = task("low");
+    let mut high = task("high");
+    high.priority = 5;
+    s.submit(tasks(vec![first.clone()])).await.unwrap();
+    let claimed = s.claim(claim_req("w1", T0 + 10, 1)).await.unwrap();
+    assert_eq!(claimed[0].id, first.id);
+    s.submit(tasks(vec![low.clone(), high.clone()]))
+        .await
+        .unwrap();
+    // The finish counts and, in the same write, the next task (by priority)
+    // is claimed for the slot.
+    let (out, next) = s
+        .finish_and_claim(
+            finish(&first.id, 1, "w1", T0 + 20, TaskStatus::Succeeded),
+            claim_req("w1", T0 + 20, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, FinishOutcome::Applied(TaskStatus::Succeeded));
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        (next[0].id.as_str(), next[0].attempt),
+        (high.id.as_str(), 1)
+    );
+    assert_eq!(status(&s, &first.id).await, TaskStatus::Succeeded);
+    assert_eq!(status(&s, &high.id).await, TaskStatus::Running);
+    assert_eq!(s.attempts(&first.id).await.unwrap().len(), 1);
+    // A stale finish is only recorded; the slot is still free, so the claim is made.
+    let (out, next) = s
+        .finish_and_claim(
+            finish(&first.id, 1, "w1", T0 + 30, TaskStatus::Failed),
+            claim_req("w1", T0 + 30, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, FinishOutcome::Stale(TaskStatus::Succeeded));
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, low.id);
+    // Nothing left: the finish alone.
+    let (out, next) = s
+        .finish_and_claim(
+            finish(&high.id, 1, "w1", T0 + 40, TaskStatus::Succeeded),
+            claim_req("w1", T0 + 40, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, FinishOutcome::Applied(TaskStatus::Succeeded));
+    assert!(next.is_empty());
+    // The task the stale finish claimed is running under w1.
+    let events = s.audit_events(Some(&low.id), 10).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["submitted", "claimed"]);
+    assert_chain_ok(&s).await;
+}
+
+async fn two_nodes_finish_and_claim_each_task_once(b: &Backend) {
+    let a = b.open().await;
+    let c = b.open().await;
+    let list: Vec<NewTask> = (0..200).map(|i| task(&format!("t{i}"))).collect();
+    let ids: HashSet<String> = list.iter().map(|t| t.id.clone()).collect();
+    a.submit(tasks(list)).await.unwrap();
+    // Eight slots over two nodes, each handing itself the next task in the
+    // write that finishes the last; finishes of one node share batches.
+    let mut handles = Vec::new();
+    for n in 0..8 {
+        let s = if n % 2 == 0 { a.clone() } else { c.clone() };
+        handles.push(tokio::spawn(async move {
+            let worker = format!("w{}", n % 2);
+            let mut mine = Vec::new();
+            let mut current = s.claim(claim_req(&worker, T0 + 10, 1)).await.unwrap();
+            while let Some(t) = current.pop() {
+                let (out, next) = s
+                    .finish_and_claim(
+                        finish(&t.id, t.attempt, &worker, T0 + 20, TaskStatus::Succeeded),
+                        claim_req(&worker, T0 + 20, 1),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(out, FinishOutcome::Applied(TaskStatus::Succeeded));
+                assert!(next.len() <= 1, "one slot, at most one task");
+                mine.push(t.id);
+                current = next;
+            }
+            mine
+        }));
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for h in handles {
+        for id in h.await.unwrap() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert!(seen.values().all(|&n| n == 1), "a task was claimed twice");
+    let done: HashSet<String> = seen.into_keys().collect();
+    assert_eq!(done, ids, "every task ran");
+    let counts = a.counts().await.unwrap();
+    assert_eq!(counts.get(&TaskStatus::Succeeded), Some(&200));
+    for id in ids.iter().take(5) {
+        assert_eq!(a.attempts(id).await.unwrap().len(), 1);
+    }
     assert_chain_ok(&a).await;
 }
 

@@ -20,24 +20,10 @@ use crate::store::history::{
     best_run_per_task,
 };
 
-/// Writes the interaction records of attempts just inserted (same
-/// transaction), and puts each new record in the Vectorizer outbox.
-pub(super) async fn record(conn: &mut PgConnection, attempts: &[(&str, u32)]) -> Result<()> {
-    if attempts.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<serde_json::Value> = attempts
-        .iter()
-        .map(|(id, n)| serde_json::json!([id, n]))
-        .collect();
-    sqlx::query(
-        "WITH k AS (SELECT v ->> 0 AS task_id, (v ->> 1)::bigint AS attempt, ord \
-                    FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)), \
-         src AS (SELECT k.ord, a.task_id, a.attempt, t.name, t.project, t.workflow_id, t.kind, \
-                 t.tags::jsonb AS tags, a.status, t.status AS task_status, a.exit_code, a.duration_ms, \
-                 a.started_at, a.finished_at, t.spec::jsonb AS s, a.error, a.result::jsonb AS r \
-                 FROM k JOIN attempts a ON a.task_id = k.task_id AND a.attempt = k.attempt \
-                 JOIN tasks t ON t.id = a.task_id), \
+/// The interaction records of the rows of a CTE `src` (one row per
+/// attempt, with `ord`, the attempt's columns, the task's, its spec as
+/// `s` and its result as `r`), each put in the Vectorizer outbox.
+const RECORD_FROM_SRC: &str = "\
          ins AS (INSERT INTO interactions (task_id, attempt, name, project, workflow_id, kind, tags, \
                  outcome, task_status, exit_code, duration_ms, started_at, finished_at, description, \
                  command, parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
@@ -57,9 +43,30 @@ pub(super) async fn record(conn: &mut PgConnection, attempts: &[(&str, u32)]) ->
                  coalesce(r ->> 'stdout_tail', ''), coalesce(r ->> 'stderr_tail', '') \
                  FROM src ORDER BY ord \
                  ON CONFLICT (task_id, attempt) DO NOTHING RETURNING id) \
-         INSERT INTO vectorizer_outbox (interaction_id) SELECT id FROM ins",
-    )
-    .bind(serde_json::Value::Array(keys).to_string())
+         INSERT INTO vectorizer_outbox (interaction_id) SELECT id FROM ins";
+
+/// Inserts attempt rows (`$1`: a JSON array of `[task_id, attempt,
+/// worker_id, status, started_at, finished_at, exit_code, signal,
+/// duration_ms, error, result]`) and, in the same statement, the
+/// interaction record of each attempt it inserted. An attempt that was
+/// already recorded (a late finish of a reclaimed attempt) is left alone,
+/// and so is its record.
+pub(super) async fn insert_attempts(conn: &mut PgConnection, rows_json: String) -> Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "WITH a AS (INSERT INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
+                    exit_code, signal, duration_ms, error, result) \
+                    SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, v ->> 3, (v ->> 4)::bigint, (v ->> 5)::bigint, \
+                    (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, v ->> 9, v ->> 10 \
+                    FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord \
+                    ON CONFLICT DO NOTHING \
+                    RETURNING task_id, attempt, status, exit_code, duration_ms, started_at, finished_at, \
+                    error, result), \
+         src AS (SELECT row_number() OVER () AS ord, a.task_id, a.attempt, t.name, t.project, \
+                 t.workflow_id, t.kind, t.tags::jsonb AS tags, a.status, t.status AS task_status, \
+                 a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec::jsonb AS s, a.error, \
+                 a.result::jsonb AS r FROM a JOIN tasks t ON t.id = a.task_id), {RECORD_FROM_SRC}"
+    )))
+    .bind(rows_json)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -275,6 +275,23 @@ impl Store for PgStore {
     async fn finish(&self, f: FinishAttempt) -> Result<FinishOutcome> {
         self.call(|reply| Op::Finish {
             f: Box::new(f),
+            next: None,
+            reply,
+        })
+        .await
+        .map(|(outcome, _)| outcome)
+    }
+
+    async fn finish_and_claim(
+        &self,
+        f: FinishAttempt,
+        next: ClaimRequest,
+    ) -> Result<(FinishOutcome, Vec<ClaimedTask>)> {
+        let next = (next.limit > 0 && (next.server_kinds || next.external.is_some()))
+            .then(|| Box::new(next));
+        self.call(|reply| Op::Finish {
+            f: Box::new(f),
+            next,
             reply,
         })
         .await

@@ -85,9 +85,11 @@ pub(super) enum Op {
         req: ClaimRequest,
         reply: Reply<Vec<ClaimedTask>>,
     },
+    /// A finish, with the claim that takes its slot (`next`), if any.
     Finish {
         f: Box<FinishAttempt>,
-        reply: Reply<FinishOutcome>,
+        next: Option<Box<ClaimRequest>>,
+        reply: Reply<(FinishOutcome, Vec<ClaimedTask>)>,
     },
     Renew {
         worker_id: String,
@@ -128,7 +130,7 @@ enum Answer {
     Ids(Result<Vec<String>>),
     Bool(Result<bool>),
     Claim(Vec<ClaimedTask>),
-    Finish(FinishOutcome),
+    Finish(FinishOutcome, Vec<ClaimedTask>),
     Renew(Vec<String>),
     Reclaim(Vec<TaskEvent>),
     Unit(Result<()>),
@@ -351,7 +353,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
     match (op, answer) {
         (Op::Submit { reply, .. }, Ok(Answer::Submit(r))) => send(reply, r),
         (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
-        (Op::Finish { reply, .. }, Ok(Answer::Finish(v))) => send(reply, Ok(v)),
+        (Op::Finish { reply, .. }, Ok(Answer::Finish(v, c))) => send(reply, Ok((v, c))),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
         (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
@@ -418,7 +420,9 @@ async fn apply_all(
         let answer = match op {
             Op::Submit { .. } => Answer::Submit(submitted.next().expect("one answer per submit")),
             Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
-            Op::Finish { .. } => Answer::Finish(finished.next().expect("one outcome per finish")),
+            Op::Finish { .. } => {
+                Answer::Finish(finished.next().expect("one outcome per finish"), Vec::new())
+            }
             Op::Renew {
                 worker_id,
                 now,
@@ -472,6 +476,15 @@ async fn apply_all(
     }
     resolve_dependents(&mut tx, batch).await?;
     update_workflows(&mut tx, batch).await?;
+    // The claims that come with finishes, merged into one claim for the
+    // slots the batch's finished attempts free; after the dependents are
+    // resolved, so a slot can take a task its own finish made ready.
+    let mut replacements = claim_for_finishes(&mut tx, ops, batch).await?.into_iter();
+    for a in &mut answers {
+        if let Answer::Finish(_, next) = a {
+            *next = replacements.next().expect("one claim answer per finish");
+        }
+    }
     // A new task may have been resolved within this transaction.
     for a in &mut answers {
         if let Answer::Submit(Ok(list)) = a {
@@ -482,25 +495,13 @@ async fn apply_all(
             }
         }
     }
-    flush_attempts(&mut tx, &batch.attempts).await?;
     // Every finished attempt becomes an interaction record in the same
-    // transaction, so history never misses or half-records one.
-    let finished: Vec<(&str, u32)> = batch
-        .attempts
-        .iter()
-        .map(|a| (a.task_id.as_str(), a.attempt))
-        .collect();
-    super::history::record(&mut tx, &finished).await?;
-    flush_audit(&mut tx, &batch.audit).await?;
+    // transaction (and statement), so history never misses or
+    // half-records one.
+    flush_attempts(&mut tx, &batch.attempts).await?;
     // Delivered to the other nodes on commit, never for a rolled-back batch.
     let payloads = super::notify::payloads(node, &batch.events, &batch.workflow_events);
-    if !payloads.is_empty() {
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-            .bind(super::notify::CHANNEL)
-            .bind(payloads)
-            .execute(&mut *tx)
-            .await?;
-    }
+    flush_audit(&mut tx, &batch.audit, payloads).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -1223,90 +1224,121 @@ pub(super) fn claim_binds(req: &ClaimRequest) -> Vec<String> {
     v
 }
 
-/// Moves pending tasks whose time came (and whose dependencies are met) on.
-async fn promote_timers(conn: &mut PgConnection, now: i64, batch: &mut Batch) -> Result<()> {
-    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE tasks SET status = CASE WHEN needs_approval <> 0 THEN 'awaiting_approval' ELSE 'queued' END, \
-         updated_at = $1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= $1 \
-         RETURNING id, name, status, workflow_id",
-    )
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (id, name, status, wf) in rows {
-        let to: TaskStatus = status.parse().unwrap_or(TaskStatus::Queued);
-        batch.transition(
-            now,
-            &id,
-            &name,
-            wf.as_deref(),
-            "ready",
-            Some(TaskStatus::Pending),
-            to,
-            0,
-            "{\"reason\":\"its time came\"}".to_string(),
-        );
-    }
-    Ok(())
-}
-
+/// Claims in one statement: moves pending tasks whose time came on, and
+/// takes up to `limit` ready tasks (`FOR UPDATE SKIP LOCKED`), marking them
+/// running. Tasks promoted by the statement are not yet visible to its
+/// own claim, so when it promoted some and claimed fewer than asked, it
+/// runs once more.
 async fn claim(
     conn: &mut PgConnection,
     req: &ClaimRequest,
     batch: &mut Batch,
 ) -> Result<Vec<ClaimedTask>> {
-    promote_timers(conn, req.now, batch).await?;
-    let sql = claim_sql(req);
+    let mut claimed = claim_once(conn, req, req.limit, batch).await?;
+    if claimed.promoted > 0 && claimed.tasks.len() < req.limit {
+        let more = claim_once(conn, req, req.limit - claimed.tasks.len(), batch).await?;
+        claimed.tasks.extend(more.tasks);
+    }
+    Ok(claimed.tasks)
+}
+
+struct ClaimRound {
+    tasks: Vec<ClaimedTask>,
+    promoted: usize,
+}
+
+async fn claim_once(
+    conn: &mut PgConnection,
+    req: &ClaimRequest,
+    limit: usize,
+    batch: &mut Batch,
+) -> Result<ClaimRound> {
+    let binds = claim_binds(req);
+    let worker = 3 + binds.len();
+    let sql = format!(
+        "WITH promoted AS (UPDATE tasks SET status = CASE WHEN needs_approval <> 0 \
+         THEN 'awaiting_approval' ELSE 'queued' END, updated_at = $1 \
+         WHERE status = 'pending' AND deps_pending = 0 AND run_at <= $1 \
+         RETURNING id, name, status, workflow_id), \
+         picked AS ({}), \
+         claimed AS (UPDATE tasks SET status = 'running', attempts = tasks.attempts + 1, \
+         lease_owner = ${worker}, lease_expires_at = ${}, started_at = $1, updated_at = $1, run_at = $1 \
+         FROM picked WHERE tasks.seq = picked.seq \
+         RETURNING picked.seq, picked.id, picked.name, picked.kind, picked.priority, picked.status, \
+         picked.attempts, picked.max_attempts, picked.spec, picked.spec_hash, picked.workflow_id) \
+         SELECT false AS promotion, seq, id, name, kind, priority, status, attempts, max_attempts, \
+         spec, spec_hash, workflow_id FROM claimed \
+         UNION ALL SELECT true, NULL, id, name, NULL, NULL, status, NULL, NULL, NULL, NULL, workflow_id \
+         FROM promoted",
+        claim_sql(req),
+        worker + 1
+    );
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(req.now)
-        .bind(req.limit as i64);
-    for v in claim_binds(req) {
+        .bind(limit as i64);
+    for v in binds {
         q = q.bind(v);
     }
-    let rows = q.fetch_all(&mut *conn).await?;
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
+    let rows = q
+        .bind(&req.worker_id)
+        .bind(req.lease_until)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut claimed = Vec::with_capacity(rows.len());
-    let mut from = Vec::with_capacity(rows.len());
+    let mut promoted = 0;
     for row in &rows {
-        let kind: String = row.get(3);
-        let status: String = row.get(5);
-        let attempts: i64 = row.get(6);
-        claimed.push(ClaimedTask {
-            seq: row.get(0),
-            id: row.get(1),
-            name: row.get(2),
-            kind: match kind.as_str() {
-                "external" => TaskKind::External,
-                "http" => TaskKind::Http,
-                _ => TaskKind::Command,
-            },
-            priority: row.get(4),
-            attempt: attempts as u32 + 1,
-            max_attempts: row.get::<i64, _>(7) as u32,
-            spec_json: row.get(8),
-            spec_hash: row.get(9),
-            started_at: req.now,
-            workflow_id: row.get(10),
-        });
-        from.push(if status == "retrying" {
+        let status: String = row.get(6);
+        if row.get::<bool, _>(0) {
+            // Promotions come first in the audit chain, as they happened first.
+            promoted += 1;
+            let id: String = row.get(2);
+            let name: String = row.get(3);
+            let wf: Option<String> = row.get(11);
+            batch.transition(
+                req.now,
+                &id,
+                &name,
+                wf.as_deref(),
+                "ready",
+                Some(TaskStatus::Pending),
+                status.parse().unwrap_or(TaskStatus::Queued),
+                0,
+                "{\"reason\":\"its time came\"}".to_string(),
+            );
+            continue;
+        }
+        let kind: String = row.get(4);
+        let attempts: i64 = row.get(7);
+        let from = if status == "retrying" {
             TaskStatus::Retrying
         } else {
             TaskStatus::Queued
-        });
+        };
+        claimed.push((
+            ClaimedTask {
+                seq: row.get(1),
+                id: row.get(2),
+                name: row.get(3),
+                kind: match kind.as_str() {
+                    "external" => TaskKind::External,
+                    "http" => TaskKind::Http,
+                    _ => TaskKind::Command,
+                },
+                priority: row.get(5),
+                attempt: attempts as u32 + 1,
+                max_attempts: row.get::<i64, _>(8) as u32,
+                spec_json: row.get(9),
+                spec_hash: row.get(10),
+                started_at: req.now,
+                workflow_id: row.get(11),
+            },
+            from,
+        ));
     }
-    sqlx::query(
-        "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = $1, \
-         lease_expires_at = $2, started_at = $3, updated_at = $3, run_at = $3 WHERE seq = ANY($4)",
-    )
-    .bind(&req.worker_id)
-    .bind(req.lease_until)
-    .bind(req.now)
-    .bind(claimed.iter().map(|c| c.seq).collect::<Vec<i64>>())
-    .execute(&mut *conn)
-    .await?;
-    for (c, f) in claimed.iter().zip(from) {
+    // RETURNING has no order: back to the claim order.
+    claimed.sort_by(|(a, _), (b, _)| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
+    let mut tasks = Vec::with_capacity(claimed.len());
+    for (c, f) in claimed {
         batch.transition(
             req.now,
             &c.id,
@@ -1322,8 +1354,55 @@ async fn claim(
                 json_str(&req.worker_id)
             ),
         );
+        tasks.push(c);
     }
-    Ok(claimed)
+    Ok(ClaimRound { tasks, promoted })
+}
+
+/// Answers the claims that come with the batch's finishes (one list per
+/// finish, in op order). Requests from the same worker with the same
+/// filter are merged into one claim for all of their slots; the claimed
+/// tasks are then dealt out in claim order.
+async fn claim_for_finishes(
+    conn: &mut PgConnection,
+    ops: &[Op],
+    batch: &mut Batch,
+) -> Result<Vec<Vec<ClaimedTask>>> {
+    let requests: Vec<Option<&ClaimRequest>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Finish { next, .. } => Some(next.as_deref()),
+            _ => None,
+        })
+        .collect();
+    let mut out: Vec<Vec<ClaimedTask>> = requests.iter().map(|_| Vec::new()).collect();
+    // Groups in order of first appearance: (merged request, members).
+    let mut groups: Vec<(ClaimRequest, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let Some(r) = r else { continue };
+        let same = groups.iter_mut().find(|(g, _)| {
+            g.worker_id == r.worker_id
+                && g.server_kinds == r.server_kinds
+                && g.external == r.external
+        });
+        match same {
+            Some((g, members)) => {
+                g.limit += r.limit;
+                g.now = g.now.max(r.now);
+                g.lease_until = g.lease_until.max(r.lease_until);
+                members.push(i);
+            }
+            None => groups.push(((*r).clone(), vec![i])),
+        }
+    }
+    for (req, members) in groups {
+        let mut claimed = claim(conn, &req, batch).await?.into_iter();
+        for i in members {
+            let limit = requests[i].map_or(0, |r| r.limit);
+            out[i].extend(claimed.by_ref().take(limit));
+        }
+    }
+    Ok(out)
 }
 
 /// Applies every finish of the batch with one fenced UPDATE: a finish
@@ -2244,35 +2323,44 @@ async fn flush_attempts(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result<
             ])
         })
         .collect();
-    sqlx::query(
-        "INSERT INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
-         exit_code, signal, duration_ms, error, result) \
-         SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, v ->> 3, (v ->> 4)::bigint, (v ->> 5)::bigint, \
-         (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, v ->> 9, v ->> 10 \
-         FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord ON CONFLICT DO NOTHING",
-    )
-    .bind(serde_json::Value::Array(json).to_string())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    super::history::insert_attempts(conn, serde_json::Value::Array(json).to_string()).await
 }
 
-async fn flush_audit(conn: &mut PgConnection, drafts: &[AuditDraft]) -> Result<()> {
+/// Appends the batch's audit events to the chain and queues the
+/// notifications for other nodes, in two round trips: the lock with the
+/// chain head, then one statement for the events and the notifications.
+async fn flush_audit(
+    conn: &mut PgConnection,
+    drafts: &[AuditDraft],
+    payloads: Vec<String>,
+) -> Result<()> {
     if drafts.is_empty() {
+        if !payloads.is_empty() {
+            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .bind(super::notify::CHANNEL)
+                .bind(payloads)
+                .execute(&mut *conn)
+                .await?;
+        }
         return Ok(());
     }
     // One chain for every node: the transaction-scoped advisory lock
     // serialises appenders until commit, so the head read here is the head
     // the new events chain onto, and `seq` follows commit order. It is the
     // last lock a transaction takes, so it cannot close a deadlock cycle.
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(AUDIT_CHAIN_LOCK)
-        .execute(&mut *conn)
-        .await?;
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await?;
+    // Both statements go in one simple query; each takes its own snapshot
+    // (read committed), so the head is read after the lock is held.
+    let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+        "SELECT pg_advisory_xact_lock({AUDIT_CHAIN_LOCK}); \
+         SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let head = rows
+        .iter()
+        .find(|r| r.len() == 2)
+        .map(|r| -> Result<(i64, String)> { Ok((r.try_get(0)?, r.try_get(1)?)) })
+        .transpose()?;
     let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
     let mut json = Vec::with_capacity(drafts.len());
     for d in drafts {
@@ -2295,11 +2383,15 @@ async fn flush_audit(conn: &mut PgConnection, drafts: &[AuditDraft]) -> Result<(
         ]));
     }
     sqlx::query(
-        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
+        "WITH ins AS (INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, \
+         prev_hash, hash) \
          SELECT (v ->> 0)::bigint, (v ->> 1)::bigint, v ->> 2, v ->> 3, v ->> 4, v ->> 5, v ->> 6, \
-         v ->> 7, v ->> 8 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord",
+         v ->> 7, v ->> 8 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord) \
+         SELECT pg_notify($2, p) FROM unnest($3::text[]) AS p",
     )
     .bind(serde_json::Value::Array(json).to_string())
+    .bind(super::notify::CHANNEL)
+    .bind(payloads)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -17,16 +17,11 @@ use crate::store::history::{
     best_run_per_task,
 };
 
-/// Writes the interaction records of attempts just inserted (same transaction).
-pub(super) async fn record(conn: &mut SqliteConnection, attempts: &[(&str, u32)]) -> Result<()> {
-    if attempts.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<serde_json::Value> = attempts
-        .iter()
-        .map(|(id, n)| serde_json::json!([id, n]))
-        .collect();
-    sqlx::query(
+/// The statement that writes the interaction records of attempts just
+/// inserted (same transaction); `?{param}` is a JSON array of
+/// `[task_id, attempt]`.
+pub(super) fn record_sql(param: usize) -> String {
+    format!(
         "INSERT OR IGNORE INTO interactions (task_id, attempt, name, project, workflow_id, kind, tags, \
          outcome, task_status, exit_code, duration_ms, started_at, finished_at, description, command, \
          parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
@@ -43,14 +38,10 @@ pub(super) async fn record(conn: &mut SqliteConnection, attempts: &[(&str, u32)]
           WHERE td.task_id = a.task_id), \
          a.error, nullif(a.result -> '$.output', 'null'), coalesce(a.result -> '$.artifacts', '[]'), \
          coalesce(a.result ->> '$.stdout_tail', ''), coalesce(a.result ->> '$.stderr_tail', '') \
-         FROM json_each(?1) AS k \
+         FROM json_each(?{param}) AS k \
          JOIN attempts a ON a.task_id = k.value ->> 0 AND a.attempt = k.value ->> 1 \
-         JOIN tasks t ON t.id = a.task_id ORDER BY k.key",
+         JOIN tasks t ON t.id = a.task_id ORDER BY k.key"
     )
-    .bind(serde_json::Value::Array(keys).to_string())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Applies a history change inside the writer's transaction.

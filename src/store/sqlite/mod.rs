@@ -234,6 +234,29 @@ impl Store for SqliteStore {
     async fn finish(&self, f: FinishAttempt) -> Result<FinishOutcome> {
         self.call(|reply| Op::Finish {
             f: Box::new(f),
+            next: None,
+            reply,
+        })
+        .await
+        .map(|(outcome, _)| outcome)
+    }
+
+    /// Yes: with a single writer, a claim that comes with the finishes is
+    /// one statement more in a batch that commits anyway.
+    fn claims_with_finish(&self) -> bool {
+        true
+    }
+
+    async fn finish_and_claim(
+        &self,
+        f: FinishAttempt,
+        next: ClaimRequest,
+    ) -> Result<(FinishOutcome, Vec<ClaimedTask>)> {
+        let next = (next.limit > 0 && (next.server_kinds || next.external.is_some()))
+            .then(|| Box::new(next));
+        self.call(|reply| Op::Finish {
+            f: Box::new(f),
+            next,
             reply,
         })
         .await

@@ -77,9 +77,11 @@ pub(super) enum Op {
         req: ClaimRequest,
         reply: Reply<Vec<ClaimedTask>>,
     },
+    /// A finish, with the claim that takes its slot (`next`), if any.
     Finish {
         f: Box<FinishAttempt>,
-        reply: Reply<FinishOutcome>,
+        next: Option<Box<ClaimRequest>>,
+        reply: Reply<(FinishOutcome, Vec<ClaimedTask>)>,
     },
     Renew {
         worker_id: String,
@@ -124,7 +126,7 @@ enum Answer {
     Ids(Result<Vec<String>>),
     Bool(Result<bool>),
     Claim(Vec<ClaimedTask>),
-    Finish(FinishOutcome),
+    Finish(FinishOutcome, Vec<ClaimedTask>),
     Renew(Vec<String>),
     Reclaim(Vec<TaskEvent>),
     Unit(Result<()>),
@@ -313,7 +315,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
     match (op, answer) {
         (Op::Submit { reply, .. }, Ok(Answer::Submit(r))) => send(reply, r),
         (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
-        (Op::Finish { reply, .. }, Ok(Answer::Finish(v))) => send(reply, Ok(v)),
+        (Op::Finish { reply, .. }, Ok(Answer::Finish(v, c))) => send(reply, Ok((v, c))),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
         (Op::History { reply, .. }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
@@ -381,7 +383,9 @@ async fn apply_all(
         let answer = match op {
             Op::Submit { .. } => Answer::Submit(submitted.next().expect("one answer per submit")),
             Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
-            Op::Finish { .. } => Answer::Finish(finished.next().expect("one outcome per finish")),
+            Op::Finish { .. } => {
+                Answer::Finish(finished.next().expect("one outcome per finish"), Vec::new())
+            }
             Op::Renew {
                 worker_id,
                 now,
@@ -438,6 +442,15 @@ async fn apply_all(
     }
     resolve_dependents(&mut tx, batch).await?;
     update_workflows(&mut tx, batch).await?;
+    // The claims that come with finishes, merged into one claim for the
+    // slots the batch's finished attempts free; after the dependents are
+    // resolved, so a slot can take a task its own finish made ready.
+    let mut replacements = claim_for_finishes(&mut tx, ops, batch).await?.into_iter();
+    for a in &mut answers {
+        if let Answer::Finish(_, next) = a {
+            *next = replacements.next().expect("one claim answer per finish");
+        }
+    }
     // A new task may have been resolved within this transaction.
     for a in &mut answers {
         if let Answer::Submit(Ok(list)) = a {
@@ -448,16 +461,9 @@ async fn apply_all(
             }
         }
     }
-    flush_attempts(&mut tx, &batch.attempts).await?;
     // Every finished attempt becomes an interaction record in the same
     // transaction, so history never misses or half-records one.
-    let finished: Vec<(&str, u32)> = batch
-        .attempts
-        .iter()
-        .map(|a| (a.task_id.as_str(), a.attempt))
-        .collect();
-    super::history::record(&mut tx, &finished).await?;
-    flush_audit(&mut tx, &batch.audit).await?;
+    flush_attempts_and_audit(&mut tx, &batch.attempts, &batch.audit).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -1171,31 +1177,29 @@ pub(super) fn claim_binds(req: &ClaimRequest) -> Vec<String> {
     v
 }
 
-/// Moves pending tasks whose time came (and whose dependencies are met) on.
-async fn promote_timers(conn: &mut SqliteConnection, now: i64, batch: &mut Batch) -> Result<()> {
-    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END, \
-         updated_at = ?1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1 \
-         RETURNING id, name, status, workflow_id",
-    )
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (id, name, status, wf) in rows {
-        let to: TaskStatus = status.parse().unwrap_or(TaskStatus::Queued);
-        batch.transition(
-            now,
-            &id,
-            &name,
-            wf.as_deref(),
-            "ready",
-            Some(TaskStatus::Pending),
-            to,
-            0,
-            "{\"reason\":\"its time came\"}".to_string(),
-        );
-    }
-    Ok(())
+/// Moves pending tasks whose time came (and whose dependencies are met)
+/// on; `?1` = now. Each row it returns goes to [`promoted`].
+const PROMOTE_TIMERS: &str = "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' \
+     ELSE 'queued' END, updated_at = ?1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1 \
+     RETURNING id, name, status, workflow_id";
+
+/// Records a row of [`PROMOTE_TIMERS`].
+fn promoted(row: &sqlx::sqlite::SqliteRow, now: i64, batch: &mut Batch) {
+    let id: String = row.get(0);
+    let name: String = row.get(1);
+    let status: String = row.get(2);
+    let wf: Option<String> = row.get(3);
+    batch.transition(
+        now,
+        &id,
+        &name,
+        wf.as_deref(),
+        "ready",
+        Some(TaskStatus::Pending),
+        status.parse().unwrap_or(TaskStatus::Queued),
+        0,
+        "{\"reason\":\"its time came\"}".to_string(),
+    );
 }
 
 async fn claim(
@@ -1203,40 +1207,81 @@ async fn claim(
     req: &ClaimRequest,
     batch: &mut Batch,
 ) -> Result<Vec<ClaimedTask>> {
-    promote_timers(conn, req.now, batch).await?;
-    let sql = claim_sql(req);
+    // One query, three statements (one round trip to the connection's
+    // thread): move pending tasks whose time came on, read the claimed
+    // rows as one JSON array (see `finish_all`), and mark the same rows
+    // running (the claim query is deterministic: `ORDER BY priority DESC,
+    // seq`, in one transaction of the single writer).
+    let binds = claim_binds(req);
+    let worker = 3 + binds.len();
+    let select = claim_sql(req);
+    let sql = format!(
+        "{PROMOTE_TIMERS}; \
+         SELECT json_group_array(json_array(seq, id, name, kind, priority, status, attempts, \
+         max_attempts, spec, spec_hash, workflow_id)) FROM ({select}); \
+         UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?{worker}, \
+         lease_expires_at = ?{}, started_at = ?1, updated_at = ?1, run_at = ?1 \
+         WHERE seq IN (SELECT seq FROM ({select}))",
+        worker + 1
+    );
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(req.now)
         .bind(req.limit as i64);
-    for v in claim_binds(req) {
+    for v in binds {
         q = q.bind(v);
     }
-    let rows = q.fetch_all(&mut *conn).await?;
+    let result = q
+        .bind(&req.worker_id)
+        .bind(req.lease_until)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut rows = "[]".to_string();
+    for row in &result {
+        if row.len() == 1 {
+            rows = row.get(0);
+        } else {
+            promoted(row, req.now, batch);
+        }
+    }
+    type ClaimRow = (
+        i64,
+        String,
+        String,
+        String,
+        i64,
+        String,
+        i64,
+        i64,
+        String,
+        String,
+        Option<String>,
+    );
+    let mut rows: Vec<ClaimRow> =
+        serde_json::from_str(&rows).map_err(|e| Error::Store(e.to_string()))?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
+    rows.sort_by(|a, b| b.4.cmp(&a.4).then(a.0.cmp(&b.0)));
     let mut claimed = Vec::with_capacity(rows.len());
     let mut from = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let kind: String = row.get(3);
-        let status: String = row.get(5);
-        let attempts: i64 = row.get(6);
+    for (seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, wf) in rows
+    {
         claimed.push(ClaimedTask {
-            seq: row.get(0),
-            id: row.get(1),
-            name: row.get(2),
+            seq,
+            id,
+            name,
             kind: match kind.as_str() {
                 "external" => TaskKind::External,
                 "http" => TaskKind::Http,
                 _ => TaskKind::Command,
             },
-            priority: row.get(4),
+            priority,
             attempt: attempts as u32 + 1,
-            max_attempts: row.get::<i64, _>(7) as u32,
-            spec_json: row.get(8),
-            spec_hash: row.get(9),
+            max_attempts: max_attempts as u32,
+            spec_json: spec,
+            spec_hash,
             started_at: req.now,
-            workflow_id: row.get(10),
+            workflow_id: wf,
         });
         from.push(if status == "retrying" {
             TaskStatus::Retrying
@@ -1244,19 +1289,6 @@ async fn claim(
             TaskStatus::Queued
         });
     }
-    let sql = format!(
-        "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?1, \
-         lease_expires_at = ?2, started_at = ?3, updated_at = ?3, run_at = ?3 WHERE seq IN ({})",
-        numbered_placeholders(4, claimed.len())
-    );
-    let mut q = sqlx::query(AssertSqlSafe(sql))
-        .bind(&req.worker_id)
-        .bind(req.lease_until)
-        .bind(req.now);
-    for c in &claimed {
-        q = q.bind(c.seq);
-    }
-    q.execute(&mut *conn).await?;
     for (c, f) in claimed.iter().zip(from) {
         batch.transition(
             req.now,
@@ -1275,6 +1307,52 @@ async fn claim(
         );
     }
     Ok(claimed)
+}
+
+/// Answers the claims that come with the batch's finishes (one list per
+/// finish, in op order). Requests from the same worker with the same
+/// filter are merged into one claim for all of their slots; the claimed
+/// tasks are then dealt out in claim order.
+async fn claim_for_finishes(
+    conn: &mut SqliteConnection,
+    ops: &[Op],
+    batch: &mut Batch,
+) -> Result<Vec<Vec<ClaimedTask>>> {
+    let requests: Vec<Option<&ClaimRequest>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Finish { next, .. } => Some(next.as_deref()),
+            _ => None,
+        })
+        .collect();
+    let mut out: Vec<Vec<ClaimedTask>> = requests.iter().map(|_| Vec::new()).collect();
+    // Groups in order of first appearance: (merged request, members).
+    let mut groups: Vec<(ClaimRequest, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let Some(r) = r else { continue };
+        let same = groups.iter_mut().find(|(g, _)| {
+            g.worker_id == r.worker_id
+                && g.server_kinds == r.server_kinds
+                && g.external == r.external
+        });
+        match same {
+            Some((g, members)) => {
+                g.limit += r.limit;
+                g.now = g.now.max(r.now);
+                g.lease_until = g.lease_until.max(r.lease_until);
+                members.push(i);
+            }
+            None => groups.push(((*r).clone(), vec![i])),
+        }
+    }
+    for (req, members) in groups {
+        let mut claimed = claim(conn, &req, batch).await?.into_iter();
+        for i in members {
+            let limit = requests[i].map_or(0, |r| r.limit);
+            out[i].extend(claimed.by_ref().take(limit));
+        }
+    }
+    Ok(out)
 }
 
 /// Applies every finish of the batch with one fenced UPDATE: a finish
@@ -1339,25 +1417,40 @@ async fn finish_all(
             .await?;
         }
     }
-    let applied: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
+    let rows = serde_json::Value::Array(rows).to_string();
+    // The finishes that count (the fence below), with whether each task
+    // has dependents waiting, so a batch whose finished tasks have none
+    // skips the dependents query. (The single writer sees every edge:
+    // nothing can add one meanwhile.) One row holding a JSON array: sqlx
+    // hands rows over from its SQLite thread one at a time, a thread
+    // wake-up each. The UPDATE follows in the same query, one round trip
+    // for both (`fetch_all`: fetching one row would stop before it).
+    let applied: Vec<String> = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(t.id, t.name, t.workflow_id, \
+         EXISTS (SELECT 1 FROM task_deps d WHERE d.dep_id = t.id AND d.state = 'waiting'))) \
+         FROM json_each(jsonb(?1)) AS v JOIN tasks t ON t.id = v.value ->> 0 \
+         WHERE +t.status = 'running' AND t.lease_owner = v.value ->> 7 \
+         AND t.attempts = v.value ->> 8; \
+         UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
          finished_at = v.value ->> 3, updated_at = v.value ->> 4, lease_owner = NULL, \
          lease_expires_at = NULL, result = v.value ->> 5, error = v.value ->> 6 \
          FROM json_each(jsonb(?1)) AS v \
          WHERE tasks.id = v.value ->> 0 AND +tasks.status = 'running' \
-         AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8 \
-         RETURNING tasks.id, tasks.name, tasks.workflow_id",
+         AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8",
     )
-    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(&rows)
     .fetch_all(&mut *conn)
     .await?;
-    let applied: HashMap<String, (String, Option<String>)> = applied
+    let applied: Vec<(String, String, Option<String>, i64)> =
+        serde_json::from_str(applied.first().map_or("[]", String::as_str))
+            .map_err(|e| Error::Store(e.to_string()))?;
+    let applied: HashMap<String, (String, Option<String>, bool)> = applied
         .into_iter()
-        .map(|(id, name, wf)| (id, (name, wf)))
+        .map(|(id, name, wf, deps)| (id, (name, wf, deps != 0)))
         .collect();
     let mut out = Vec::with_capacity(finishes.len());
     for (f, (status, run_at)) in finishes.iter().zip(planned) {
-        let Some((name, wf)) = applied.get(&f.task_id) else {
+        let Some((name, wf, has_dependents)) = applied.get(&f.task_id) else {
             let current: Option<String> =
                 sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?1")
                     .bind(&f.task_id)
@@ -1394,7 +1487,15 @@ async fn finish_all(
             detail.to_string(),
         );
         if status.is_terminal() {
-            batch.terminal(&f.task_id, status, f.result.output.clone(), wf.clone());
+            if *has_dependents {
+                batch.terminal(&f.task_id, status, f.result.output.clone(), wf.clone());
+            } else {
+                batch.terminal.push(Terminal {
+                    id: f.task_id.clone(),
+                    status,
+                    workflow_id: wf.clone(),
+                });
+            }
         }
         out.push(FinishOutcome::Applied(status));
     }
@@ -2165,50 +2266,70 @@ async fn register_worker(conn: &mut SqliteConnection, w: &WorkerInfo) -> Result<
     Ok(())
 }
 
-async fn flush_attempts(conn: &mut SqliteConnection, rows: &[AttemptRow]) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let json: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            serde_json::json!([
-                r.task_id,
-                r.attempt,
-                r.worker_id,
-                r.status.as_str(),
-                r.started_at,
-                r.finished_at,
-                r.exit_code,
-                r.signal,
-                r.duration_ms,
-                r.error,
-                r.result
-            ])
-        })
-        .collect();
-    sqlx::query(
-        "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
-         exit_code, signal, duration_ms, error, result) \
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-         value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(jsonb(?1)) ORDER BY key",
-    )
-    .bind(serde_json::Value::Array(json).to_string())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn flush_audit(conn: &mut SqliteConnection, drafts: &[AuditDraft]) -> Result<()> {
-    if drafts.is_empty() {
-        return Ok(());
+/// Inserts the attempt rows with their interaction records, then appends
+/// the audit events to the chain: two round trips to the connection's
+/// thread, the first of which also reads the chain head.
+async fn flush_attempts_and_audit(
+    conn: &mut SqliteConnection,
+    rows: &[AttemptRow],
+    drafts: &[AuditDraft],
+) -> Result<()> {
+    let mut statements = Vec::new();
+    let mut binds: Vec<String> = Vec::new();
+    if !rows.is_empty() {
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.task_id,
+                    r.attempt,
+                    r.worker_id,
+                    r.status.as_str(),
+                    r.started_at,
+                    r.finished_at,
+                    r.exit_code,
+                    r.signal,
+                    r.duration_ms,
+                    r.error,
+                    r.result
+                ])
+            })
+            .collect();
+        binds.push(serde_json::Value::Array(json).to_string());
+        statements.push(
+            "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
+             exit_code, signal, duration_ms, error, result) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(jsonb(?1)) ORDER BY key"
+                .to_string(),
+        );
+        let keys: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!([r.task_id, r.attempt]))
+            .collect();
+        binds.push(serde_json::Value::Array(keys).to_string());
+        statements.push(super::history::record_sql(2));
     }
     // Inside BEGIN IMMEDIATE no other process can append, so the head read
     // here is the head the new events chain onto.
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await?;
+    if !drafts.is_empty() {
+        statements.push("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1".to_string());
+    }
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::query(AssertSqlSafe(statements.join("; ")));
+    for b in binds {
+        q = q.bind(b);
+    }
+    let result = q.fetch_all(&mut *conn).await?;
+    if drafts.is_empty() {
+        return Ok(());
+    }
+    let head: Option<(i64, String)> = result
+        .iter()
+        .find(|r| r.len() == 2)
+        .map(|r| (r.get(0), r.get(1)));
     let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
     let mut json = Vec::with_capacity(drafts.len());
     for d in drafts {
@@ -2250,14 +2371,6 @@ fn placeholders(n: usize) -> String {
         s.push('?');
     }
     s
-}
-
-/// `?3,?4,...`: numbered so they follow numbered parameters.
-fn numbered_placeholders(start: usize, n: usize) -> String {
-    (start..start + n)
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn json_str(s: &str) -> String {
