@@ -166,6 +166,47 @@ pub struct ClaimRequest {
     pub external: Option<ExternalFilter>,
 }
 
+/// The claims that come with a batch's finishes, merged: requests of the
+/// same worker with the same filter become one claim for all of their
+/// slots. Returns the merged requests in order of first appearance, each
+/// with the indexes (into `requests`) of its members.
+pub(crate) fn merge_claims(requests: &[Option<&ClaimRequest>]) -> Vec<(ClaimRequest, Vec<usize>)> {
+    let mut groups: Vec<(ClaimRequest, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let Some(r) = r else { continue };
+        let same = groups.iter_mut().find(|(g, _)| {
+            g.worker_id == r.worker_id
+                && g.server_kinds == r.server_kinds
+                && g.external == r.external
+        });
+        match same {
+            Some((g, members)) => {
+                g.limit += r.limit;
+                g.now = g.now.max(r.now);
+                g.lease_until = g.lease_until.max(r.lease_until);
+                members.push(i);
+            }
+            None => groups.push(((*r).clone(), vec![i])),
+        }
+    }
+    groups
+}
+
+/// Deals the tasks one merged claim returned out to its members, in claim
+/// order, each up to its own limit.
+pub(crate) fn deal_claims(
+    claimed: Vec<ClaimedTask>,
+    members: &[usize],
+    requests: &[Option<&ClaimRequest>],
+    out: &mut [Vec<ClaimedTask>],
+) {
+    let mut claimed = claimed.into_iter();
+    for &i in members {
+        let limit = requests[i].map_or(0, |r| r.limit);
+        out[i].extend(claimed.by_ref().take(limit));
+    }
+}
+
 /// Which external tasks a worker takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExternalFilter {
@@ -522,5 +563,65 @@ pub trait Store: Send + Sync + 'static {
     /// claims at once. `None` for stores no other process writes to.
     fn subscribe_remote(&self) -> Option<broadcast::Receiver<()>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(worker: &str, limit: usize, now: i64, external: Option<ExternalFilter>) -> ClaimRequest {
+        ClaimRequest {
+            worker_id: worker.into(),
+            now,
+            lease_until: now + 1000,
+            limit,
+            server_kinds: external.is_none(),
+            external,
+        }
+    }
+
+    fn task(id: &str) -> ClaimedTask {
+        ClaimedTask {
+            id: id.into(),
+            name: id.into(),
+            kind: TaskKind::Command,
+            priority: 0,
+            seq: 0,
+            attempt: 1,
+            max_attempts: 1,
+            spec_json: "{}".into(),
+            spec_hash: String::new(),
+            started_at: 0,
+            workflow_id: None,
+        }
+    }
+
+    #[test]
+    fn claims_of_one_worker_and_filter_merge_and_are_dealt_in_order() {
+        let a = req("w1", 1, 10, None);
+        let b = req("w1", 2, 30, None);
+        let c = req("w1", 1, 20, Some(ExternalFilter::default()));
+        let d = req("w2", 1, 5, None);
+        let requests = [Some(&a), None, Some(&b), Some(&c), Some(&d)];
+        let groups = merge_claims(&requests);
+        assert_eq!(groups.len(), 3);
+        let (merged, members) = &groups[0];
+        assert_eq!(
+            (merged.limit, merged.now, merged.lease_until),
+            (3, 30, 1030)
+        );
+        assert_eq!(members, &vec![0, 2]);
+        assert_eq!(groups[1].1, vec![3]);
+        assert_eq!(groups[2].1, vec![4]);
+
+        // Two tasks for three slots: the first member gets one, the second
+        // the other; nobody gets more than asked.
+        let mut out = vec![Vec::new(); requests.len()];
+        deal_claims(vec![task("t1"), task("t2")], members, &requests, &mut out);
+        let ids = |v: &Vec<ClaimedTask>| v.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&out[0]), ["t1"]);
+        assert_eq!(ids(&out[2]), ["t2"]);
+        assert!(out[1].is_empty() && out[3].is_empty() && out[4].is_empty());
     }
 }

@@ -1376,31 +1376,9 @@ async fn claim_for_finishes(
         })
         .collect();
     let mut out: Vec<Vec<ClaimedTask>> = requests.iter().map(|_| Vec::new()).collect();
-    // Groups in order of first appearance: (merged request, members).
-    let mut groups: Vec<(ClaimRequest, Vec<usize>)> = Vec::new();
-    for (i, r) in requests.iter().enumerate() {
-        let Some(r) = r else { continue };
-        let same = groups.iter_mut().find(|(g, _)| {
-            g.worker_id == r.worker_id
-                && g.server_kinds == r.server_kinds
-                && g.external == r.external
-        });
-        match same {
-            Some((g, members)) => {
-                g.limit += r.limit;
-                g.now = g.now.max(r.now);
-                g.lease_until = g.lease_until.max(r.lease_until);
-                members.push(i);
-            }
-            None => groups.push(((*r).clone(), vec![i])),
-        }
-    }
-    for (req, members) in groups {
-        let mut claimed = claim(conn, &req, batch).await?.into_iter();
-        for i in members {
-            let limit = requests[i].map_or(0, |r| r.limit);
-            out[i].extend(claimed.by_ref().take(limit));
-        }
+    for (req, members) in crate::store::merge_claims(&requests) {
+        let claimed = claim(conn, &req, batch).await?;
+        crate::store::deal_claims(claimed, &members, &requests, &mut out);
     }
     Ok(out)
 }
