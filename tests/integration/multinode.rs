@@ -63,6 +63,7 @@ async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
+    let _machine = crate::common::MACHINE.lock().await;
     let Some(backend) =
         Backend::postgres("three_nodes_share_one_queue_and_survive_a_sigkill").await
     else {

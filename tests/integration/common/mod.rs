@@ -248,3 +248,9 @@ pub fn ms(v: &Value) -> i64 {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Held by tests that saturate the machine (several engine processes, many
+/// child processes) and by tests that follow a manual clock in real time:
+/// the two never run side by side, so the latter's waits stay meaningful
+/// on a two-core machine.
+pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
