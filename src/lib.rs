@@ -32,7 +32,8 @@
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
 //!   (one group-committing writer that also resolves dependents, moves
 //!   workflow counters and writes interaction records in the same
-//!   transaction, a read pool, WAL); [`store::postgres`] is the same design
+//!   transaction and merges the claims that come with finishes, a read
+//!   pool, WAL); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
 //!   wake-ups). Migrations for both live in `migrations/sqlite` and
@@ -44,8 +45,9 @@
 //!   `recommend`, the `Embedder` tier (`embed`; the in-process model behind
 //!   the `local-embeddings` feature in `local`), the Vectorizer client and
 //!   outbox delivery (`vectorizer`), the labelled evaluation (`eval`).
-//! * [`engine`] — the scheduler loop (claims, runs, finishes, fires due
-//!   schedules), lease renewal and reclaim, retry decisions, crash
+//! * [`engine`] — the scheduler loop (coalesced claims, runs, finishes
+//!   that claim their slot's next task where the store supports it, fires
+//!   due schedules), lease renewal and reclaim, retry decisions, crash
 //!   recovery, service-task lifetimes, history upkeep (retention,
 //!   embedding backfill, Vectorizer delivery), the injected clock.
 //! * [`executor`] — one attempt: child processes (process groups, rlimits,
