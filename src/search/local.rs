@@ -6,7 +6,7 @@
 //! `scripts/install-model.sh` puts the files in place beforehand.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -87,11 +87,6 @@ impl LocalEmbedder {
                 max_tokens: max_tokens.max(2),
             }),
         })
-    }
-
-    /// The directory `search.model_dir` names, made absolute for messages.
-    pub fn resolve_dir(dir: &Path) -> PathBuf {
-        std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
     }
 }
 

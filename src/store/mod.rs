@@ -217,6 +217,49 @@ pub struct ExternalFilter {
     pub tags: Vec<String>,
 }
 
+/// An attempt row for a writer to insert.
+pub(crate) struct AttemptRow {
+    pub task_id: String,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub status: AttemptStatus,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: i64,
+    pub error: Option<String>,
+    pub result: String,
+}
+
+impl AttemptRow {
+    /// The rows as one JSON array of arrays, in column order (task_id,
+    /// attempt, worker_id, status, started_at, finished_at, exit_code,
+    /// signal, duration_ms, error, result): one bound value for a
+    /// multi-row INSERT on either store.
+    pub(crate) fn json_array(rows: &[AttemptRow]) -> String {
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.task_id,
+                    r.attempt,
+                    r.worker_id,
+                    r.status.as_str(),
+                    r.started_at,
+                    r.finished_at,
+                    r.exit_code,
+                    r.signal,
+                    r.duration_ms,
+                    r.error,
+                    r.result
+                ])
+            })
+            .collect();
+        serde_json::Value::Array(json).to_string()
+    }
+}
+
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub struct ClaimedTask {

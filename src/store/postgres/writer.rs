@@ -22,9 +22,9 @@ use crate::model::{
     TaskStatus, Timestamp, WorkflowEvent, WorkflowStatus,
 };
 use crate::store::{
-    ApprovalDecision, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, FireSchedule,
-    NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog, Submitted,
-    TokenRecord, WorkerInfo,
+    ApprovalDecision, AttemptRow, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome,
+    FireSchedule, NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog,
+    Submitted, TokenRecord, WorkerInfo,
 };
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -144,21 +144,6 @@ struct AuditDraft {
     from: Option<&'static str>,
     to: &'static str,
     detail: String,
-}
-
-/// An attempt row to insert.
-struct AttemptRow {
-    task_id: String,
-    attempt: u32,
-    worker_id: String,
-    status: AttemptStatus,
-    started_at: i64,
-    finished_at: i64,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    duration_ms: i64,
-    error: Option<String>,
-    result: String,
 }
 
 /// A task that reached a terminal state in this transaction.
@@ -2283,25 +2268,7 @@ async fn flush_attempts(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result<
     if rows.is_empty() {
         return Ok(());
     }
-    let json: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            serde_json::json!([
-                r.task_id,
-                r.attempt,
-                r.worker_id,
-                r.status.as_str(),
-                r.started_at,
-                r.finished_at,
-                r.exit_code,
-                r.signal,
-                r.duration_ms,
-                r.error,
-                r.result
-            ])
-        })
-        .collect();
-    super::history::insert_attempts(conn, serde_json::Value::Array(json).to_string()).await
+    super::history::insert_attempts(conn, AttemptRow::json_array(rows)).await
 }
 
 /// Appends the batch's audit events to the chain and queues the

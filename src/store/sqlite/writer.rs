@@ -17,9 +17,9 @@ use crate::model::{
     TaskStatus, Timestamp, WorkflowEvent, WorkflowStatus,
 };
 use crate::store::{
-    ApprovalDecision, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome, FireSchedule,
-    NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog, Submitted,
-    TokenRecord, WorkerInfo,
+    ApprovalDecision, AttemptRow, ClaimRequest, ClaimedTask, FinishAttempt, FinishOutcome,
+    FireSchedule, NewSchedule, NewSubmission, NewTask, Next, Reclaim, ScheduleChange, StreamLog,
+    Submitted, TokenRecord, WorkerInfo,
 };
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -141,21 +141,6 @@ struct AuditDraft {
     from: Option<&'static str>,
     to: &'static str,
     detail: String,
-}
-
-/// An attempt row to insert.
-struct AttemptRow {
-    task_id: String,
-    attempt: u32,
-    worker_id: String,
-    status: AttemptStatus,
-    started_at: i64,
-    finished_at: i64,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    duration_ms: i64,
-    error: Option<String>,
-    result: String,
 }
 
 /// A task that reached a terminal state in this transaction.
@@ -2255,25 +2240,7 @@ async fn flush_attempts_and_audit(
     let mut statements = Vec::new();
     let mut binds: Vec<String> = Vec::new();
     if !rows.is_empty() {
-        let json: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!([
-                    r.task_id,
-                    r.attempt,
-                    r.worker_id,
-                    r.status.as_str(),
-                    r.started_at,
-                    r.finished_at,
-                    r.exit_code,
-                    r.signal,
-                    r.duration_ms,
-                    r.error,
-                    r.result
-                ])
-            })
-            .collect();
-        binds.push(serde_json::Value::Array(json).to_string());
+        binds.push(AttemptRow::json_array(rows));
         statements.push(
             "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
              exit_code, signal, duration_ms, error, result) \
