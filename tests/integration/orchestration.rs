@@ -444,6 +444,9 @@ async fn retrying_a_failed_task_reopens_what_it_skipped() {
     // Only finished, unsuccessful tasks can be retried.
     assert_eq!(q.retry(announce).await.unwrap_err().code(), "conflict");
 
+    // The engine is stopped while the retry is checked, so what the retry
+    // did is not raced by a claim.
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
     std::fs::write(&flag, "").unwrap();
     let t = q.retry(&sub.tasks[0].id).await.unwrap();
     assert_eq!(t.status, TaskStatus::Queued);
@@ -453,6 +456,7 @@ async fn retrying_a_failed_task_reopens_what_it_skipped() {
         q.workflow(&sub.workflow_id).await.unwrap().status,
         WorkflowStatus::Running
     );
+    let engine = q.start();
     let w = q
         .wait_workflow(&sub.workflow_id, Some(Duration::from_secs(20)))
         .await
