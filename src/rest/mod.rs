@@ -477,6 +477,19 @@ pub async fn logs_slice(
     if tail.is_some() && offset.is_some() {
         return Err(Error::invalid("tail", "give tail or offset, not both"));
     }
+    if attempt == Some(0) {
+        return Err(Error::invalid("attempt", "attempts count from 1, got 0"));
+    }
+    for (field, v) in [("tail", tail), ("offset", offset)] {
+        if let Some(n) = v
+            && n > u32::MAX as usize
+        {
+            return Err(Error::invalid(
+                field,
+                format!("must be at most {} bytes, got {n}", u32::MAX),
+            ));
+        }
+    }
     let chunks = queue.logs(id, attempt).await?;
     let mut logs = Vec::new();
     for c in chunks {

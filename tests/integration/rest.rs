@@ -115,6 +115,19 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(logs["logs"][0]["text"], "hi\n");
+    // Out of the documented ranges: refused, naming the parameter.
+    for (q, field) in [
+        ("offset=4294967296", "offset"),
+        ("tail=99999999999", "tail"),
+        ("attempt=0", "attempt"),
+    ] {
+        let (s, e) = call(&app, "GET", &format!("/api/v1/tasks/{id}/logs?{q}"), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(field),
+            "{e}"
+        );
+    }
 
     // Batch with a dependency, then a workflow with a gate.
     let (s, b) = call(
