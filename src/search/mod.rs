@@ -255,19 +255,67 @@ impl Search {
             ));
         }
         let filter = filter_of(req)?;
+        let started = std::time::Instant::now();
+        // The user's own words, then the same with synonyms at a lower
+        // weight (a synonym match must not outrank an exact one), and
+        // pieces of names: three queries run side by side on the read pool.
+        let words = query::word_alternatives(&terms, false);
+        let with_synonyms = query::word_alternatives(&terms, true);
+        // Without synonyms to add, the second list is the first one.
+        let synonyms_differ = with_synonyms != words;
+        // Every tier at once: the full-text queries on the read pool, the
+        // embedding and vector scan, the Vectorizer.
+        let (by_words, by_synonyms, by_trigram, semantic, vectorizer) = futures::join!(
+            async {
+                match words.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => store.words(&words, &filter, CANDIDATES).await,
+                }
+            },
+            async {
+                match synonyms_differ {
+                    true => store.words(&with_synonyms, &filter, CANDIDATES).await,
+                    false => Ok(Vec::new()),
+                }
+            },
+            async {
+                match substrings.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => store.substrings(&substrings, &filter, CANDIDATES).await,
+                }
+            },
+            self.semantic(store, req, &filter),
+            async {
+                match &self.vectorizer {
+                    Some(v) => Some(v.search(store, &req.query, CANDIDATES.min(100)).await),
+                    None => None,
+                }
+            },
+        );
+        let by_words = by_words?;
+        let by_synonyms = if synonyms_differ {
+            by_synonyms?
+        } else {
+            by_words.clone()
+        };
+        let by_trigram = by_trigram?;
         let mut lists = Vec::new();
         // Matching runs per task, as the candidate lists counted them.
         let mut runs: HashMap<i64, u64> = HashMap::new();
-        // The user's own words, then the same with synonyms at a lower
-        // weight: a synonym match must not outrank an exact one.
-        for (source, weight, synonyms) in [("words", 1.0, false), ("synonyms", 0.6, true)] {
-            let words = query::word_alternatives(&terms, synonyms);
-            if words.is_empty() {
+        for (source, weight, c, asked) in [
+            ("words", 1.0, &by_words, !words.is_empty()),
+            ("synonyms", 0.6, &by_synonyms, !words.is_empty()),
+            ("trigram", 0.3, &by_trigram, !substrings.is_empty()),
+        ] {
+            if !asked {
                 continue;
             }
-            let c = store.words(&words, &filter, CANDIDATES).await?;
-            for x in &c {
-                runs.insert(x.id, x.runs);
+            for x in c {
+                if source == "trigram" {
+                    runs.entry(x.id).or_insert(x.runs);
+                } else {
+                    runs.insert(x.id, x.runs);
+                }
             }
             lists.push(RankedList {
                 source,
@@ -275,20 +323,9 @@ impl Search {
                 ids: c.iter().map(|x| x.id).collect(),
             });
         }
-        if !substrings.is_empty() {
-            let c = store.substrings(&substrings, &filter, CANDIDATES).await?;
-            for x in &c {
-                runs.entry(x.id).or_insert(x.runs);
-            }
-            lists.push(RankedList {
-                source: "trigram",
-                weight: 0.3,
-                ids: c.iter().map(|x| x.id).collect(),
-            });
-        }
         let mut notices = Vec::new();
         let mut hybrid = false;
-        match self.semantic(store, req, &filter).await {
+        match semantic {
             Ok(Some(ids)) => {
                 hybrid = true;
                 lists.push(RankedList {
@@ -300,22 +337,28 @@ impl Search {
             Ok(None) => {}
             Err(e) => notices.push(format!("semantic search unavailable, lexical only: {e}")),
         }
-        if let Some(v) = &self.vectorizer {
-            match v.search(store, &req.query, CANDIDATES.min(100)).await {
-                Ok(ids) => {
-                    hybrid = true;
-                    lists.push(RankedList {
-                        source: "vectorizer",
-                        weight: 0.7,
-                        ids,
-                    });
-                }
-                Err(e) => notices.push(format!("Vectorizer search unavailable: {e}")),
+        match vectorizer {
+            Some(Ok(ids)) => {
+                hybrid = true;
+                lists.push(RankedList {
+                    source: "vectorizer",
+                    weight: 0.7,
+                    ids,
+                });
             }
+            Some(Err(e)) => notices.push(format!("Vectorizer search unavailable: {e}")),
+            None => {}
         }
+        let candidates_us = started.elapsed().as_micros() as u64;
         let hits = self
             .assemble(store, &lists, &runs, &terms, req, &filter, now, limit)
             .await?;
+        tracing::debug!(
+            candidates_us,
+            total_us = started.elapsed().as_micros() as u64,
+            lists = lists.len(),
+            "search"
+        );
         Ok(SearchResults {
             hits,
             mode: if hybrid { "hybrid" } else { "lexical" }.to_string(),
@@ -370,6 +413,7 @@ impl Search {
         now: i64,
         limit: usize,
     ) -> Result<Vec<SearchHit>> {
+        let started = std::time::Instant::now();
         let mut ids: Vec<i64> = lists.iter().flat_map(|l| l.ids.iter().copied()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -417,9 +461,16 @@ impl Search {
         let words: Vec<String> = terms.iter().flat_map(|t| query::expand(t)).collect();
         // Excerpts only for the runs shown: each costs a pass over the text.
         let shown: Vec<i64> = ranked.iter().map(|(_, r, _, _)| r.id).collect();
+        let ranked_us = started.elapsed().as_micros() as u64;
         let snippets = store
             .snippets(&query::word_alternatives(terms, true), &shown)
             .await?;
+        tracing::debug!(
+            records = records.len(),
+            ranked_us,
+            snippets_us = started.elapsed().as_micros() as u64 - ranked_us,
+            "search assembled"
+        );
         let snippet_of = |r: &Interaction| -> String {
             snippets.get(&r.id).cloned().unwrap_or_else(|| {
                 r.description
