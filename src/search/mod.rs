@@ -458,21 +458,10 @@ impl Search {
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.id.cmp(&a.1.id)));
         ranked.truncate(limit);
-        let words: Vec<String> = terms.iter().flat_map(|t| query::expand(t)).collect();
-        // Excerpts only for the runs shown: each costs a pass over the text.
-        let shown: Vec<i64> = ranked.iter().map(|(_, r, _, _)| r.id).collect();
-        let ranked_us = started.elapsed().as_micros() as u64;
-        let snippets = store
-            .snippets(&query::word_alternatives(terms, true), &shown)
-            .await?;
-        tracing::debug!(
-            records = records.len(),
-            ranked_us,
-            snippets_us = started.elapsed().as_micros() as u64 - ranked_us,
-            "search assembled"
-        );
+        let words = query::word_alternatives(terms, true);
+        // Why it matched, from the record itself: the same on every store.
         let snippet_of = |r: &Interaction| -> String {
-            snippets.get(&r.id).cloned().unwrap_or_else(|| {
+            rank::snippet(r, &words).unwrap_or_else(|| {
                 r.description
                     .clone()
                     .unwrap_or_else(|| r.name.clone())
@@ -481,6 +470,11 @@ impl Search {
                     .collect()
             })
         };
+        tracing::debug!(
+            records = records.len(),
+            ranked_us = started.elapsed().as_micros() as u64,
+            "search assembled"
+        );
         Ok(ranked
             .into_iter()
             .map(|(score, r, runs, k)| {

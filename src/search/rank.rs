@@ -75,47 +75,147 @@ pub fn boost(r: &Interaction, query: &str, b: &Boosts<'_>) -> f64 {
     m
 }
 
-/// The fields of `r` that contain one of `words` (compared on their first
-/// letters, so `deploying` matches `deploy`).
-pub fn matched_fields(r: &Interaction, words: &[String]) -> Vec<String> {
-    let stems: Vec<String> = words
+/// Whether a word of a document (lowercase) stands for a query word
+/// (lowercase): it starts with it (`deployment` for `deploy`), they share
+/// a stem of five letters or more that leaves at most four of either
+/// (`migrations` for `migrate`, `deploy` for `deploying`), or, for query
+/// words of four letters or more, it contains it (`deploy` for `ploy`,
+/// the pieces of names the trigram index finds).
+fn stands_for(word: &str, query_word: &str) -> bool {
+    if word.starts_with(query_word) {
+        return true;
+    }
+    let shared = word
+        .chars()
+        .zip(query_word.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let (w, q) = (word.chars().count(), query_word.chars().count());
+    (shared >= 5 && w - shared <= 4 && q - shared <= 4) || (q >= 4 && word.contains(query_word))
+}
+
+/// A word of a text: its byte range and the first query word it stands for.
+type Token = (usize, usize, Option<usize>);
+
+/// The words of `text`.
+fn tokens(text: &str, query_words: &[String]) -> Vec<Token> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
+        match (c.is_alphanumeric(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                let word = text[s..i].to_lowercase();
+                let hit = query_words.iter().position(|q| stands_for(&word, q));
+                out.push((s, i, hit));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How many distinct query words these tokens match.
+fn distinct(tokens: &[Token]) -> usize {
+    let mut seen: Vec<usize> = tokens.iter().filter_map(|t| t.2).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
+fn lowercase(words: &[String]) -> Vec<String> {
+    words
         .iter()
-        .map(|w| {
-            let n = w.chars().count();
-            let keep = if n > 5 { n - 2 } else { n };
-            w.chars().take(keep).collect()
-        })
-        .collect();
-    let tags = r.tags.join(" ");
-    let deps = r.dependencies.join(" ");
+        .map(|w| w.to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// The searchable fields of a record, in the order of their weight.
+fn fields(r: &Interaction) -> [(&'static str, String); 9] {
     let results = [
         r.error.as_deref().unwrap_or(""),
         r.output.as_deref().unwrap_or(""),
         &r.artifacts.join(" "),
     ]
     .join(" ");
-    let logs = format!("{} {}", r.stdout_tail, r.stderr_tail);
-    let fields: [(&str, &str); 9] = [
-        ("name", &r.name),
-        ("description", r.description.as_deref().unwrap_or("")),
-        ("command", r.command.as_deref().unwrap_or("")),
-        ("tags", &tags),
-        ("project", r.project.as_deref().unwrap_or("")),
-        ("dependencies", &deps),
-        ("parameters", r.parameters.as_deref().unwrap_or("")),
-        ("result", &results),
-        ("logs", &logs),
-    ];
-    fields
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    [
+        ("name", r.name.clone()),
+        ("description", text(&r.description)),
+        ("command", text(&r.command)),
+        ("tags", r.tags.join(" ")),
+        ("project", text(&r.project)),
+        ("dependencies", r.dependencies.join(" ")),
+        ("parameters", text(&r.parameters)),
+        ("result", results),
+        ("logs", format!("{} {}", r.stdout_tail, r.stderr_tail)),
+    ]
+}
+
+/// The fields of `r` with a word that stands for one of `words`
+/// (`deploying` for `deploy`, see [`snippet`]).
+pub fn matched_fields(r: &Interaction, words: &[String]) -> Vec<String> {
+    let words = lowercase(words);
+    fields(r)
         .iter()
-        .filter(|(_, text)| {
-            let text = text.to_lowercase();
-            stems
-                .iter()
-                .any(|s| !s.is_empty() && text.contains(s.as_str()))
-        })
+        .filter(|(_, text)| tokens(text, &words).iter().any(|t| t.2.is_some()))
         .map(|(f, _)| f.to_string())
         .collect()
+}
+
+/// Words a snippet shows around its best passage.
+const SNIPPET_WORDS: usize = 12;
+
+/// Why `r` matched `words`: the passage of at most twelve words with the
+/// most distinct query words, from the weightiest field that has the
+/// most, matched words in `[brackets]`, `…` where text was cut. `None`
+/// when no field matches.
+pub fn snippet(r: &Interaction, words: &[String]) -> Option<String> {
+    let words = lowercase(words);
+    let mut best: Option<(usize, String, Vec<Token>)> = None;
+    for (_, text) in fields(r) {
+        let tokens = tokens(&text, &words);
+        let score = distinct(&tokens);
+        if score > best.as_ref().map_or(0, |b| b.0) {
+            best = Some((score, text, tokens));
+        }
+    }
+    let (_, text, tokens) = best?;
+    // The window of words with the most distinct matches, the first on ties.
+    let width = SNIPPET_WORDS.min(tokens.len());
+    let mut from = 0;
+    let mut most = 0;
+    for w in 0..=tokens.len() - width {
+        let n = distinct(&tokens[w..w + width]);
+        if n > most {
+            most = n;
+            from = w;
+        }
+    }
+    let window = &tokens[from..from + width];
+    let mut out = String::new();
+    if from > 0 {
+        out.push('…');
+    }
+    let mut at = window[0].0;
+    for &(s, e, hit) in window {
+        out.push_str(&text[at..s]);
+        match hit {
+            Some(_) => {
+                out.push('[');
+                out.push_str(&text[s..e]);
+                out.push(']');
+            }
+            None => out.push_str(&text[s..e]),
+        }
+        at = e;
+    }
+    if from + width < tokens.len() {
+        out.push('…');
+    }
+    Some(out.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 #[cfg(test)]
@@ -149,5 +249,70 @@ mod tests {
         let g = fuse(&runs, |id| Some(id / 10));
         assert_eq!(g.len(), 2);
         assert!(g[&1].score > g[&0].score);
+    }
+
+    fn record() -> Interaction {
+        Interaction {
+            id: 1,
+            task_id: "t".into(),
+            attempt: 1,
+            name: "deploy-api".into(),
+            project: Some("shop".into()),
+            workflow_id: None,
+            kind: "command".into(),
+            tags: vec!["prod".into()],
+            outcome: "failed".into(),
+            exit_code: Some(1),
+            duration_ms: 10,
+            started_at: 0,
+            finished_at: 10,
+            description: Some(
+                "Roll the API service out to the production cluster after the image is built and tested by the suite"
+                    .into(),
+            ),
+            command: Some("kubectl rollout restart deployment/api".into()),
+            parameters: None,
+            dependencies: vec![],
+            error: Some("connection refused by the database".into()),
+            output: None,
+            artifacts: vec![],
+            stdout_tail: String::new(),
+            stderr_tail: "error:\n  postgres   unreachable".into(),
+        }
+    }
+
+    #[test]
+    fn snippets_show_the_best_passage_of_the_best_field() {
+        let r = record();
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Two query words in the description beat one in the name.
+        assert_eq!(
+            snippet(&r, &w(&["production", "cluster"])).unwrap(),
+            "Roll the API service out to the [production] [cluster] after the image…"
+        );
+        // One word: the first field that has it, inflections included.
+        assert_eq!(snippet(&r, &w(&["deploying"])).unwrap(), "[deploy]-api");
+        // A piece of a name is bracketed in the word that contains it.
+        assert_eq!(snippet(&r, &w(&["ploy"])).unwrap(), "[deploy]-api");
+        // Deep in a long field: cut on both sides, whitespace collapsed.
+        assert_eq!(
+            snippet(&r, &w(&["suite"])).unwrap(),
+            "…production cluster after the image is built and tested by the [suite]"
+        );
+        assert_eq!(
+            snippet(&r, &w(&["postgres", "unreachable"])).unwrap(),
+            "error: [postgres] [unreachable]"
+        );
+        assert_eq!(snippet(&r, &w(&["kafka"])), None);
+        // Fields are matched the same way.
+        assert_eq!(
+            matched_fields(&r, &w(&["Restarting", "databases"])),
+            vec!["command", "result"]
+        );
+        assert_eq!(
+            matched_fields(&r, &w(&["api"])),
+            vec!["name", "description", "command"]
+        );
+        assert_eq!(snippet(&r, &[]), None);
     }
 }

@@ -4,8 +4,6 @@
 //! outbox and retention. Ranking lives in [`crate::search`]; this is only
 //! what needs the database.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -172,10 +170,6 @@ pub trait HistoryStore: Send + Sync {
         filter: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>>;
-    /// Why each of `ids` matched `words`: a short excerpt with the matched
-    /// words in `[` `]`. Ids that do not match are left out. Asked only for
-    /// the records a search returns, since excerpts are costly.
-    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>>;
     /// Records by id (missing ids are left out), in no particular order.
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>>;
     /// Every record of tasks with this name (in this project, if given), newest first.

@@ -7,8 +7,6 @@
 //! goes through `plainto_tsquery`, each substring is matched with `LIKE`
 //! after its wildcards are escaped.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -316,24 +314,6 @@ impl HistoryStore for PgStore {
             "$7",
         );
         self.candidates(&sql, patterns, f, limit).await
-    }
-
-    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>> {
-        if words.is_empty() || ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "WITH q AS ({TSQUERY}) \
-             SELECT i.id, ts_headline('english', \
-                 concat_ws(' — ', i.name, i.description, i.command, i.error), q.q, \
-                 'StartSel=[, StopSel=], MaxWords=12, MinWords=4, FragmentDelimiter=…, MaxFragments=1') \
-             FROM interactions i, q WHERE q.q IS NOT NULL AND i.id = ANY($2) AND i.words @@ q.q"
-        )))
-        .bind(words)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {

@@ -2,8 +2,6 @@
 //! word and trigram indexes (kept in step by triggers, see
 //! `migrations/0004_search.sql`), vectors and the Vectorizer outbox.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
@@ -252,22 +250,6 @@ impl HistoryStore for SqliteStore {
         );
         self.candidates(&sql, &query::fts5_any(parts), f, limit)
             .await
-    }
-
-    async fn snippets(&self, words: &[String], ids: &[i64]) -> Result<HashMap<i64, String>> {
-        if words.is_empty() || ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows = sqlx::query(
-            "SELECT rowid, snippet(interactions_fts, -1, '[', ']', '…', 12) \
-             FROM interactions_fts WHERE interactions_fts MATCH ?1 \
-             AND rowid IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(query::fts5_any(words))
-        .bind(serde_json::to_string(ids).unwrap_or_default())
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {
