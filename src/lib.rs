@@ -41,7 +41,8 @@
 //!   store (word and substring candidates, vectors, the Vectorizer
 //!   outbox): FTS5 on SQLite, `tsvector` and pg_trgm on PostgreSQL.
 //! * [`search`] — history search and recommendations: query words,
-//!   synonyms and quoting (`query`), rank fusion and boosts (`rank`),
+//!   synonyms and quoting (`query`), rank fusion, boosts and snippets
+//!   (`rank`); the tiers of one search run side by side;
 //!   `recommend`, the `Embedder` tier (`embed`; the in-process model behind
 //!   the `local-embeddings` feature in `local`), the Vectorizer client and
 //!   outbox delivery (`vectorizer`), the labelled evaluation (`eval`).
