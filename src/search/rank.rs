@@ -132,6 +132,29 @@ fn lowercase(words: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Bytes of a field looked at for matches and snippets: the start of each
+/// field, the end of each output tail (as the full-text index keeps them),
+/// so a huge parameter object or log costs no more than a short one.
+const FIELD_BYTES: usize = 8192;
+
+/// The first `n` bytes of `s`, cut at a character boundary.
+fn head(s: &str, n: usize) -> &str {
+    let mut end = n.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The last `n` bytes of `s`, cut at a character boundary.
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
 /// The searchable fields of a record, in the order of their weight.
 fn fields(r: &Interaction) -> [(&'static str, String); 9] {
     let results = [
@@ -140,17 +163,25 @@ fn fields(r: &Interaction) -> [(&'static str, String); 9] {
         &r.artifacts.join(" "),
     ]
     .join(" ");
-    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    let text = |s: &Option<String>| head(s.as_deref().unwrap_or(""), FIELD_BYTES).to_string();
+    let cut = |s: String| head(&s, FIELD_BYTES).to_string();
     [
         ("name", r.name.clone()),
         ("description", text(&r.description)),
         ("command", text(&r.command)),
-        ("tags", r.tags.join(" ")),
+        ("tags", cut(r.tags.join(" "))),
         ("project", text(&r.project)),
-        ("dependencies", r.dependencies.join(" ")),
+        ("dependencies", cut(r.dependencies.join(" "))),
         ("parameters", text(&r.parameters)),
-        ("result", results),
-        ("logs", format!("{} {}", r.stdout_tail, r.stderr_tail)),
+        ("result", cut(results)),
+        (
+            "logs",
+            format!(
+                "{} {}",
+                tail(&r.stdout_tail, FIELD_BYTES / 2),
+                tail(&r.stderr_tail, FIELD_BYTES / 2)
+            ),
+        ),
     ]
 }
 
@@ -304,6 +335,15 @@ mod tests {
             "error: [postgres] [unreachable]"
         );
         assert_eq!(snippet(&r, &w(&["kafka"])), None);
+        // Long fields are looked at up to a bound, cut on characters.
+        let mut long = record();
+        long.parameters = Some(format!("{} kafka", "é ".repeat(10_000)));
+        long.stdout_tail = format!("kafka {}", "ü ".repeat(5_000));
+        assert_eq!(snippet(&long, &w(&["kafka"])), None);
+        long.stdout_tail.push_str("kafka done");
+        let s = snippet(&long, &w(&["kafka"])).unwrap();
+        assert_eq!(s, format!("…{}[kafka]…", "ü ".repeat(11)));
+        assert_eq!(matched_fields(&long, &w(&["kafka"])), vec!["logs"]);
         // Fields are matched the same way.
         assert_eq!(
             matched_fields(&r, &w(&["Restarting", "databases"])),
