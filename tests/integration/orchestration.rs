@@ -367,10 +367,28 @@ async fn cron_fires_each_slot_and_a_missed_stretch_once() {
         q.get_workflow(&sub.workflow_id).await.unwrap().tasks[0].status,
         TaskStatus::Pending
     );
+    // A run can start (its task is due) before the engine's schedule check
+    // has recorded the slot as fired; the clock moves on only once it has,
+    // so each step of the test is one slot.
+    let fired_up_to = |q: TaskQueue, next: i64| {
+        let schedule_id = schedule_id.clone();
+        async move {
+            for _ in 0..1200 {
+                let s = q.get_schedule(&schedule_id).await.unwrap();
+                if s.next_fire_at.is_some_and(|t| t.0 >= next) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the schedule did not fire the slot before {next}");
+        }
+    };
     clock.advance_ms(10_000);
     assert_eq!(runs_done(q.clone(), 1).await, 1);
+    fired_up_to(q.clone(), t0 + 20_000).await;
     clock.advance_ms(10_000);
     assert_eq!(runs_done(q.clone(), 2).await, 2);
+    fired_up_to(q.clone(), t0 + 30_000).await;
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // Down for ten slots: on start, the missed run happens once.
