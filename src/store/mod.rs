@@ -166,6 +166,14 @@ pub struct ClaimRequest {
     pub external: Option<ExternalFilter>,
 }
 
+impl ClaimRequest {
+    /// Whether the request can claim anything at all: a slot, and a kind
+    /// of task to take. Stores answer the others with nothing, unasked.
+    pub fn asks_for_work(&self) -> bool {
+        self.limit > 0 && (self.server_kinds || self.external.is_some())
+    }
+}
+
 /// The claims that come with a batch's finishes, merged: requests of the
 /// same worker with the same filter become one claim for all of their
 /// slots. Returns the merged requests in order of first appearance, each

@@ -266,7 +266,7 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>> {
-        if req.limit == 0 || (!req.server_kinds && req.external.is_none()) {
+        if !req.asks_for_work() {
             return Ok(Vec::new());
         }
         self.call(|reply| Op::Claim { req, reply }).await
@@ -287,8 +287,7 @@ impl Store for PgStore {
         f: FinishAttempt,
         next: ClaimRequest,
     ) -> Result<(FinishOutcome, Vec<ClaimedTask>)> {
-        let next = (next.limit > 0 && (next.server_kinds || next.external.is_some()))
-            .then(|| Box::new(next));
+        let next = next.asks_for_work().then(|| Box::new(next));
         self.call(|reply| Op::Finish {
             f: Box::new(f),
             next,

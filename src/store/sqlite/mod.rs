@@ -225,7 +225,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<ClaimedTask>> {
-        if req.limit == 0 || (!req.server_kinds && req.external.is_none()) {
+        if !req.asks_for_work() {
             return Ok(Vec::new());
         }
         self.call(|reply| Op::Claim { req, reply }).await
@@ -252,8 +252,7 @@ impl Store for SqliteStore {
         f: FinishAttempt,
         next: ClaimRequest,
     ) -> Result<(FinishOutcome, Vec<ClaimedTask>)> {
-        let next = (next.limit > 0 && (next.server_kinds || next.external.is_some()))
-            .then(|| Box::new(next));
+        let next = next.asks_for_work().then(|| Box::new(next));
         self.call(|reply| Op::Finish {
             f: Box::new(f),
             next,
