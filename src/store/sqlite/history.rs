@@ -3,11 +3,12 @@
 //! `migrations/0004_search.sql`), vectors and the Vectorizer outbox.
 
 use async_trait::async_trait;
+use rusqlite::params;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+use sqlx::{AssertSqlSafe, Row};
 
 use super::SqliteStore;
-use super::writer::Op;
+use super::writer::{Conn, Op, exec, scalars};
 use crate::error::Result;
 use crate::search::query;
 use crate::store::history::{
@@ -15,99 +16,88 @@ use crate::store::history::{
     best_run_per_task,
 };
 
-/// The statement that writes the interaction records of attempts just
-/// inserted (same transaction); `?{param}` is a JSON array of
-/// `[task_id, attempt]`.
-pub(super) fn record_sql(param: usize) -> String {
-    format!(
-        "INSERT OR IGNORE INTO interactions (task_id, attempt, name, project, workflow_id, kind, tags, \
-         outcome, task_status, exit_code, duration_ms, started_at, finished_at, description, command, \
-         parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
-         SELECT a.task_id, a.attempt, t.name, t.project, t.workflow_id, t.kind, t.tags, a.status, t.status, \
-         a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec ->> '$.description', \
-         CASE WHEN t.spec ->> '$.command' IS NOT NULL THEN t.spec ->> '$.command' \
-              WHEN json_type(t.spec, '$.argv') = 'array' \
-                   THEN (SELECT group_concat(value, ' ') FROM json_each(t.spec, '$.argv')) \
-              WHEN json_type(t.spec, '$.http') = 'object' \
-                   THEN concat_ws(' ', coalesce(t.spec ->> '$.http.method', 'GET'), t.spec ->> '$.http.url') \
-         END, \
-         nullif(t.spec -> '$.parameters', 'null'), \
-         (SELECT json_group_array(d.name) FROM task_deps td JOIN tasks d ON d.id = td.dep_id \
-          WHERE td.task_id = a.task_id), \
-         a.error, nullif(a.result -> '$.output', 'null'), coalesce(a.result -> '$.artifacts', '[]'), \
-         coalesce(a.result ->> '$.stdout_tail', ''), coalesce(a.result ->> '$.stderr_tail', '') \
-         FROM json_each(?{param}) AS k \
-         JOIN attempts a ON a.task_id = k.value ->> 0 AND a.attempt = k.value ->> 1 \
-         JOIN tasks t ON t.id = a.task_id ORDER BY k.key"
-    )
-}
+/// The statement that writes the interaction record of an attempt just
+/// inserted (same transaction); `?1` = task id, `?2` = attempt.
+pub(super) const RECORD_SQL: &str = "INSERT OR IGNORE INTO interactions (task_id, attempt, name, project, \
+     workflow_id, kind, tags, outcome, task_status, exit_code, duration_ms, started_at, finished_at, \
+     description, command, parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
+     SELECT a.task_id, a.attempt, t.name, t.project, t.workflow_id, t.kind, t.tags, a.status, t.status, \
+     a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec ->> '$.description', \
+     CASE WHEN t.spec ->> '$.command' IS NOT NULL THEN t.spec ->> '$.command' \
+          WHEN json_type(t.spec, '$.argv') = 'array' \
+               THEN (SELECT group_concat(value, ' ') FROM json_each(t.spec, '$.argv')) \
+          WHEN json_type(t.spec, '$.http') = 'object' \
+               THEN concat_ws(' ', coalesce(t.spec ->> '$.http.method', 'GET'), t.spec ->> '$.http.url') \
+     END, \
+     nullif(t.spec -> '$.parameters', 'null'), \
+     (SELECT json_group_array(d.name) FROM task_deps td JOIN tasks d ON d.id = td.dep_id \
+      WHERE td.task_id = a.task_id), \
+     a.error, nullif(a.result -> '$.output', 'null'), coalesce(a.result -> '$.artifacts', '[]'), \
+     coalesce(a.result ->> '$.stdout_tail', ''), coalesce(a.result ->> '$.stderr_tail', '') \
+     FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE a.task_id = ?1 AND a.attempt = ?2";
 
 /// Applies a history change inside the writer's transaction.
-pub(super) async fn apply(conn: &mut SqliteConnection, change: &HistoryChange) -> Result<u64> {
+pub(super) fn apply(conn: &Conn, change: &HistoryChange) -> Result<u64> {
     match change {
         HistoryChange::Prune { before, limit } => {
-            let ids: Vec<String> = sqlx::query_scalar(
+            let ids: Vec<String> = scalars(
+                conn,
                 "SELECT t.id FROM tasks t WHERE t.finished_at < ?1 AND \
                  (EXISTS (SELECT 1 FROM interactions i WHERE i.task_id = t.id) \
                   OR EXISTS (SELECT 1 FROM task_logs l WHERE l.task_id = t.id)) LIMIT ?2",
-            )
-            .bind(before)
-            .bind(*limit as i64)
-            .fetch_all(&mut *conn)
-            .await?;
+                params![before, *limit as i64],
+            )?;
             if ids.is_empty() {
                 return Ok(0);
             }
             let json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
-            for table in ["interactions", "task_logs"] {
-                sqlx::query(AssertSqlSafe(format!(
-                    "DELETE FROM {table} WHERE task_id IN (SELECT value FROM json_each(?1))"
-                )))
-                .bind(&json)
-                .execute(&mut *conn)
-                .await?;
-            }
+            exec(
+                conn,
+                "DELETE FROM interactions WHERE task_id IN (SELECT value FROM json_each(?1))",
+                params![json],
+            )?;
+            exec(
+                conn,
+                "DELETE FROM task_logs WHERE task_id IN (SELECT value FROM json_each(?1))",
+                params![json],
+            )?;
             Ok(ids.len() as u64)
         }
         HistoryChange::PutVectors { model, dim, rows } => {
             for (id, v) in rows {
-                sqlx::query(
+                exec(
+                    conn,
                     "INSERT OR REPLACE INTO interaction_vectors (interaction_id, model, dim, vector) \
                      SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?1)",
-                )
-                .bind(id)
-                .bind(model)
-                .bind(*dim as i64)
-                .bind(to_blob(v))
-                .execute(&mut *conn)
-                .await?;
+                    params![id, model, *dim as i64, to_blob(v)],
+                )?;
             }
             Ok(rows.len() as u64)
         }
         HistoryChange::Delivered { ids } => {
-            let r = sqlx::query(
+            let n = exec(
+                conn,
                 "DELETE FROM vectorizer_outbox WHERE interaction_id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(serde_json::to_string(ids).unwrap_or_default())
-            .execute(&mut *conn)
-            .await?;
-            Ok(r.rows_affected())
+                params![serde_json::to_string(ids).unwrap_or_default()],
+            )?;
+            Ok(n as u64)
         }
         HistoryChange::DeliveryFailed {
             ids,
             next_at,
             error,
         } => {
-            let r = sqlx::query(
+            let n = exec(
+                conn,
                 "UPDATE vectorizer_outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3 \
                  WHERE interaction_id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(serde_json::to_string(ids).unwrap_or_default())
-            .bind(next_at)
-            .bind(error)
-            .execute(&mut *conn)
-            .await?;
-            Ok(r.rows_affected())
+                params![
+                    serde_json::to_string(ids).unwrap_or_default(),
+                    next_at,
+                    error
+                ],
+            )?;
+            Ok(n as u64)
         }
     }
 }

@@ -68,6 +68,34 @@ fn options(path: &Path, durability: Durability) -> SqliteConnectOptions {
         .disable_statement_logging()
 }
 
+/// The writer's connection, with the same settings as [`options`].
+fn writer_connection(path: &Path, durability: Durability) -> Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::Store(format!("cannot open the database {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Store(format!(
+            "{} is in journal_mode={mode}, not WAL; the file system may not support it",
+            path.display()
+        )));
+    }
+    conn.execute_batch(match durability {
+        Durability::Durable => "PRAGMA synchronous = FULL;",
+        Durability::Fast => "PRAGMA synchronous = NORMAL;",
+    })?;
+    conn.execute_batch(
+        "PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16000; \
+         PRAGMA wal_autocheckpoint = 10000;",
+    )?;
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file, runs migrations,
     /// verifies WAL, and starts the writer.
@@ -123,15 +151,19 @@ impl SqliteStore {
             .await?;
         let (events, _) = broadcast::channel(8192);
         let (workflow_events, _) = broadcast::channel(1024);
+        // The writer has a synchronous connection of its own, on its own
+        // thread; the migration connection is done.
+        let _ = sqlx::Connection::close(conn).await;
+        let writer_conn = writer_connection(path, durability)?;
         let (tx, rx) = mpsc::channel(16_384);
-        tokio::spawn(writer::run(
-            conn,
-            rx,
-            writer::Announce {
-                tasks: events.clone(),
-                workflows: workflow_events.clone(),
-            },
-        ));
+        let announce = writer::Announce {
+            tasks: events.clone(),
+            workflows: workflow_events.clone(),
+        };
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer::run(writer_conn, rx, announce))
+            .map_err(|e| Error::Store(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             ops: tx,
             read,

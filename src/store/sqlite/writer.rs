@@ -1,11 +1,16 @@
-//! The single writer: receives operations, applies everything pending in
-//! one `BEGIN IMMEDIATE` transaction, commits once, then answers.
+//! The single writer: a thread of its own with a synchronous SQLite
+//! connection. It receives operations, applies everything pending in one
+//! `BEGIN IMMEDIATE` transaction, commits once, then answers.
+//!
+//! Statements are prepared once and cached on the connection; every row is
+//! bound and stepped directly, with no hop to another thread per statement.
 //!
 //! An operation's own failure (unknown id, bad state) is part of its answer
 //! and does not disturb the batch; a database failure fails the whole batch
 //! and every caller hears about it.
 
-use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection};
+use rusqlite::types::{FromSql, Value as SqlValue};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -24,10 +29,89 @@ use crate::store::{
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
+/// The writer's connection (inside its open transaction).
+pub(super) type Conn = Connection;
+
+/// A row read as a tuple of columns.
+pub(super) trait FromRow: Sized {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+}
+
+macro_rules! tuple_from_row {
+    ($($i:tt $t:ident),+) => {
+        impl<$($t: FromSql),+> FromRow for ($($t,)+) {
+            fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                Ok(($(r.get($i)?,)+))
+            }
+        }
+    };
+}
+tuple_from_row!(0 A, 1 B);
+tuple_from_row!(0 A, 1 B, 2 C);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E, 5 F);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E, 5 F, 6 G);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E, 5 F, 6 G, 7 H);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E, 5 F, 6 G, 7 H, 8 I);
+tuple_from_row!(0 A, 1 B, 2 C, 3 D, 4 E, 5 F, 6 G, 7 H, 8 I, 9 J);
+
+/// Runs a statement (prepared once per connection); the rows it changed.
+pub(super) fn exec(conn: &Conn, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
+    Ok(conn.prepare_cached(sql)?.execute(p)?)
+}
+
+/// Every row of a query, as tuples.
+pub(super) fn all<T: FromRow>(conn: &Conn, sql: &str, p: impl rusqlite::Params) -> Result<Vec<T>> {
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map(p, T::from_row)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
+}
+
+/// The first row of a query, if any.
+pub(super) fn opt<T: FromRow>(
+    conn: &Conn,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Option<T>> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(p, T::from_row)
+        .optional()?)
+}
+
+/// The first column of every row.
+pub(super) fn scalars<T: FromSql>(
+    conn: &Conn,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<T>> {
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map(p, |r| r.get::<_, T>(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
+}
+
+/// The first column of the first row, if any.
+pub(super) fn scalar_opt<T: FromSql>(
+    conn: &Conn,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Option<T>> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(p, |r| r.get::<_, T>(0))
+        .optional()?)
+}
+
+/// The first column of the first row, which must exist.
+fn scalar_one<T: FromSql>(conn: &Conn, sql: &str, p: impl rusqlite::Params) -> Result<T> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(p, |r| r.get::<_, T>(0))?)
+}
+
 /// Most operations committed together.
 const MAX_BATCH: usize = 2048;
-/// Rows per multi-row INSERT (SQLite allows 32766 bound parameters).
-const ROWS_PER_INSERT: usize = 500;
 
 pub(super) enum Op {
     Submit {
@@ -243,13 +327,12 @@ pub(super) struct Announce {
     pub workflows: broadcast::Sender<WorkflowEvent>,
 }
 
-pub(super) async fn run(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Op>,
-    announce: Announce,
-) {
+/// The writer's loop, on its own thread, until the channel closes or a
+/// `Close` op arrives (the connection is then closed before `Close` is
+/// answered).
+pub(super) fn run(conn: Conn, mut rx: mpsc::Receiver<Op>, announce: Announce) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
-    while let Some(op) = rx.recv().await {
+    while let Some(op) = rx.blocking_recv() {
         ops.push(op);
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -260,16 +343,20 @@ pub(super) async fn run(
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
-        let result = apply_all(&mut conn, &ops, &mut batch).await;
+        let result = apply_all(&conn, &ops, &mut batch);
         tracing::trace!(
             ops = ops.len(),
             micros = started.elapsed().as_micros() as u64,
             "write batch"
         );
+        let mut close_replies = Vec::new();
         match result {
             Ok(answers) => {
                 for (op, answer) in ops.drain(..).zip(answers) {
-                    deliver(op, Ok(answer));
+                    match op {
+                        Op::Close { reply } => close_replies.push(reply),
+                        op => deliver(op, Ok(answer)),
+                    }
                 }
                 for e in batch.events {
                     let _ = announce.tasks.send(e);
@@ -287,7 +374,10 @@ pub(super) async fn run(
             }
         }
         if closing {
-            let _ = conn.close().await;
+            drop(conn);
+            for reply in close_replies {
+                let _ = reply.send(Ok(()));
+            }
             return;
         }
     }
@@ -338,12 +428,23 @@ fn deliver(op: Op, answer: Result<Answer>) {
     }
 }
 
-async fn apply_all(
-    conn: &mut SqliteConnection,
-    ops: &[Op],
-    batch: &mut Batch,
-) -> Result<Vec<Answer>> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+fn apply_all(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let applied = apply_in(conn, ops, batch).and_then(|answers| {
+        conn.execute_batch("COMMIT")?;
+        Ok(answers)
+    });
+    if applied.is_err()
+        && !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "rollback of a failed write batch failed");
+    }
+    applied
+}
+
+/// The body of [`apply_all`]'s transaction.
+fn apply_in(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
     // All submits of the batch go in together: one multi-row INSERT for
     // many concurrent submitters.
     let subs: Vec<&NewSubmission> = ops
@@ -353,7 +454,7 @@ async fn apply_all(
             _ => None,
         })
         .collect();
-    let mut submitted = submit_all(&mut tx, &subs, batch).await?.into_iter();
+    let mut submitted = submit_all(conn, &subs, batch)?.into_iter();
     // Likewise all finishes: one UPDATE for the whole batch.
     let finishes: Vec<&FinishAttempt> = ops
         .iter()
@@ -362,12 +463,12 @@ async fn apply_all(
             _ => None,
         })
         .collect();
-    let mut finished = finish_all(&mut tx, &finishes, batch).await?.into_iter();
+    let mut finished = finish_all(conn, &finishes, batch)?.into_iter();
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
         let answer = match op {
             Op::Submit { .. } => Answer::Submit(submitted.next().expect("one answer per submit")),
-            Op::Claim { req, .. } => Answer::Claim(claim(&mut tx, req, batch).await?),
+            Op::Claim { req, .. } => Answer::Claim(claim(conn, req, batch)?),
             Op::Finish { .. } => {
                 Answer::Finish(finished.next().expect("one outcome per finish"), Vec::new())
             }
@@ -376,61 +477,55 @@ async fn apply_all(
                 now,
                 lease_until,
                 ..
-            } => Answer::Renew(renew(&mut tx, worker_id, *now, *lease_until).await?),
-            Op::Reclaim { scope, now, .. } => {
-                Answer::Reclaim(reclaim(&mut tx, scope, *now, batch).await?)
-            }
+            } => Answer::Renew(renew(conn, worker_id, *now, *lease_until)?),
+            Op::Reclaim { scope, now, .. } => Answer::Reclaim(reclaim(conn, scope, *now, batch)?),
             Op::Cancel {
                 id, now, reason, ..
-            } => Answer::Unit(cancel(&mut tx, id, *now, reason, batch).await?),
+            } => Answer::Unit(cancel(conn, id, *now, reason, batch)?),
             Op::CancelWorkflow {
                 id, now, reason, ..
-            } => Answer::Ids(cancel_workflow(&mut tx, id, *now, reason, batch).await?),
+            } => Answer::Ids(cancel_workflow(conn, id, *now, reason, batch)?),
             Op::Approve {
                 id, decision, now, ..
-            } => Answer::Unit(approve(&mut tx, id, decision, *now, batch).await?),
-            Op::Retry { id, now, .. } => Answer::Unit(retry(&mut tx, id, *now, batch).await?),
+            } => Answer::Unit(approve(conn, id, decision, *now, batch)?),
+            Op::Retry { id, now, .. } => Answer::Unit(retry(conn, id, *now, batch)?),
             Op::Heartbeat {
                 task_id,
                 worker_id,
                 lease_until,
                 ..
-            } => Answer::Unit(heartbeat(&mut tx, task_id, worker_id, *lease_until).await?),
+            } => Answer::Unit(heartbeat(conn, task_id, worker_id, *lease_until)?),
             Op::PutLogs {
                 task_id,
                 attempt,
                 logs,
                 ..
             } => {
-                put_logs(&mut tx, task_id, *attempt, logs).await?;
+                put_logs(conn, task_id, *attempt, logs)?;
                 Answer::Unit(Ok(()))
             }
-            Op::FireSchedule { f, .. } => Answer::Bool(fire_schedule(&mut tx, f, batch).await?),
+            Op::FireSchedule { f, .. } => Answer::Bool(fire_schedule(conn, f, batch)?),
             Op::ChangeSchedule {
                 id, change, now, ..
-            } => Answer::Bool(change_schedule(&mut tx, id, change, *now, batch).await?),
+            } => Answer::Bool(change_schedule(conn, id, change, *now, batch)?),
             Op::Token {
                 token,
                 hash,
                 revoke,
                 ..
-            } => Answer::Bool(Ok(write_token(&mut tx, token, hash, *revoke).await?)),
-            Op::RegisterWorker { w, .. } => {
-                Answer::Unit(register_worker(&mut tx, w).await.map(|_| Ok(()))?)
-            }
-            Op::History { change, .. } => {
-                Answer::Count(super::history::apply(&mut tx, change).await?)
-            }
+            } => Answer::Bool(Ok(write_token(conn, token, hash, *revoke)?)),
+            Op::RegisterWorker { w, .. } => Answer::Unit(register_worker(conn, w).map(|_| Ok(()))?),
+            Op::History { change, .. } => Answer::Count(super::history::apply(conn, change)?),
             Op::Close { .. } => Answer::Unit(Ok(())),
         };
         answers.push(answer);
     }
-    resolve_dependents(&mut tx, batch).await?;
-    update_workflows(&mut tx, batch).await?;
+    resolve_dependents(conn, batch)?;
+    update_workflows(conn, batch)?;
     // The claims that come with finishes, merged into one claim for the
     // slots the batch's finished attempts free; after the dependents are
     // resolved, so a slot can take a task its own finish made ready.
-    let mut replacements = claim_for_finishes(&mut tx, ops, batch).await?.into_iter();
+    let mut replacements = claim_for_finishes(conn, ops, batch)?.into_iter();
     for a in &mut answers {
         if let Answer::Finish(_, next) = a {
             *next = replacements.next().expect("one claim answer per finish");
@@ -448,8 +543,7 @@ async fn apply_all(
     }
     // Every finished attempt becomes an interaction record in the same
     // transaction, so history never misses or half-records one.
-    flush_attempts_and_audit(&mut tx, &batch.attempts, &batch.audit).await?;
-    tx.commit().await?;
+    flush_attempts_and_audit(conn, &batch.attempts, &batch.audit)?;
     Ok(answers)
 }
 
@@ -466,8 +560,8 @@ fn ready_status(needs_approval: bool, run_at: i64, now: i64) -> TaskStatus {
 
 /// Inserts the submissions of a batch. A submission whose dependency on an
 /// existing task cannot be satisfied is answered with an error and stores nothing.
-async fn submit_all(
-    conn: &mut SqliteConnection,
+fn submit_all(
+    conn: &Conn,
     subs: &[&NewSubmission],
     batch: &mut Batch,
 ) -> Result<Vec<Result<Vec<Submitted>>>> {
@@ -489,29 +583,20 @@ async fn submit_all(
         .collect();
     let mut seen_keys: HashMap<&str, usize> = HashMap::new();
     if !keyed.is_empty() {
-        for chunk in keyed.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "SELECT idempotency_key, id, name, status, schedule_id FROM tasks WHERE idempotency_key IN ({})",
-                placeholders(chunk.len())
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (_, k) in chunk {
-                q = q.bind(*k);
-            }
-            for row in q.fetch_all(&mut *conn).await? {
-                let key: String = row.get(0);
-                let status: String = row.get(3);
-                for (i, k) in chunk {
-                    if *k == key {
-                        out[*i] = Some(Submitted {
-                            id: row.get(1),
-                            name: row.get(2),
-                            created: false,
-                            status: status.parse().unwrap_or(TaskStatus::Queued),
-                            schedule_id: row.get(4),
-                        });
-                    }
-                }
+        for (i, k) in &keyed {
+            let row: Option<(String, String, String, Option<String>)> = opt(
+                conn,
+                "SELECT id, name, status, schedule_id FROM tasks WHERE idempotency_key = ?1",
+                params![k],
+            )?;
+            if let Some((id, name, status, schedule_id)) = row {
+                out[*i] = Some(Submitted {
+                    id,
+                    name,
+                    created: false,
+                    status: status.parse().unwrap_or(TaskStatus::Queued),
+                    schedule_id,
+                });
             }
         }
     }
@@ -579,20 +664,16 @@ async fn submit_all(
     outside.sort_unstable();
     outside.dedup();
     let mut known: HashMap<String, (TaskStatus, Option<String>)> = HashMap::new();
-    for chunk in outside.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "SELECT id, status, result FROM tasks WHERE id IN ({})",
-            placeholders(chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            let status: String = row.get(1);
+    for id in &outside {
+        let row: Option<(String, Option<String>)> = opt(
+            conn,
+            "SELECT status, result FROM tasks WHERE id = ?1",
+            params![id],
+        )?;
+        if let Some((status, result)) = row {
             known.insert(
-                row.get(0),
-                (status.parse().unwrap_or(TaskStatus::Failed), row.get(2)),
+                id.to_string(),
+                (status.parse().unwrap_or(TaskStatus::Failed), result),
             );
         }
     }
@@ -641,32 +722,14 @@ async fn submit_all(
             if let Some(w) = &t.workflow_id {
                 *workflow_totals.entry(w.as_str()).or_default() += 1;
             }
-            task_rows.push(serde_json::json!([
-                t.id,
-                t.name,
-                t.kind.as_str(),
-                t.project,
-                serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
-                t.priority,
-                t.max_attempts,
-                t.now,
-                t.idempotency_key,
-                t.spec_json,
-                t.spec_hash,
-                s.status.as_str(),
-                t.run_at,
-                t.workflow_id,
-                t.schedule_id,
-                t.deps.len(),
-                t.needs_approval
-            ]));
+            task_rows.push((t, s.status));
             for d in &t.deps {
                 let dep_id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
-                dep_rows.push(serde_json::json!([
+                dep_rows.push((
                     dep_id,
-                    t.id,
-                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into())
-                ]));
+                    t.id.as_str(),
+                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into()),
+                ));
                 if let Some((st, result)) = known.get(dep_id)
                     && st.is_terminal()
                 {
@@ -696,7 +759,7 @@ async fn submit_all(
             continue;
         }
         for sc in &sub.schedules {
-            insert_schedule(conn, sc, batch).await?;
+            insert_schedule(conn, sc, batch)?;
         }
         if let Some(w) = &sub.workflow {
             // Every task may have been answered by an earlier one (idempotency
@@ -707,22 +770,23 @@ async fn submit_all(
             } else {
                 WorkflowStatus::Running
             };
-            sqlx::query(
+            exec(
+                conn,
                 "INSERT INTO workflows (id, name, project, tags, description, status, schedule_id, \
                  tasks_total, created_at, updated_at, finished_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?6, ?7, ?8, ?8, CASE WHEN ?7 = 0 THEN ?8 END)",
-            )
-            .bind(&w.id)
-            .bind(&w.name)
-            .bind(&w.project)
-            .bind(serde_json::to_string(&w.tags).unwrap_or_else(|_| "[]".into()))
-            .bind(&w.description)
-            .bind(&w.schedule_id)
-            .bind(total)
-            .bind(w.now)
-            .bind(status.as_str())
-            .execute(&mut *conn)
-            .await?;
+                params![
+                    &w.id,
+                    &w.name,
+                    &w.project,
+                    serde_json::to_string(&w.tags).unwrap_or_else(|_| "[]".into()),
+                    &w.description,
+                    &w.schedule_id,
+                    total,
+                    w.now,
+                    status.as_str()
+                ],
+            )?;
             batch.audit_other(
                 w.now,
                 &w.id,
@@ -740,53 +804,62 @@ async fn submit_all(
         }
     }
     if !task_rows.is_empty() {
-        // One statement, one bound JSON array: the SQL text never changes, so
-        // it is prepared once, and no per-value binding happens.
-        sqlx::query(
+        let mut insert = conn.prepare_cached(
             "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
              run_at, created_at, updated_at, idempotency_key, spec, spec_hash, workflow_id, schedule_id, \
              deps_pending, needs_approval) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 11, value ->> 5, 0, \
-             value ->> 6, value ->> 12, value ->> 7, value ->> 7, value ->> 8, value ->> 9, value ->> 10, \
-             value ->> 13, value ->> 14, value ->> 15, value ->> 16 \
-             FROM json_each(jsonb(?1)) ORDER BY key",
-        )
-        .bind(serde_json::Value::Array(task_rows).to_string())
-        .execute(&mut *conn)
-        .await?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
+        for (t, status) in task_rows {
+            insert.execute(params![
+                t.id,
+                t.name,
+                t.kind.as_str(),
+                t.project,
+                serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+                status.as_str(),
+                t.priority,
+                t.max_attempts,
+                t.run_at,
+                t.now,
+                t.idempotency_key,
+                t.spec_json,
+                t.spec_hash,
+                t.workflow_id,
+                t.schedule_id,
+                t.deps.len() as i64,
+                t.needs_approval
+            ])?;
+        }
     }
     if !dep_rows.is_empty() {
-        sqlx::query(
-            "INSERT OR IGNORE INTO task_deps (dep_id, task_id, condition) \
-             SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(jsonb(?1))",
-        )
-        .bind(serde_json::Value::Array(dep_rows).to_string())
-        .execute(&mut *conn)
-        .await?;
+        let mut insert = conn.prepare_cached(
+            "INSERT OR IGNORE INTO task_deps (dep_id, task_id, condition) VALUES (?1, ?2, ?3)",
+        )?;
+        for (dep_id, task_id, condition) in dep_rows {
+            insert.execute(params![dep_id, task_id, condition])?;
+        }
     }
     Ok(answers)
 }
 
-async fn insert_schedule(
-    conn: &mut SqliteConnection,
-    sc: &NewSchedule,
-    batch: &mut Batch,
-) -> Result<()> {
-    sqlx::query(
+fn insert_schedule(conn: &Conn, sc: &NewSchedule, batch: &mut Batch) -> Result<()> {
+    exec(
+        conn,
         "INSERT INTO schedules (id, name, project, cron, timezone, template, next_fire_at, upcoming_run, \
          created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
-    )
-    .bind(&sc.id)
-    .bind(&sc.name)
-    .bind(&sc.project)
-    .bind(&sc.cron)
-    .bind(&sc.timezone)
-    .bind(&sc.template)
-    .bind(sc.next_fire_at)
-    .bind(&sc.upcoming_run)
-    .bind(sc.now)
-    .execute(&mut *conn)
-    .await?;
+        params![
+            &sc.id,
+            &sc.name,
+            &sc.project,
+            &sc.cron,
+            &sc.timezone,
+            &sc.template,
+            sc.next_fire_at,
+            &sc.upcoming_run,
+            sc.now
+        ],
+    )?;
     batch.audit_other(
         sc.now,
         &sc.id,
@@ -842,7 +915,7 @@ fn condition_holds(
 /// Resolves the dependents of every task that finished in this
 /// transaction: met edges count down, an unmet one skips the dependent,
 /// and skips cascade. A dependent whose count reaches zero becomes ready.
-async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> Result<()> {
+fn resolve_dependents(conn: &Conn, batch: &mut Batch) -> Result<()> {
     while !batch.resolve.is_empty() {
         let round = std::mem::take(&mut batch.resolve);
         let mut finished: HashMap<String, (TaskStatus, Option<serde_json::Value>)> =
@@ -851,15 +924,26 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
             finished.insert(id, (st, out));
         }
         let ids: Vec<&String> = finished.keys().collect();
-        let rows = sqlx::query(
+        type DependentRow = (
+            String,
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            String,
+            Option<String>,
+            i64,
+        );
+        let rows: Vec<DependentRow> = all(
+            conn,
             "SELECT d.dep_id, d.task_id, d.condition, t.status, t.deps_pending, t.needs_approval, \
              t.run_at, t.name, t.workflow_id, t.attempts \
              FROM task_deps d JOIN tasks t ON t.id = d.task_id \
              WHERE d.dep_id IN (SELECT value FROM json_each(?1)) AND d.state = 'waiting'",
-        )
-        .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
-        .fetch_all(&mut *conn)
-        .await?;
+            params![serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())],
+        )?;
         if rows.is_empty() {
             continue;
         }
@@ -878,11 +962,9 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
         let mut order: Vec<String> = Vec::new();
         let mut edges = Vec::with_capacity(rows.len());
         for row in &rows {
-            let dep_id: String = row.get(0);
-            let task_id: String = row.get(1);
-            let cond_json: String = row.get(2);
+            let (dep_id, task_id, cond_json) = (row.0.clone(), row.1.clone(), &row.2);
             let condition: Condition =
-                serde_json::from_str(&cond_json).unwrap_or(Condition::Success);
+                serde_json::from_str(cond_json).unwrap_or(Condition::Success);
             let (dst, dout) = finished
                 .get(&dep_id)
                 .map(|(s, o)| (*s, o.as_ref()))
@@ -895,15 +977,14 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
             ]));
             let d = dependents.entry(task_id.clone()).or_insert_with(|| {
                 order.push(task_id.clone());
-                let status: String = row.get(3);
                 Dependent {
-                    status: status.parse().unwrap_or(TaskStatus::Failed),
-                    pending: row.get(4),
-                    needs_approval: row.get::<i64, _>(5) != 0,
-                    run_at: row.get(6),
-                    name: row.get(7),
-                    workflow_id: row.get(8),
-                    attempts: row.get::<i64, _>(9) as u32,
+                    status: row.3.parse().unwrap_or(TaskStatus::Failed),
+                    pending: row.4,
+                    needs_approval: row.5 != 0,
+                    run_at: row.6,
+                    name: row.7.clone(),
+                    workflow_id: row.8.clone(),
+                    attempts: row.9 as u32,
                     skip: None,
                 }
             });
@@ -928,10 +1009,7 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
                 && !dep_names.contains_key(dep)
             {
                 let name: Option<String> =
-                    sqlx::query_scalar("SELECT name FROM tasks WHERE id = ?1")
-                        .bind(dep)
-                        .fetch_optional(&mut *conn)
-                        .await?;
+                    scalar_opt(conn, "SELECT name FROM tasks WHERE id = ?1", params![dep])?;
                 dep_names.insert(dep.clone(), name.unwrap_or_default());
             }
         }
@@ -992,23 +1070,20 @@ async fn resolve_dependents(conn: &mut SqliteConnection, batch: &mut Batch) -> R
                 batch.terminal(&id, to, None, d.workflow_id.clone());
             }
         }
-        sqlx::query(
+        exec(
+            conn,
             "UPDATE task_deps SET state = v.value ->> 2 FROM json_each(jsonb(?1)) AS v \
              WHERE task_deps.dep_id = v.value ->> 0 AND task_deps.task_id = v.value ->> 1",
-        )
-        .bind(serde_json::Value::Array(edges).to_string())
-        .execute(&mut *conn)
-        .await?;
+            params![serde_json::Value::Array(edges).to_string()],
+        )?;
         if !updates.is_empty() {
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE tasks SET status = v.value ->> 1, deps_pending = v.value ->> 2, \
                  finished_at = v.value ->> 3, error = COALESCE(v.value ->> 4, tasks.error), \
                  updated_at = ?2 FROM json_each(jsonb(?1)) AS v WHERE tasks.id = v.value ->> 0",
-            )
-            .bind(serde_json::Value::Array(updates).to_string())
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+                params![serde_json::Value::Array(updates).to_string(), now],
+            )?;
         }
     }
     Ok(())
@@ -1026,7 +1101,7 @@ fn batch_now(batch: &Batch) -> i64 {
 
 /// Moves the counters of workflows whose tasks finished, and finishes a
 /// workflow when its last task does.
-async fn update_workflows(conn: &mut SqliteConnection, batch: &mut Batch) -> Result<()> {
+fn update_workflows(conn: &Conn, batch: &mut Batch) -> Result<()> {
     if batch.terminal.iter().all(|t| t.workflow_id.is_none()) {
         batch.terminal.clear();
         return Ok(());
@@ -1049,17 +1124,15 @@ async fn update_workflows(conn: &mut SqliteConnection, batch: &mut Batch) -> Res
         .map(|(w, (d, f, c))| serde_json::json!([w, d, f, c]))
         .collect();
     let now = batch_now(batch);
-    let done: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+    let done: Vec<(String, String, String, i64, i64, i64, i64)> = all(
+        conn,
         "UPDATE workflows SET tasks_done = tasks_done + (v.value ->> 1), \
          tasks_failed = tasks_failed + (v.value ->> 2), tasks_cancelled = tasks_cancelled + (v.value ->> 3), \
          updated_at = ?2 FROM json_each(jsonb(?1)) AS v WHERE workflows.id = v.value ->> 0 \
          RETURNING workflows.id, workflows.name, workflows.status, workflows.tasks_total, \
          workflows.tasks_done, workflows.tasks_failed, workflows.tasks_cancelled",
-    )
-    .bind(serde_json::Value::Array(rows).to_string())
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
+        params![serde_json::Value::Array(rows).to_string(), now],
+    )?;
     for (id, name, status, total, done, failed, cancelled) in done {
         if status != "running" || done < total {
             continue;
@@ -1071,12 +1144,11 @@ async fn update_workflows(conn: &mut SqliteConnection, batch: &mut Batch) -> Res
         } else {
             WorkflowStatus::Succeeded
         };
-        sqlx::query("UPDATE workflows SET status = ?1, finished_at = ?2 WHERE id = ?3")
-            .bind(to.as_str())
-            .bind(now)
-            .bind(&id)
-            .execute(&mut *conn)
-            .await?;
+        exec(
+            conn,
+            "UPDATE workflows SET status = ?1, finished_at = ?2 WHERE id = ?3",
+            params![to.as_str(), now, &id],
+        )?;
         batch.audit_other(
             now,
             &id,
@@ -1168,12 +1240,9 @@ const PROMOTE_TIMERS: &str = "UPDATE tasks SET status = CASE WHEN needs_approval
      ELSE 'queued' END, updated_at = ?1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1 \
      RETURNING id, name, status, workflow_id";
 
-/// Records a row of [`PROMOTE_TIMERS`].
-fn promoted(row: &sqlx::sqlite::SqliteRow, now: i64, batch: &mut Batch) {
-    let id: String = row.get(0);
-    let name: String = row.get(1);
-    let status: String = row.get(2);
-    let wf: Option<String> = row.get(3);
+/// Records a row of [`PROMOTE_TIMERS`]: (id, name, status, workflow_id).
+fn promoted(row: (String, String, String, Option<String>), now: i64, batch: &mut Batch) {
+    let (id, name, status, wf) = row;
     batch.transition(
         now,
         &id,
@@ -1187,101 +1256,73 @@ fn promoted(row: &sqlx::sqlite::SqliteRow, now: i64, batch: &mut Batch) {
     );
 }
 
-async fn claim(
-    conn: &mut SqliteConnection,
-    req: &ClaimRequest,
-    batch: &mut Batch,
-) -> Result<Vec<ClaimedTask>> {
-    // One query, three statements (one round trip to the connection's
-    // thread): move pending tasks whose time came on, read the claimed
-    // rows as one JSON array (see `finish_all`), and mark the same rows
-    // running (the claim query is deterministic: `ORDER BY priority DESC,
-    // seq`, in one transaction of the single writer).
-    let binds = claim_binds(req);
-    let worker = 3 + binds.len();
-    let select = claim_sql(req);
-    let sql = format!(
-        "{PROMOTE_TIMERS}; \
-         SELECT json_group_array(json_array(seq, id, name, kind, priority, status, attempts, \
-         max_attempts, spec, spec_hash, workflow_id)) FROM ({select}); \
-         UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?{worker}, \
-         lease_expires_at = ?{}, started_at = ?1, updated_at = ?1, run_at = ?1 \
-         WHERE seq IN (SELECT seq FROM ({select}))",
-        worker + 1
-    );
-    let mut q = sqlx::query(AssertSqlSafe(sql))
-        .bind(req.now)
-        .bind(req.limit as i64);
-    for v in binds {
-        q = q.bind(v);
+fn claim(conn: &Conn, req: &ClaimRequest, batch: &mut Batch) -> Result<Vec<ClaimedTask>> {
+    // Pending tasks whose time came move on first, so they can be claimed.
+    for row in all(conn, PROMOTE_TIMERS, params![req.now])? {
+        promoted(row, req.now, batch);
     }
-    let result = q
-        .bind(&req.worker_id)
-        .bind(req.lease_until)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut rows = "[]".to_string();
-    for row in &result {
-        if row.len() == 1 {
-            rows = row.get(0);
-        } else {
-            promoted(row, req.now, batch);
-        }
-    }
-    type ClaimRow = (
-        i64,
-        String,
-        String,
-        String,
-        i64,
-        String,
-        i64,
-        i64,
-        String,
-        String,
-        Option<String>,
-    );
-    let mut rows: Vec<ClaimRow> =
-        serde_json::from_str(&rows).map_err(|e| Error::Store(e.to_string()))?;
+    // Then the claim query (deterministic: `ORDER BY priority DESC, seq`,
+    // in one transaction of the single writer), and each row it chose is
+    // marked running.
+    let mut values: Vec<SqlValue> = vec![req.now.into(), (req.limit as i64).into()];
+    values.extend(claim_binds(req).into_iter().map(SqlValue::from));
+    let mut select = conn.prepare_cached(&claim_sql(req))?;
+    let rows = select
+        .query_map(params_from_iter(values), |r| {
+            Ok(ClaimRow {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                name: r.get(2)?,
+                kind: r.get(3)?,
+                priority: r.get(4)?,
+                status: r.get(5)?,
+                attempts: r.get(6)?,
+                max_attempts: r.get(7)?,
+                spec: r.get(8)?,
+                spec_hash: r.get(9)?,
+                workflow_id: r.get(10)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<ClaimRow>>>()?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    rows.sort_by(|a, b| b.4.cmp(&a.4).then(a.0.cmp(&b.0)));
+    let mut mark = conn.prepare_cached(
+        "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?2, \
+         lease_expires_at = ?3, started_at = ?4, updated_at = ?4, run_at = ?4 WHERE seq = ?1",
+    )?;
     let mut claimed = Vec::with_capacity(rows.len());
-    let mut from = Vec::with_capacity(rows.len());
-    for (seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, wf) in rows
-    {
-        claimed.push(ClaimedTask {
-            seq,
-            id,
-            name,
-            kind: match kind.as_str() {
+    for r in rows {
+        mark.execute(params![r.seq, req.worker_id, req.lease_until, req.now])?;
+        let from = if r.status == "retrying" {
+            TaskStatus::Retrying
+        } else {
+            TaskStatus::Queued
+        };
+        let c = ClaimedTask {
+            seq: r.seq,
+            id: r.id,
+            name: r.name,
+            kind: match r.kind.as_str() {
                 "external" => TaskKind::External,
                 "http" => TaskKind::Http,
                 _ => TaskKind::Command,
             },
-            priority,
-            attempt: attempts as u32 + 1,
-            max_attempts: max_attempts as u32,
-            spec_json: spec,
-            spec_hash,
+            priority: r.priority,
+            attempt: r.attempts as u32 + 1,
+            max_attempts: r.max_attempts as u32,
+            spec_json: r.spec,
+            spec_hash: r.spec_hash,
             started_at: req.now,
-            workflow_id: wf,
-        });
-        from.push(if status == "retrying" {
-            TaskStatus::Retrying
-        } else {
-            TaskStatus::Queued
-        });
-    }
-    for (c, f) in claimed.iter().zip(from) {
+            workflow_id: r.workflow_id,
+        };
         batch.transition(
             req.now,
             &c.id,
             &c.name,
             c.workflow_id.as_deref(),
             "claimed",
-            Some(f),
+            Some(from),
             TaskStatus::Running,
             c.attempt,
             format!(
@@ -1290,19 +1331,31 @@ async fn claim(
                 json_str(&req.worker_id)
             ),
         );
+        claimed.push(c);
     }
     Ok(claimed)
+}
+
+/// A row of the claim query.
+struct ClaimRow {
+    seq: i64,
+    id: String,
+    name: String,
+    kind: String,
+    priority: i64,
+    status: String,
+    attempts: i64,
+    max_attempts: i64,
+    spec: String,
+    spec_hash: String,
+    workflow_id: Option<String>,
 }
 
 /// Answers the claims that come with the batch's finishes (one list per
 /// finish, in op order). Requests from the same worker with the same
 /// filter are merged into one claim for all of their slots; the claimed
 /// tasks are then dealt out in claim order.
-async fn claim_for_finishes(
-    conn: &mut SqliteConnection,
-    ops: &[Op],
-    batch: &mut Batch,
-) -> Result<Vec<Vec<ClaimedTask>>> {
+fn claim_for_finishes(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Vec<ClaimedTask>>> {
     let requests: Vec<Option<&ClaimRequest>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -1312,25 +1365,30 @@ async fn claim_for_finishes(
         .collect();
     let mut out: Vec<Vec<ClaimedTask>> = requests.iter().map(|_| Vec::new()).collect();
     for (req, members) in crate::store::merge_claims(&requests) {
-        let claimed = claim(conn, &req, batch).await?;
+        let claimed = claim(conn, &req, batch)?;
         crate::store::deal_claims(claimed, &members, &requests, &mut out);
     }
     Ok(out)
 }
 
-/// Applies every finish of the batch with one fenced UPDATE: a finish
+/// Applies every finish of the batch, each with a fenced UPDATE: a finish
 /// counts only if the task is still `running` under the same worker and
 /// attempt. Every attempt is recorded either way.
-async fn finish_all(
-    conn: &mut SqliteConnection,
+fn finish_all(
+    conn: &Conn,
     finishes: &[&FinishAttempt],
     batch: &mut Batch,
 ) -> Result<Vec<FinishOutcome>> {
     if finishes.is_empty() {
         return Ok(Vec::new());
     }
-    let mut rows = Vec::with_capacity(finishes.len());
-    let mut planned = Vec::with_capacity(finishes.len());
+    let mut update = conn.prepare_cached(
+        "UPDATE tasks SET status = ?2, run_at = COALESCE(?3, run_at), finished_at = ?4, updated_at = ?5, \
+         lease_owner = NULL, lease_expires_at = NULL, result = ?6, error = ?7 \
+         WHERE id = ?1 AND +status = 'running' AND lease_owner = ?8 AND attempts = ?9 \
+         RETURNING name, workflow_id",
+    )?;
+    let mut out = Vec::with_capacity(finishes.len());
     for f in finishes {
         let result_json =
             serde_json::to_string(&f.result).map_err(|e| Error::Store(e.to_string()))?;
@@ -1338,18 +1396,39 @@ async fn finish_all(
             Next::Done(s) => (s, None, Some(f.now)),
             Next::Retry { run_at } => (TaskStatus::Retrying, Some(run_at), None),
         };
-        rows.push(serde_json::json!([
-            f.task_id,
-            status.as_str(),
-            run_at,
-            finished_at,
-            f.now,
-            result_json,
-            f.error,
-            f.worker_id,
-            f.attempt
-        ]));
-        planned.push((status, run_at));
+        for log in &f.logs {
+            if log.data.is_empty() && log.dropped_bytes == 0 {
+                continue;
+            }
+            exec(
+                conn,
+                "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    f.task_id,
+                    f.attempt,
+                    log.stream,
+                    log.data,
+                    log.dropped_bytes as i64
+                ],
+            )?;
+        }
+        let applied: Option<(String, Option<String>)> = update
+            .query_row(
+                params![
+                    f.task_id,
+                    status.as_str(),
+                    run_at,
+                    finished_at,
+                    f.now,
+                    result_json,
+                    f.error,
+                    f.worker_id,
+                    f.attempt
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
         batch.attempts.push(AttemptRow {
             task_id: f.task_id.clone(),
             attempt: f.attempt,
@@ -1363,62 +1442,12 @@ async fn finish_all(
             error: f.error.clone(),
             result: result_json,
         });
-        for log in &f.logs {
-            if log.data.is_empty() && log.dropped_bytes == 0 {
-                continue;
-            }
-            sqlx::query(
-                "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .bind(&f.task_id)
-            .bind(f.attempt as i64)
-            .bind(log.stream)
-            .bind(&log.data)
-            .bind(log.dropped_bytes as i64)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-    let rows = serde_json::Value::Array(rows).to_string();
-    // The finishes that count (the fence below), with whether each task
-    // has dependents waiting, so a batch whose finished tasks have none
-    // skips the dependents query. (The single writer sees every edge:
-    // nothing can add one meanwhile.) One row holding a JSON array: sqlx
-    // hands rows over from its SQLite thread one at a time, a thread
-    // wake-up each. The UPDATE follows in the same query, one round trip
-    // for both (`fetch_all`: fetching one row would stop before it).
-    let applied: Vec<String> = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(t.id, t.name, t.workflow_id, \
-         EXISTS (SELECT 1 FROM task_deps d WHERE d.dep_id = t.id AND d.state = 'waiting'))) \
-         FROM json_each(jsonb(?1)) AS v JOIN tasks t ON t.id = v.value ->> 0 \
-         WHERE +t.status = 'running' AND t.lease_owner = v.value ->> 7 \
-         AND t.attempts = v.value ->> 8; \
-         UPDATE tasks SET status = v.value ->> 1, run_at = COALESCE(v.value ->> 2, tasks.run_at), \
-         finished_at = v.value ->> 3, updated_at = v.value ->> 4, lease_owner = NULL, \
-         lease_expires_at = NULL, result = v.value ->> 5, error = v.value ->> 6 \
-         FROM json_each(jsonb(?1)) AS v \
-         WHERE tasks.id = v.value ->> 0 AND +tasks.status = 'running' \
-         AND tasks.lease_owner = v.value ->> 7 AND tasks.attempts = v.value ->> 8",
-    )
-    .bind(&rows)
-    .fetch_all(&mut *conn)
-    .await?;
-    let applied: Vec<(String, String, Option<String>, i64)> =
-        serde_json::from_str(applied.first().map_or("[]", String::as_str))
-            .map_err(|e| Error::Store(e.to_string()))?;
-    let applied: HashMap<String, (String, Option<String>, bool)> = applied
-        .into_iter()
-        .map(|(id, name, wf, deps)| (id, (name, wf, deps != 0)))
-        .collect();
-    let mut out = Vec::with_capacity(finishes.len());
-    for (f, (status, run_at)) in finishes.iter().zip(planned) {
-        let Some((name, wf, has_dependents)) = applied.get(&f.task_id) else {
-            let current: Option<String> =
-                sqlx::query_scalar("SELECT status FROM tasks WHERE id = ?1")
-                    .bind(&f.task_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
+        let Some((name, wf)) = applied else {
+            let current: Option<String> = scalar_opt(
+                conn,
+                "SELECT status FROM tasks WHERE id = ?1",
+                params![f.task_id],
+            )?;
             let current = current
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(TaskStatus::Failed);
@@ -1441,7 +1470,7 @@ async fn finish_all(
         batch.transition(
             f.now,
             &f.task_id,
-            name,
+            &name,
             wf.as_deref(),
             "finished",
             Some(TaskStatus::Running),
@@ -1450,13 +1479,20 @@ async fn finish_all(
             detail.to_string(),
         );
         if status.is_terminal() {
-            if *has_dependents {
-                batch.terminal(&f.task_id, status, f.result.output.clone(), wf.clone());
+            // Only a task with dependents waiting has them resolved (the
+            // single writer sees every edge: nothing adds one meanwhile).
+            let has_dependents: bool = scalar_one(
+                conn,
+                "SELECT EXISTS (SELECT 1 FROM task_deps WHERE dep_id = ?1 AND state = 'waiting')",
+                params![f.task_id],
+            )?;
+            if has_dependents {
+                batch.terminal(&f.task_id, status, f.result.output.clone(), wf);
             } else {
                 batch.terminal.push(Terminal {
                     id: f.task_id.clone(),
                     status,
-                    workflow_id: wf.clone(),
+                    workflow_id: wf,
                 });
             }
         }
@@ -1465,63 +1501,49 @@ async fn finish_all(
     Ok(out)
 }
 
-async fn renew(
-    conn: &mut SqliteConnection,
-    worker_id: &str,
-    now: i64,
-    lease_until: i64,
-) -> Result<Vec<String>> {
-    let ids: Vec<String> = sqlx::query_scalar(
+fn renew(conn: &Conn, worker_id: &str, now: i64, lease_until: i64) -> Result<Vec<String>> {
+    let ids: Vec<String> = scalars(
+        conn,
         "UPDATE tasks SET lease_expires_at = ?1 WHERE lease_owner = ?2 AND status = 'running' RETURNING id",
-    )
-    .bind(lease_until)
-    .bind(worker_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
-        .bind(now)
-        .bind(worker_id)
-        .execute(&mut *conn)
-        .await?;
+        params![lease_until, worker_id],
+    )?;
+    exec(
+        conn,
+        "UPDATE workers SET last_seen = ? WHERE id = ?",
+        params![now, worker_id],
+    )?;
     Ok(ids)
 }
 
-async fn reclaim(
-    conn: &mut SqliteConnection,
-    scope: &Reclaim,
-    now: i64,
-    batch: &mut Batch,
-) -> Result<Vec<TaskEvent>> {
+fn reclaim(conn: &Conn, scope: &Reclaim, now: i64, batch: &mut Batch) -> Result<Vec<TaskEvent>> {
     let base = "SELECT id, name, attempts, max_attempts, spec, lease_owner, started_at, workflow_id FROM tasks WHERE status = 'running'";
-    let rows = match scope {
-        Reclaim::Expired => {
-            sqlx::query(AssertSqlSafe(format!("{base} AND lease_expires_at < ?1")))
-                .bind(now)
-                .fetch_all(&mut *conn)
-                .await?
-        }
+    type LeaseRow = (
+        String,
+        String,
+        i64,
+        i64,
+        String,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    );
+    let rows: Vec<LeaseRow> = match scope {
+        Reclaim::Expired => all(
+            conn,
+            &format!("{base} AND lease_expires_at < ?1"),
+            params![now],
+        )?,
         Reclaim::Workers(ids) if ids.is_empty() => Vec::new(),
-        Reclaim::Workers(ids) => {
-            let mut q = sqlx::query(AssertSqlSafe(format!(
-                "{base} AND lease_owner IN ({})",
-                placeholders(ids.len())
-            )));
-            for id in ids {
-                q = q.bind(id);
-            }
-            q.fetch_all(&mut *conn).await?
-        }
+        Reclaim::Workers(ids) => all(
+            conn,
+            &format!("{base} AND lease_owner IN ({})", placeholders(ids.len())),
+            params_from_iter(ids.iter()),
+        )?,
     };
     let first = batch.events.len();
-    for row in rows {
-        let id: String = row.get(0);
-        let name: String = row.get(1);
-        let attempts = row.get::<i64, _>(2) as u32;
-        let max_attempts = row.get::<i64, _>(3) as u32;
-        let spec: String = row.get(4);
-        let owner: Option<String> = row.get(5);
-        let started_at: Option<i64> = row.get(6);
-        let wf: Option<String> = row.get(7);
+    for (id, name, attempts, max_attempts, spec, owner, started_at, wf) in rows {
+        let attempts = attempts as u32;
+        let max_attempts = max_attempts as u32;
         let owner = owner.unwrap_or_default();
         let error = format!(
             "attempt {attempts} was lost: worker {owner} stopped renewing its lease (crashed, killed or cut off from the database)"
@@ -1541,18 +1563,12 @@ async fn reclaim(
         } else {
             None
         };
-        sqlx::query(
+        exec(
+            conn,
             "UPDATE tasks SET status = ?1, run_at = COALESCE(?2, run_at), finished_at = ?3, updated_at = ?4, \
              lease_owner = NULL, lease_expires_at = NULL, error = ?5 WHERE id = ?6",
-        )
-        .bind(status.as_str())
-        .bind(run_at)
-        .bind(finished_at)
-        .bind(now)
-        .bind(&error)
-        .bind(&id)
-        .execute(&mut *conn)
-        .await?;
+            params![status.as_str(), run_at, finished_at, now, &error, &id],
+        )?;
         let started = started_at.unwrap_or(now);
         batch.attempts.push(AttemptRow {
             task_id: id.clone(),
@@ -1588,27 +1604,23 @@ async fn reclaim(
     Ok(batch.events[first..].to_vec())
 }
 
-async fn cancel(
-    conn: &mut SqliteConnection,
+fn cancel(
+    conn: &Conn,
     id: &str,
     now: i64,
     reason: &Option<String>,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row = sqlx::query("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else {
+    let row: Option<(String, String, i64, Option<String>)> = opt(
+        conn,
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1",
+        params![id],
+    )?;
+    let Some((status, name, attempts, wf)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
-    let status: TaskStatus = row
-        .get::<String, _>(0)
-        .parse()
-        .unwrap_or(TaskStatus::Failed);
-    let name: String = row.get(1);
-    let attempts = row.get::<i64, _>(2) as u32;
-    let wf: Option<String> = row.get(3);
+    let status: TaskStatus = status.parse().unwrap_or(TaskStatus::Failed);
+    let attempts = attempts as u32;
     if status == TaskStatus::Cancelled {
         return Ok(Ok(()));
     }
@@ -1620,15 +1632,12 @@ async fn cancel(
     let error = reason
         .clone()
         .unwrap_or_else(|| "cancelled by request".to_string());
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE tasks SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \
          lease_expires_at = NULL, error = ?2 WHERE id = ?3",
-    )
-    .bind(now)
-    .bind(&error)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+        params![now, &error, id],
+    )?;
     batch.transition(
         now,
         id,
@@ -1644,18 +1653,18 @@ async fn cancel(
     Ok(Ok(()))
 }
 
-async fn cancel_workflow(
-    conn: &mut SqliteConnection,
+fn cancel_workflow(
+    conn: &Conn,
     id: &str,
     now: i64,
     reason: &Option<String>,
     batch: &mut Batch,
 ) -> Result<Result<Vec<String>>> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT status, name FROM workflows WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(String, String)> = opt(
+        conn,
+        "SELECT status, name FROM workflows WHERE id = ?1",
+        params![id],
+    )?;
     let Some((status, wf_name)) = row else {
         return Ok(Err(Error::workflow_not_found(id)));
     };
@@ -1671,30 +1680,24 @@ async fn cancel_workflow(
     let error = reason
         .clone()
         .unwrap_or_else(|| "cancelled with its workflow".to_string());
-    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+    let rows: Vec<(String, String, String, i64)> = all(
+        conn,
         "SELECT id, name, status, attempts FROM tasks WHERE workflow_id = ?1 \
          AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying') ORDER BY seq",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
-    sqlx::query(
+        params![id],
+    )?;
+    exec(
+        conn,
         "UPDATE tasks SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \
          lease_expires_at = NULL, error = ?2 WHERE workflow_id = ?3 \
          AND status IN ('pending', 'queued', 'running', 'awaiting_approval', 'retrying')",
-    )
-    .bind(now)
-    .bind(&error)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
+        params![now, &error, id],
+    )?;
+    exec(
+        conn,
         "UPDATE workflows SET status = 'cancelled', finished_at = ?1, updated_at = ?1 WHERE id = ?2",
-    )
-    .bind(now)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+        params![now, id],
+    )?;
     batch.audit_other(
         now,
         id,
@@ -1729,18 +1732,18 @@ async fn cancel_workflow(
     Ok(Ok(ids))
 }
 
-async fn approve(
-    conn: &mut SqliteConnection,
+fn approve(
+    conn: &Conn,
     id: &str,
     d: &ApprovalDecision,
     now: i64,
     batch: &mut Batch,
 ) -> Result<Result<()>> {
-    let row: Option<(String, String, i64, Option<String>)> =
-        sqlx::query_as("SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(String, String, i64, Option<String>)> = opt(
+        conn,
+        "SELECT status, name, attempts, workflow_id FROM tasks WHERE id = ?1",
+        params![id],
+    )?;
     let Some((status, name, attempts, wf)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
@@ -1774,18 +1777,12 @@ async fn approve(
         };
         (TaskStatus::Failed, Some(why), Some(now))
     };
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE tasks SET status = ?1, approval = ?2, error = ?3, finished_at = ?4, updated_at = ?5, \
          run_at = ?5 WHERE id = ?6",
-    )
-    .bind(to.as_str())
-    .bind(&approval_json)
-    .bind(&error)
-    .bind(finished_at)
-    .bind(now)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+        params![to.as_str(), &approval_json, &error, finished_at, now, id],
+    )?;
     batch.transition(
         now,
         id,
@@ -1807,17 +1804,12 @@ async fn approve(
 /// allowance of attempts (its history stays), and every task skipped
 /// because of it goes back to `pending` to be decided again. Workflows
 /// involved are running again.
-async fn retry(
-    conn: &mut SqliteConnection,
-    id: &str,
-    now: i64,
-    batch: &mut Batch,
-) -> Result<Result<()>> {
-    let row: Option<(String, String, i64, Option<String>, String)> =
-        sqlx::query_as("SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()>> {
+    let row: Option<(String, String, i64, Option<String>, String)> = opt(
+        conn,
+        "SELECT status, name, attempts, workflow_id, spec FROM tasks WHERE id = ?1",
+        params![id],
+    )?;
     let Some((status, name, attempts, wf, spec)) = row else {
         return Ok(Err(Error::task_not_found(id)));
     };
@@ -1840,24 +1832,16 @@ async fn retry(
         .and_then(|s| s.retry)
         .map(|r| r.max_attempts())
         .unwrap_or(1) as i64;
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE tasks SET status = 'queued', max_attempts = ?1, finished_at = NULL, error = NULL, \
          run_at = ?2, updated_at = ?2, approval = CASE WHEN needs_approval THEN NULL ELSE approval END \
          WHERE id = ?3",
-    )
-    .bind(attempts + allowance)
-    .bind(now)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+        params![attempts + allowance, now, id],
+    )?;
     // An approval gate that was rejected asks again.
-    let to: TaskStatus = sqlx::query_scalar::<_, String>(
-        "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END \
-         WHERE id = ?1 RETURNING status",
-    )
-    .bind(id)
-    .fetch_one(&mut *conn)
-    .await?
+    let to: TaskStatus = scalar_one::<String>(conn, "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END \
+         WHERE id = ?1 RETURNING status", params![id])?
     .parse()
     .unwrap_or(TaskStatus::Queued);
     batch.transition(
@@ -1875,29 +1859,25 @@ async fn retry(
     // Tasks skipped because of it (transitively) are decided again.
     let mut frontier = vec![id.to_string()];
     while let Some(dep) = frontier.pop() {
-        let skipped: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+        let skipped: Vec<(String, String, Option<String>, i64)> = all(
+            conn,
             "SELECT t.id, t.name, t.workflow_id, t.attempts FROM task_deps d JOIN tasks t ON t.id = d.task_id \
              WHERE d.dep_id = ?1 AND t.status = 'skipped'",
-        )
-        .bind(&dep)
-        .fetch_all(&mut *conn)
-        .await?;
+            params![&dep],
+        )?;
         for (tid, tname, twf, tattempts) in skipped {
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE task_deps SET state = 'waiting' WHERE task_id = ?1 AND state != 'met'",
-            )
-            .bind(&tid)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
+                params![&tid],
+            )?;
+            exec(
+                conn,
                 "UPDATE tasks SET status = 'pending', finished_at = NULL, error = NULL, updated_at = ?2, \
                  deps_pending = (SELECT COUNT(*) FROM task_deps WHERE task_id = ?1 AND state = 'waiting') \
                  WHERE id = ?1",
-            )
-            .bind(&tid)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+                params![&tid, now],
+            )?;
             batch.transition(
                 now,
                 &tid,
@@ -1910,14 +1890,13 @@ async fn retry(
                 format!("{{\"because\":{}}}", json_str(id)),
             );
             // Its other finished dependencies decide again.
-            let others: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            let others: Vec<(String, String, Option<String>)> = all(
+                conn,
                 "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
                  WHERE d.task_id = ?1 AND d.state = 'waiting' \
                  AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
-            )
-            .bind(&tid)
-            .fetch_all(&mut *conn)
-            .await?;
+                params![&tid],
+            )?;
             for (oid, ost, ores) in others {
                 let output = ores
                     .as_deref()
@@ -1936,26 +1915,21 @@ async fn retry(
         let Some(w) = w else { continue };
         let failed = i64::from(matches!(was, TaskStatus::Failed | TaskStatus::TimedOut));
         let cancelled = i64::from(was == TaskStatus::Cancelled);
-        let prev: Option<(String, String)> = sqlx::query_as(
+        let prev: Option<(String, String)> = opt(
+            conn,
             "UPDATE workflows SET tasks_done = tasks_done - 1, tasks_failed = tasks_failed - ?2, \
              tasks_cancelled = tasks_cancelled - ?3, updated_at = ?4 WHERE id = ?1 \
              RETURNING status, name",
-        )
-        .bind(&w)
-        .bind(failed)
-        .bind(cancelled)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
+            params![&w, failed, cancelled, now],
+        )?;
         if let Some((wstatus, wname)) = prev
             && wstatus != "running"
         {
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE workflows SET status = 'running', finished_at = NULL WHERE id = ?1",
-            )
-            .bind(&w)
-            .execute(&mut *conn)
-            .await?;
+                params![&w],
+            )?;
             let from: WorkflowStatus = wstatus.parse().unwrap_or(WorkflowStatus::Failed);
             batch.audit_other(
                 now,
@@ -1976,29 +1950,20 @@ async fn retry(
     Ok(Ok(()))
 }
 
-async fn heartbeat(
-    conn: &mut SqliteConnection,
-    task_id: &str,
-    worker_id: &str,
-    lease_until: i64,
-) -> Result<Result<()>> {
-    let done = sqlx::query(
+fn heartbeat(conn: &Conn, task_id: &str, worker_id: &str, lease_until: i64) -> Result<Result<()>> {
+    let done = exec(
+        conn,
         "UPDATE tasks SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3",
-    )
-    .bind(lease_until)
-    .bind(task_id)
-    .bind(worker_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+        params![lease_until, task_id, worker_id],
+    )?;
     if done == 1 {
         return Ok(Ok(()));
     }
-    let row: Option<(String, Option<String>)> =
-        sqlx::query_as("SELECT status, lease_owner FROM tasks WHERE id = ?1")
-            .bind(task_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(String, Option<String>)> = opt(
+        conn,
+        "SELECT status, lease_owner FROM tasks WHERE id = ?1",
+        params![task_id],
+    )?;
     Ok(Err(match row {
         None => Error::task_not_found(task_id),
         Some((status, owner)) => Error::Conflict(format!(
@@ -2008,59 +1973,52 @@ async fn heartbeat(
     }))
 }
 
-async fn put_logs(
-    conn: &mut SqliteConnection,
-    task_id: &str,
-    attempt: u32,
-    logs: &[StreamLog],
-) -> Result<()> {
+fn put_logs(conn: &Conn, task_id: &str, attempt: u32, logs: &[StreamLog]) -> Result<()> {
     for log in logs {
-        sqlx::query(
+        exec(
+            conn,
             "INSERT OR REPLACE INTO task_logs (task_id, attempt, stream, data, dropped_bytes) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(task_id)
-        .bind(attempt as i64)
-        .bind(log.stream)
-        .bind(&log.data)
-        .bind(log.dropped_bytes as i64)
-        .execute(&mut *conn)
-        .await?;
+            params![
+                task_id,
+                attempt as i64,
+                log.stream,
+                &log.data,
+                log.dropped_bytes as i64
+            ],
+        )?;
     }
     Ok(())
 }
 
-async fn fire_schedule(
-    conn: &mut SqliteConnection,
-    f: &FireSchedule,
-    batch: &mut Batch,
-) -> Result<Result<bool>> {
-    let row: Option<(Option<i64>, i64, String)> =
-        sqlx::query_as("SELECT next_fire_at, paused, name FROM schedules WHERE id = ?1")
-            .bind(&f.schedule_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+fn fire_schedule(conn: &Conn, f: &FireSchedule, batch: &mut Batch) -> Result<Result<bool>> {
+    let row: Option<(Option<i64>, i64, String)> = opt(
+        conn,
+        "SELECT next_fire_at, paused, name FROM schedules WHERE id = ?1",
+        params![&f.schedule_id],
+    )?;
     let Some((next, paused, name)) = row else {
         return Ok(Ok(false));
     };
     if paused != 0 || next != Some(f.expected) {
         return Ok(Ok(false));
     }
-    let answers = submit_all(conn, &[&f.run], batch).await?;
+    let answers = submit_all(conn, &[&f.run], batch)?;
     if let Some(Err(e)) = answers.into_iter().next() {
         return Ok(Err(e));
     }
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE schedules SET next_fire_at = ?1, upcoming_run = ?2, last_fired_at = ?3, runs = runs + 1, \
          updated_at = ?4 WHERE id = ?5",
-    )
-    .bind(f.next_fire_at)
-    .bind(&f.upcoming_run)
-    .bind(f.expected)
-    .bind(f.now)
-    .bind(&f.schedule_id)
-    .execute(&mut *conn)
-    .await?;
+        params![
+            f.next_fire_at,
+            &f.upcoming_run,
+            f.expected,
+            f.now,
+            &f.schedule_id
+        ],
+    )?;
     batch.audit_other(
         f.now,
         &f.schedule_id,
@@ -2073,18 +2031,18 @@ async fn fire_schedule(
     Ok(Ok(true))
 }
 
-async fn change_schedule(
-    conn: &mut SqliteConnection,
+fn change_schedule(
+    conn: &Conn,
     id: &str,
     change: &ScheduleChange,
     now: i64,
     batch: &mut Batch,
 ) -> Result<Result<bool>> {
-    let row: Option<(i64, Option<String>)> =
-        sqlx::query_as("SELECT paused, upcoming_run FROM schedules WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(i64, Option<String>)> = opt(
+        conn,
+        "SELECT paused, upcoming_run FROM schedules WHERE id = ?1",
+        params![id],
+    )?;
     let Some((paused, upcoming)) = row else {
         return Ok(Ok(false));
     };
@@ -2092,22 +2050,17 @@ async fn change_schedule(
     match change {
         ScheduleChange::Pause | ScheduleChange::Remove => {
             if let Some(run) = upcoming {
-                cancel_upcoming(conn, &run, now, batch).await?;
+                cancel_upcoming(conn, &run, now, batch)?;
             }
             let (kind, to) = if matches!(change, ScheduleChange::Remove) {
-                sqlx::query("DELETE FROM schedules WHERE id = ?1")
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
+                exec(conn, "DELETE FROM schedules WHERE id = ?1", params![id])?;
                 ("schedule_removed", "removed")
             } else {
-                sqlx::query(
+                exec(
+                    conn,
                     "UPDATE schedules SET paused = 1, next_fire_at = NULL, upcoming_run = NULL, updated_at = ?1 WHERE id = ?2",
-                )
-                .bind(now)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
+                    params![now, id],
+                )?;
                 ("schedule_paused", "paused")
             };
             batch.audit_other(now, id, kind, Some(was), to, "{}".into());
@@ -2120,19 +2073,15 @@ async fn change_schedule(
             if paused == 0 {
                 return Ok(Ok(true));
             }
-            let answers = submit_all(conn, &[run.as_ref()], batch).await?;
+            let answers = submit_all(conn, &[run.as_ref()], batch)?;
             if let Some(Err(e)) = answers.into_iter().next() {
                 return Ok(Err(e));
             }
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE schedules SET paused = 0, next_fire_at = ?1, upcoming_run = ?2, updated_at = ?3 WHERE id = ?4",
-            )
-            .bind(next_fire_at)
-            .bind(upcoming_run)
-            .bind(now)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+                params![next_fire_at, upcoming_run, now, id],
+            )?;
             batch.audit_other(
                 now,
                 id,
@@ -2147,136 +2096,109 @@ async fn change_schedule(
 }
 
 /// Cancels a schedule's upcoming run if it has not started (all its tasks pending).
-async fn cancel_upcoming(
-    conn: &mut SqliteConnection,
-    run: &str,
-    now: i64,
-    batch: &mut Batch,
-) -> Result<()> {
-    let started: i64 = sqlx::query_scalar(
+fn cancel_upcoming(conn: &Conn, run: &str, now: i64, batch: &mut Batch) -> Result<()> {
+    let started: i64 = scalar_one(
+        conn,
         "SELECT (SELECT COUNT(*) FROM tasks WHERE workflow_id = ?1 AND status != 'pending') + \
          (SELECT COUNT(*) FROM tasks WHERE id = ?1 AND status != 'pending')",
-    )
-    .bind(run)
-    .fetch_one(&mut *conn)
-    .await?;
+        params![run],
+    )?;
     if started > 0 {
         return Ok(());
     }
     let reason = Some("the schedule was paused or removed before this run started".to_string());
-    let is_workflow: Option<String> = sqlx::query_scalar("SELECT id FROM workflows WHERE id = ?1")
-        .bind(run)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let is_workflow: Option<String> =
+        scalar_opt(conn, "SELECT id FROM workflows WHERE id = ?1", params![run])?;
     if is_workflow.is_some() {
-        let _ = cancel_workflow(conn, run, now, &reason, batch).await?;
+        let _ = cancel_workflow(conn, run, now, &reason, batch)?;
     } else {
-        let _ = cancel(conn, run, now, &reason, batch).await?;
+        let _ = cancel(conn, run, now, &reason, batch)?;
     }
     Ok(())
 }
 
-async fn write_token(
-    conn: &mut SqliteConnection,
-    t: &TokenRecord,
-    hash: &str,
-    revoke: Option<i64>,
-) -> Result<bool> {
+fn write_token(conn: &Conn, t: &TokenRecord, hash: &str, revoke: Option<i64>) -> Result<bool> {
     if let Some(at) = revoke {
-        let n = sqlx::query(
+        let n = exec(
+            conn,
             "UPDATE api_tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
-        )
-        .bind(at)
-        .bind(&t.id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+            params![at, &t.id],
+        )?;
         return Ok(n == 1);
     }
-    sqlx::query(
+    exec(
+        conn,
         "INSERT INTO api_tokens (id, name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .bind(&t.id)
-    .bind(&t.name)
-    .bind(t.role.as_str())
-    .bind(hash)
-    .bind(t.created_at.0)
-    .execute(&mut *conn)
-    .await?;
+        params![&t.id, &t.name, t.role.as_str(), hash, t.created_at.0],
+    )?;
     Ok(true)
 }
 
-async fn register_worker(conn: &mut SqliteConnection, w: &WorkerInfo) -> Result<()> {
-    sqlx::query(
+fn register_worker(conn: &Conn, w: &WorkerInfo) -> Result<()> {
+    exec(
+        conn,
         "INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started_at, last_seen) VALUES (?,?,?,?,?,?)",
-    )
-    .bind(&w.id)
-    .bind(&w.host)
-    .bind(w.pid)
-    .bind(w.pid_start)
-    .bind(w.started_at)
-    .bind(w.started_at)
-    .execute(&mut *conn)
-    .await?;
+        params![
+            &w.id,
+            &w.host,
+            w.pid,
+            w.pid_start,
+            w.started_at,
+            w.started_at
+        ],
+    )?;
     // Forget workers that hold nothing and have not been seen for a day.
-    sqlx::query(
+    exec(
+        conn,
         "DELETE FROM workers WHERE last_seen < ?1 AND id NOT IN \
          (SELECT lease_owner FROM tasks WHERE status = 'running' AND lease_owner IS NOT NULL)",
-    )
-    .bind(w.started_at - 86_400_000)
-    .execute(&mut *conn)
-    .await?;
+        params![w.started_at - 86_400_000],
+    )?;
     Ok(())
 }
 
 /// Inserts the attempt rows with their interaction records, then appends
-/// the audit events to the chain: two round trips to the connection's
-/// thread, the first of which also reads the chain head.
-async fn flush_attempts_and_audit(
-    conn: &mut SqliteConnection,
-    rows: &[AttemptRow],
-    drafts: &[AuditDraft],
-) -> Result<()> {
-    let mut statements = Vec::new();
-    let mut binds: Vec<String> = Vec::new();
+/// the audit events to the chain. Inside `BEGIN IMMEDIATE` no other
+/// process can append, so the head read here is the head the new events
+/// chain onto.
+fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDraft]) -> Result<()> {
     if !rows.is_empty() {
-        binds.push(AttemptRow::json_array(rows));
-        statements.push(
+        let mut insert = conn.prepare_cached(
             "INSERT OR IGNORE INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
              exit_code, signal, duration_ms, error, result) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(jsonb(?1)) ORDER BY key"
-                .to_string(),
-        );
-        let keys: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| serde_json::json!([r.task_id, r.attempt]))
-            .collect();
-        binds.push(serde_json::Value::Array(keys).to_string());
-        statements.push(super::history::record_sql(2));
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        let mut record = conn.prepare_cached(super::history::RECORD_SQL)?;
+        for r in rows {
+            insert.execute(params![
+                r.task_id,
+                r.attempt,
+                r.worker_id,
+                r.status.as_str(),
+                r.started_at,
+                r.finished_at,
+                r.exit_code,
+                r.signal,
+                r.duration_ms,
+                r.error,
+                r.result
+            ])?;
+            record.execute(params![r.task_id, r.attempt])?;
+        }
     }
-    // Inside BEGIN IMMEDIATE no other process can append, so the head read
-    // here is the head the new events chain onto.
-    if !drafts.is_empty() {
-        statements.push("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1".to_string());
-    }
-    if statements.is_empty() {
-        return Ok(());
-    }
-    let mut q = sqlx::query(AssertSqlSafe(statements.join("; ")));
-    for b in binds {
-        q = q.bind(b);
-    }
-    let result = q.fetch_all(&mut *conn).await?;
     if drafts.is_empty() {
         return Ok(());
     }
-    let head: Option<(i64, String)> = result
-        .iter()
-        .find(|r| r.len() == 2)
-        .map(|r| (r.get(0), r.get(1)));
+    let head: Option<(i64, String)> = opt(
+        conn,
+        "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+        [],
+    )?;
     let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
-    let mut json = Vec::with_capacity(drafts.len());
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
     for d in drafts {
         seq += 1;
         let hash = event_hash(
@@ -2291,19 +2213,11 @@ async fn flush_attempts_and_audit(
                 detail: &d.detail,
             },
         );
-        let prev_hash = std::mem::replace(&mut prev, hash);
-        json.push(serde_json::json!([
-            seq, d.at, d.task_id, d.kind, d.from, d.to, d.detail, prev_hash, prev
-        ]));
+        insert.execute(params![
+            seq, d.at, d.task_id, d.kind, d.from, d.to, d.detail, prev, hash
+        ])?;
+        prev = hash;
     }
-    sqlx::query(
-        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, \
-         value ->> 7, value ->> 8 FROM json_each(jsonb(?1)) ORDER BY key",
-    )
-    .bind(serde_json::Value::Array(json).to_string())
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 
