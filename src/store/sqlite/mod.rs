@@ -7,6 +7,7 @@
 //! (default) or `NORMAL`.
 
 mod history;
+mod quick;
 mod read;
 mod writer;
 
@@ -34,6 +35,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SqliteStore {
     ops: mpsc::Sender<Op>,
     read: SqlitePool,
+    quick: std::sync::Arc<quick::QuickReads>,
     events: broadcast::Sender<TaskEvent>,
     workflow_events: broadcast::Sender<WorkflowEvent>,
     path: PathBuf,
@@ -167,6 +169,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             ops: tx,
             read,
+            quick: std::sync::Arc::new(quick::QuickReads::new(path)),
             events,
             workflow_events,
             path: path.to_path_buf(),
@@ -451,7 +454,7 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>> {
-        read::get(&self.read, id).await
+        self.quick.task(id)
     }
 
     async fn list(&self, filter: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>> {
@@ -459,7 +462,7 @@ impl Store for SqliteStore {
     }
 
     async fn attempts(&self, id: &str) -> Result<Vec<Attempt>> {
-        read::attempts(&self.read, id).await
+        self.quick.attempts(id)
     }
 
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
@@ -540,13 +543,7 @@ impl Store for SqliteStore {
     }
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        let row: Option<(String, String, String, i64, Option<i64>)> = sqlx::query_as(
-            "SELECT id, name, role, created_at, revoked_at FROM api_tokens WHERE hash = ?1 AND revoked_at IS NULL",
-        )
-        .bind(hash)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(token_from))
+        Ok(self.quick.token(hash)?.map(token_from))
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
@@ -559,10 +556,7 @@ impl Store for SqliteStore {
     }
 
     async fn tokens_exist(&self) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens WHERE revoked_at IS NULL")
-            .fetch_one(&self.read)
-            .await?;
-        Ok(n > 0)
+        self.quick.tokens_exist()
     }
 
     async fn workers_with_leases(&self, host: &str) -> Result<Vec<WorkerInfo>> {

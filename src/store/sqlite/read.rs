@@ -16,69 +16,99 @@ use crate::store::{
     ClaimRequest, QueueStats, StatusCounts, StreamEvent, TaskFilter, WorkerInfo, WorkflowFilter,
 };
 
-const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
+/// A row of either SQLite driver (the read pool's or the quick readers'),
+/// read by column index.
+pub(super) trait Cols {
+    fn text(&self, i: usize) -> Result<String>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>>;
+    fn int(&self, i: usize) -> Result<i64>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>>;
+}
+
+impl Cols for SqliteRow {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+}
+
+pub(super) const TASK_COLUMNS: &str = "seq, id, name, kind, project, tags, status, priority, attempts, max_attempts, \
     run_at, created_at, updated_at, started_at, finished_at, lease_owner, lease_expires_at, \
     idempotency_key, spec, spec_hash, result, error, workflow_id, schedule_id, deps_pending, approval";
 
-fn task_from_row(row: &SqliteRow) -> Result<(i64, TaskRecord)> {
-    let id: String = row.get(1);
+pub(super) fn task_from_row(row: &impl Cols) -> Result<(i64, TaskRecord)> {
+    let id: String = row.text(1)?;
     let corrupt = |what: &str, e: &dyn std::fmt::Display| {
         Error::Store(format!("task {id}: stored {what} is unreadable: {e}"))
     };
-    let kind: String = row.get(3);
-    let status: String = row.get(6);
-    let tags: String = row.get(5);
-    let spec: String = row.get(18);
-    let result: Option<String> = row.get(20);
+    let kind: String = row.text(3)?;
+    let status: String = row.text(6)?;
+    let tags: String = row.text(5)?;
+    let spec: String = row.text(18)?;
+    let result: Option<String> = row.opt_text(20)?;
     let record = TaskRecord {
         id: id.clone(),
-        name: row.get(2),
+        name: row.text(2)?,
         kind: match kind.as_str() {
             "http" => TaskKind::Http,
             "external" => TaskKind::External,
             _ => TaskKind::Command,
         },
-        project: row.get(4),
+        project: row.opt_text(4)?,
         tags: serde_json::from_str(&tags).map_err(|e| corrupt("tags", &e))?,
         status: status.parse().map_err(|e: String| corrupt("status", &e))?,
-        priority: row.get(7),
-        attempts: row.get::<i64, _>(8) as u32,
-        max_attempts: row.get::<i64, _>(9) as u32,
-        run_at: Timestamp(row.get(10)),
-        created_at: Timestamp(row.get(11)),
-        updated_at: Timestamp(row.get(12)),
-        started_at: row.get::<Option<i64>, _>(13).map(Timestamp),
-        finished_at: row.get::<Option<i64>, _>(14).map(Timestamp),
-        lease_owner: row.get(15),
-        lease_expires_at: row.get::<Option<i64>, _>(16).map(Timestamp),
-        idempotency_key: row.get(17),
+        priority: row.int(7)?,
+        attempts: row.int(8)? as u32,
+        max_attempts: row.int(9)? as u32,
+        run_at: Timestamp(row.int(10)?),
+        created_at: Timestamp(row.int(11)?),
+        updated_at: Timestamp(row.int(12)?),
+        started_at: row.opt_int(13)?.map(Timestamp),
+        finished_at: row.opt_int(14)?.map(Timestamp),
+        lease_owner: row.opt_text(15)?,
+        lease_expires_at: row.opt_int(16)?.map(Timestamp),
+        idempotency_key: row.opt_text(17)?,
         spec: serde_json::from_str::<TaskSpec>(&spec).map_err(|e| corrupt("spec", &e))?,
-        spec_hash: row.get(19),
+        spec_hash: row.text(19)?,
         result: match result {
             Some(r) => {
                 Some(serde_json::from_str::<TaskResult>(&r).map_err(|e| corrupt("result", &e))?)
             }
             None => None,
         },
-        error: row.get(21),
-        workflow_id: row.get(22),
-        schedule_id: row.get(23),
-        deps_pending: row.get::<i64, _>(24) as u32,
-        approval: match row.get::<Option<String>, _>(25) {
+        error: row.opt_text(21)?,
+        workflow_id: row.opt_text(22)?,
+        schedule_id: row.opt_text(23)?,
+        deps_pending: row.int(24)? as u32,
+        approval: match row.opt_text(25)? {
             Some(a) => Some(serde_json::from_str(&a).map_err(|e| corrupt("approval", &e))?),
             None => None,
         },
     };
-    Ok((row.get(0), record))
-}
-
-pub(super) async fn get(pool: &SqlitePool, id: &str) -> Result<Option<TaskRecord>> {
-    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?");
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|r| task_from_row(&r).map(|(_, t)| t)).transpose()
+    Ok((row.int(0)?, record))
 }
 
 pub(super) async fn list(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>> {
@@ -138,32 +168,24 @@ pub(super) async fn list(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<(i64, 
     q.fetch_all(pool).await?.iter().map(task_from_row).collect()
 }
 
-pub(super) async fn attempts(pool: &SqlitePool, id: &str) -> Result<Vec<Attempt>> {
-    let rows = sqlx::query(
-        "SELECT task_id, attempt, worker_id, status, started_at, finished_at, error, result \
-         FROM attempts WHERE task_id = ? ORDER BY attempt",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let status: String = r.get(3);
-            let result: String = r.get(7);
-            let mut result: TaskResult = serde_json::from_str(&result)
-                .map_err(|e| Error::Store(format!("attempt result is unreadable: {e}")))?;
-            result.attempt = r.get::<i64, _>(1) as u32;
-            Ok(Attempt {
-                task_id: r.get(0),
-                worker_id: r.get(2),
-                status: AttemptStatus::parse(&status).unwrap_or(AttemptStatus::Failed),
-                started_at: Timestamp(r.get(4)),
-                finished_at: Timestamp(r.get(5)),
-                error: r.get(6),
-                result,
-            })
-        })
-        .collect()
+pub(super) const ATTEMPTS_SQL: &str = "SELECT task_id, attempt, worker_id, status, started_at, finished_at, \
+     error, result FROM attempts WHERE task_id = ?1 ORDER BY attempt";
+
+/// A row of [`ATTEMPTS_SQL`].
+pub(super) fn attempt_from_row(r: &impl Cols) -> Result<Attempt> {
+    let status = r.text(3)?;
+    let mut result: TaskResult = serde_json::from_str(&r.text(7)?)
+        .map_err(|e| Error::Store(format!("attempt result is unreadable: {e}")))?;
+    result.attempt = r.int(1)? as u32;
+    Ok(Attempt {
+        task_id: r.text(0)?,
+        worker_id: r.text(2)?,
+        status: AttemptStatus::parse(&status).unwrap_or(AttemptStatus::Failed),
+        started_at: Timestamp(r.int(4)?),
+        finished_at: Timestamp(r.int(5)?),
+        error: r.opt_text(6)?,
+        result,
+    })
 }
 
 pub(super) async fn logs(
