@@ -16,8 +16,13 @@ use crate::store::history::{
     best_run_per_task,
 };
 
-/// The statement that writes the interaction record of an attempt just
-/// inserted (same transaction); `?1` = task id, `?2` = attempt.
+/// The statement that writes the interaction records of attempts just
+/// inserted (same transaction); `?1` = a JSON array of `[task_id, attempt]`.
+///
+/// One statement for the whole batch, not one per record: FTS5 writes its
+/// pending index to disk at every statement's savepoint, so a statement
+/// per record would make a segment per record, and merging them would be
+/// most of the writer's work.
 pub(super) const RECORD_SQL: &str = "INSERT OR IGNORE INTO interactions (task_id, attempt, name, project, \
      workflow_id, kind, tags, outcome, task_status, exit_code, duration_ms, started_at, finished_at, \
      description, command, parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
@@ -34,7 +39,9 @@ pub(super) const RECORD_SQL: &str = "INSERT OR IGNORE INTO interactions (task_id
       WHERE td.task_id = a.task_id), \
      a.error, nullif(a.result -> '$.output', 'null'), coalesce(a.result -> '$.artifacts', '[]'), \
      coalesce(a.result ->> '$.stdout_tail', ''), coalesce(a.result ->> '$.stderr_tail', '') \
-     FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE a.task_id = ?1 AND a.attempt = ?2";
+     FROM json_each(?1) AS k \
+     JOIN attempts a ON a.task_id = k.value ->> 0 AND a.attempt = k.value ->> 1 \
+     JOIN tasks t ON t.id = a.task_id ORDER BY k.key";
 
 /// Applies a history change inside the writer's transaction.
 pub(super) fn apply(conn: &Conn, change: &HistoryChange) -> Result<u64> {

@@ -2168,7 +2168,6 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
              exit_code, signal, duration_ms, error, result) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
-        let mut record = conn.prepare_cached(super::history::RECORD_SQL)?;
         for r in rows {
             insert.execute(params![
                 r.task_id,
@@ -2183,8 +2182,16 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
                 r.error,
                 r.result
             ])?;
-            record.execute(params![r.task_id, r.attempt])?;
         }
+        let keys: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!([r.task_id, r.attempt]))
+            .collect();
+        exec(
+            conn,
+            super::history::RECORD_SQL,
+            params![serde_json::Value::Array(keys).to_string()],
+        )?;
     }
     if drafts.is_empty() {
         return Ok(());
