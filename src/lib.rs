@@ -30,10 +30,11 @@
 //! * [`workflow`] — the dependency graph: submit-time checks (cycles,
 //!   unknown names) and Mermaid/DOT export.
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
-//!   (one group-committing writer that also resolves dependents, moves
-//!   workflow counters and writes interaction records in the same
-//!   transaction and merges the claims that come with finishes, a read
-//!   pool, WAL); [`store::postgres`] is the same design
+//!   (one group-committing writer, on its own thread with a synchronous
+//!   connection, that also resolves dependents, moves workflow counters
+//!   and writes interaction records in the same transaction and merges
+//!   the claims that come with finishes; point reads inline on synchronous
+//!   read-only connections; a read pool for the rest; WAL); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
 //!   wake-ups). Migrations for both live in `migrations/sqlite` and
