@@ -1022,55 +1022,53 @@ async fn bench_http(
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let engine = queue.start();
-    // Building the shared client installs the TLS crypto provider reqwest needs.
-    let _ = crate::executor::http::client();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .http1_only()
-        .build()
-        .map_err(|e| Error::Store(format!("HTTP client: {e}")))?;
-    let base = format!("http://{addr}/api/v1");
+    // The load generator is a minimal HTTP/1.1 client (as wrk is): each
+    // connection writes a ready request and reads the response framed by
+    // its Content-Length, so the two cores go to the server, not to
+    // building and parsing requests on the client side.
+    let body = br#"{"name":"http-bench","kind":"external","project":"bench"}"#;
+    let submit_req = Arc::new(
+        [
+            format!(
+                "POST /api/v1/tasks HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes(),
+            body.to_vec(),
+        ]
+        .concat(),
+    );
     let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); tasks]));
-    let (c, b, i2) = (client.clone(), base.clone(), ids.clone());
-    let (mut submit_lat, submit_elapsed) = drive(tasks, concurrency, move |i| {
-        let (c, b, ids) = (c.clone(), b.clone(), i2.clone());
-        async move {
-            let r = c
-                .post(format!("{b}/tasks"))
-                .json(&json!({"name": "http-bench", "kind": "external", "project": "bench"}))
-                .send()
-                .await
-                .map_err(|e| Error::Store(format!("submit: {e}")))?;
-            if r.status() != 201 {
-                return Err(Error::Store(format!("submit answered {}", r.status())));
+    let (i2, req) = (ids.clone(), submit_req.clone());
+    let (mut submit_lat, submit_elapsed) =
+        drive_http(addr, tasks, concurrency, move |mut conn, i| {
+            let (ids, req) = (i2.clone(), req.clone());
+            async move {
+                let (status, body) = conn.call(&req).await?;
+                if status != 201 {
+                    return Err(Error::Store(format!(
+                        "submit answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )));
+                }
+                let id = json_id(&body)
+                    .ok_or_else(|| Error::Store("submit answered without an id".into()))?;
+                ids.lock().unwrap_or_else(|e| e.into_inner())[i] = id;
+                Ok(conn)
             }
-            let v: Value = r
-                .json()
-                .await
-                .map_err(|e| Error::Store(format!("submit body: {e}")))?;
-            ids.lock().unwrap_or_else(|e| e.into_inner())[i] =
-                v["id"].as_str().unwrap_or_default().to_string();
-            Ok(())
-        }
-    })
-    .await?;
-    let (c, b, i3) = (client.clone(), base.clone(), ids.clone());
-    let (mut get_lat, get_elapsed) = drive(tasks, concurrency, move |i| {
-        let (c, b) = (c.clone(), b.clone());
+        })
+        .await?;
+    let i3 = ids.clone();
+    let (mut get_lat, get_elapsed) = drive_http(addr, tasks, concurrency, move |mut conn, i| {
         let id = i3.lock().unwrap_or_else(|e| e.into_inner())[i].clone();
         async move {
-            let r = c
-                .get(format!("{b}/tasks/{id}"))
-                .send()
-                .await
-                .map_err(|e| Error::Store(format!("get: {e}")))?;
-            if r.status() != 200 {
-                return Err(Error::Store(format!("get answered {}", r.status())));
+            let req = format!("GET /api/v1/tasks/{id} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            let (status, _) = conn.call(req.as_bytes()).await?;
+            if status != 200 {
+                return Err(Error::Store(format!("get answered {status}")));
             }
-            r.bytes()
-                .await
-                .map_err(|e| Error::Store(format!("get body: {e}")))?;
-            Ok(())
+            Ok(conn)
         }
     })
     .await?;
@@ -1096,7 +1094,7 @@ async fn bench_http(
     let submits_per_sec = tasks as f64 / submit_elapsed.as_secs_f64();
     let submit_p99 = percentile(&mut submit_lat, 99.0);
     out["transport"] = json!(format!(
-        "HTTP/1.1 keep-alive, {concurrency} concurrent connections, loopback"
+        "HTTP/1.1 keep-alive, {concurrency} concurrent connections, loopback; load generator: a minimal HTTP/1.1 client in the same process (ready requests, Content-Length framing)"
     ));
     out["tasks_per_sec"] = json!(round(submits_per_sec, 0));
     out["p50_ms"] = json!(round(percentile(&mut submit_lat, 50.0), 3));
@@ -1117,6 +1115,115 @@ async fn bench_http(
         "met": submits_per_sec >= 10_000.0 && submit_p99 < 10.0,
     });
     Ok(())
+}
+
+/// One keep-alive connection of the HTTP load generator.
+struct HttpConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    async fn connect(addr: std::net::SocketAddr) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends one request and reads its response: (status, body). Only
+    /// responses framed by Content-Length are accepted (the server frames
+    /// every JSON answer so).
+    async fn call(&mut self, request: &[u8]) -> Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let broken = |what: &str| Error::Store(format!("HTTP load generator: {what}"));
+        self.stream.write_all(request).await?;
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])
+                    .map_err(|_| broken("response head is not UTF-8"))?;
+                let status: u16 = head
+                    .get(9..12)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| broken("no status line"))?;
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())
+                            .flatten()
+                    })
+                    .ok_or_else(|| broken("response without Content-Length"))?;
+                let total = end + 4 + len;
+                while self.buf.len() < total {
+                    if self.stream.read_buf(&mut self.buf).await? == 0 {
+                        return Err(broken("connection closed mid-response"));
+                    }
+                }
+                let body = self.buf[end + 4..total].to_vec();
+                self.buf.drain(..total);
+                return Ok((status, body));
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(broken("connection closed before a response"));
+            }
+        }
+    }
+}
+
+/// The `"id"` string of a JSON object answer, found without parsing it all.
+fn json_id(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find("\"id\":\"")? + 6;
+    let len = text[start..].find('"')?;
+    Some(text[start..start + len].to_string())
+}
+
+/// Like [`drive`], with one keep-alive connection per concurrent caller.
+async fn drive_http<F, Fut>(
+    addr: std::net::SocketAddr,
+    calls: usize,
+    concurrency: usize,
+    f: F,
+) -> Result<(Vec<f64>, Duration)>
+where
+    F: Fn(HttpConn, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<HttpConn>> + Send,
+{
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(HttpConn::connect(addr).await?);
+    }
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for conn in conns {
+        let f = f.clone();
+        let next = next.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            let mut conn = conn;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= calls {
+                    return Ok::<_, Error>(lat);
+                }
+                let t = Instant::now();
+                conn = f(conn, i).await?;
+                lat.push(ms(t.elapsed()));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(calls);
+    while let Some(r) = set.join_next().await {
+        all.extend(r.map_err(|e| Error::Store(format!("bench worker failed: {e}")))??);
+    }
+    Ok((all, start.elapsed()))
 }
 
 // ---------------------------------------------------------------- mcp

@@ -6,6 +6,7 @@ mod common;
 
 mod audit;
 mod bad_input;
+mod bench;
 mod client;
 mod conformance;
 mod crash;
