@@ -1264,11 +1264,24 @@ async fn claim_once(
     for v in binds {
         q = q.bind(v);
     }
+    // The claim must walk `tasks_ready` in its order and stop after
+    // `limit` rows. Right after a burst of submits the table's statistics
+    // say almost nothing is ready, and the planner then prefers a bitmap
+    // scan of every ready row plus a sort (34 ms for 29k ready tasks,
+    // against 0.4 ms in index order). Sorting is ruled out for this
+    // statement only; PostgreSQL has no index hint.
+    sqlx::raw_sql("SET LOCAL enable_sort = off")
+        .execute(&mut *conn)
+        .await?;
     let rows = q
         .bind(&req.worker_id)
         .bind(req.lease_until)
         .fetch_all(&mut *conn)
+        .await;
+    sqlx::raw_sql("SET LOCAL enable_sort = DEFAULT")
+        .execute(&mut *conn)
         .await?;
+    let rows = rows?;
     let mut claimed = Vec::with_capacity(rows.len());
     let mut promoted = 0;
     for row in &rows {
