@@ -243,8 +243,26 @@ pub(crate) struct AttemptRow {
 impl AttemptRow {
     /// The rows as one JSON array of arrays, in column order (task_id,
     /// attempt, worker_id, status, started_at, finished_at, exit_code,
-    /// signal, duration_ms, error, result): one bound value for a
-    /// multi-row INSERT on either store.
+    /// signal, duration_ms, error, result): one bound value for the
+    /// PostgreSQL writer's multi-row INSERT.
+    /// The row of an attempt a worker reported finished (`result` is the
+    /// attempt's result as JSON).
+    pub(crate) fn finished(f: &FinishAttempt, result: String) -> AttemptRow {
+        AttemptRow {
+            task_id: f.task_id.clone(),
+            attempt: f.attempt,
+            worker_id: f.worker_id.clone(),
+            status: f.status,
+            started_at: f.started_at,
+            finished_at: f.now,
+            exit_code: f.result.exit_code,
+            signal: f.result.signal,
+            duration_ms: f.result.duration_ms as i64,
+            error: f.error.clone(),
+            result,
+        }
+    }
+
     pub(crate) fn json_array(rows: &[AttemptRow]) -> String {
         let json: Vec<serde_json::Value> = rows
             .iter()

@@ -1413,19 +1413,7 @@ async fn finish_all(
             f.attempt
         ]));
         planned.push((status, run_at));
-        batch.attempts.push(AttemptRow {
-            task_id: f.task_id.clone(),
-            attempt: f.attempt,
-            worker_id: f.worker_id.clone(),
-            status: f.status,
-            started_at: f.started_at,
-            finished_at: f.now,
-            exit_code: f.result.exit_code,
-            signal: f.result.signal,
-            duration_ms: f.result.duration_ms as i64,
-            error: f.error.clone(),
-            result: result_json,
-        });
+        batch.attempts.push(AttemptRow::finished(f, result_json));
         for log in &f.logs {
             if log.data.is_empty() && log.dropped_bytes == 0 {
                 continue;

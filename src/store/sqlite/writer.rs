@@ -1429,19 +1429,7 @@ fn finish_all(
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        batch.attempts.push(AttemptRow {
-            task_id: f.task_id.clone(),
-            attempt: f.attempt,
-            worker_id: f.worker_id.clone(),
-            status: f.status,
-            started_at: f.started_at,
-            finished_at: f.now,
-            exit_code: f.result.exit_code,
-            signal: f.result.signal,
-            duration_ms: f.result.duration_ms as i64,
-            error: f.error.clone(),
-            result: result_json,
-        });
+        batch.attempts.push(AttemptRow::finished(f, result_json));
         let Some((name, wf)) = applied else {
             let current: Option<String> = scalar_opt(
                 conn,
