@@ -314,6 +314,10 @@ async fn run(
     let watcher = tokio::spawn(service_watch(shared.clone(), watch_stop_rx));
     let queue = crate::service::TaskQueue::from_shared(shared.clone());
     let mut last_schedule_check: Option<tokio::time::Instant> = None;
+    // The earliest upcoming schedule slot seen at the last check, if it was
+    // still ahead then: the loop checks again as soon as it comes, instead
+    // of up to a poll interval later.
+    let mut next_schedule: Option<i64> = None;
     let max = shared.config.execution.max_concurrent_tasks;
     let poll = shared.config.execution.poll_interval.0;
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -327,11 +331,20 @@ async fn run(
         if *shutdown.borrow() != RUNNING {
             break;
         }
-        // Schedules: at most once per poll interval, create the runs after
-        // those that came due.
-        if last_schedule_check.is_none_or(|t| t.elapsed() >= poll) {
+        // Schedules: once per poll interval, and when the earliest known
+        // slot comes, create the runs after those that came due.
+        let slot_came = next_schedule.is_some_and(|at| at <= shared.clock.now_ms());
+        if slot_came || last_schedule_check.is_none_or(|t| t.elapsed() >= poll) {
             last_schedule_check = Some(tokio::time::Instant::now());
-            match queue.fire_due_schedules().await {
+            let fired = queue.fire_due_schedules().await;
+            // A slot still due after the check (its run could not be
+            // built) waits for the next poll, not the next turn of the loop.
+            let now = shared.clock.now_ms();
+            next_schedule = match shared.store.next_schedule_at().await {
+                Ok(at) => at.filter(|at| *at > now),
+                Err(_) => None,
+            };
+            match fired {
                 Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "firing schedules failed; retrying"),
@@ -400,6 +413,9 @@ async fn run(
         } else if free > 0
             && let Ok(Some(at)) = shared.store.next_run_at(now).await
         {
+            sleep = sleep.min(Duration::from_millis((at - now).max(1) as u64));
+        }
+        if let Some(at) = next_schedule {
             sleep = sleep.min(Duration::from_millis((at - now).max(1) as u64));
         }
         tokio::select! {

@@ -581,6 +581,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>>;
     /// Unpaused schedules whose upcoming run is due.
     async fn due_schedules(&self, now: i64) -> Result<Vec<ScheduleRecord>>;
+    /// The earliest upcoming run time of the unpaused schedules.
+    async fn next_schedule_at(&self) -> Result<Option<i64>>;
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>>;
     async fn audit_events(&self, task_id: Option<&str>, limit: usize) -> Result<Vec<AuditEvent>>;
     /// Task and workflow events after audit sequence `after`, oldest first.

@@ -486,3 +486,51 @@ async fn retrying_a_failed_task_reopens_what_it_skipped() {
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
     assert!(q.verify_audit().await.unwrap().ok);
 }
+
+/// The engine checks schedules when their next slot comes, not only once
+/// per poll interval: with a poll far longer than the cron spacing, every
+/// slot still fires on time, one run each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_fire_at_their_slots_whatever_the_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.execution.poll_interval = "30s".parse().unwrap();
+    let q = TaskQueue::open_with(cfg).await.unwrap();
+    let sub = q
+        .submit_workflow(
+            Workflow::new("every-second")
+                .with_schedule(Schedule {
+                    at: None,
+                    cron: Some("* * * * * *".into()),
+                    timezone: None,
+                })
+                .add_task(Task::new("tick").with_command("true")),
+        )
+        .await
+        .unwrap();
+    let schedule_id = sub.schedule_id.clone().expect("a schedule");
+    let engine = q.start();
+    // Within ~4.5 s the poll (30 s) comes once, at start, when no slot is
+    // due yet; every fire after that is the engine waking for the slot.
+    let start = std::time::Instant::now();
+    let mut fires = Vec::new();
+    let mut last_runs = 0;
+    while start.elapsed() < Duration::from_millis(4500) {
+        let s = q.get_schedule(&schedule_id).await.unwrap();
+        if s.runs > last_runs {
+            last_runs = s.runs;
+            fires.push((s.runs, s.last_fired_at.map(|t| t.0)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        last_runs >= 3,
+        "a schedule firing every second fired {last_runs} times in 4.5 s with a 30 s poll: {fires:?}"
+    );
+    // One run per slot: consecutive fires are one second apart, none folded.
+    let slots: Vec<i64> = fires.iter().filter_map(|(_, at)| *at).collect();
+    for w in slots.windows(2) {
+        assert_eq!(w[1] - w[0], 1000, "slots fired: {slots:?}");
+    }
+}

@@ -453,6 +453,14 @@ impl Store for PgStore {
         read::due_schedules(&self.pool, now).await
     }
 
+    async fn next_schedule_at(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_fire_at) FROM schedules WHERE paused = 0 AND next_fire_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>> {
         read::get(&self.pool, id).await
     }
