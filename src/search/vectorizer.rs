@@ -49,6 +49,23 @@ impl Vectorizer {
     }
 
     async fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let (url, status, text) = self.post_raw(path, body).await?;
+        if !status.is_success() {
+            return Err(Error::Store(format!(
+                "Vectorizer {url}: HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            )));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Sends a request; (url, status, body) whatever the status, an error
+    /// only when no answer came.
+    async fn post_raw(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<(String, reqwest::StatusCode, String)> {
         let url = format!("{}{path}", self.base);
         let mut req = crate::executor::http::client()
             .post(&url)
@@ -63,13 +80,7 @@ impl Vectorizer {
             .map_err(|e| Error::Store(format!("Vectorizer {url}: {e}")))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(Error::Store(format!(
-                "Vectorizer {url}: HTTP {status}: {}",
-                text.chars().take(200).collect::<String>()
-            )));
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+        Ok((url, status, text))
     }
 
     /// Creates the collection unless this process already saw it exist.
@@ -80,11 +91,17 @@ impl Vectorizer {
         }
         let body =
             serde_json::json!({"name": self.collection, "dimension": 384, "metric": "cosine"});
-        match self.post("/collections", body).await {
-            Ok(_) => {}
-            // An existing collection is what we want.
-            Err(e) if e.to_string().contains("409") || e.to_string().contains("exists") => {}
-            Err(e) => return Err(e),
+        let (url, status, text) = self.post_raw("/collections", body).await?;
+        // An existing collection is what we want: 409, or an answer saying
+        // so. (Only the status and the answer's own text count: an error
+        // message that quotes the URL could contain "409" in a port.)
+        let exists = status == reqwest::StatusCode::CONFLICT
+            || text.to_ascii_lowercase().contains("already exists");
+        if !status.is_success() && !exists {
+            return Err(Error::Store(format!(
+                "Vectorizer {url}: HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            )));
         }
         self.created.store(true, Ordering::Relaxed);
         Ok(())

@@ -588,10 +588,13 @@ fn fake_vectorizer(state: Fake) -> axum::Router {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vectorizer_outbox_survives_downtime() {
     let fake: Fake = Arc::default();
-    let url = serve(fake_vectorizer(fake.clone())).await;
+    // Under a path holding "409": every error message quotes the URL, and
+    // an error while the Vectorizer is down must not pass for "the
+    // collection already exists" (HTTP 409) because of it.
+    let url = serve(axum::Router::new().nest("/409", fake_vectorizer(fake.clone()))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&dir);
-    c.vectorizer.endpoint = Some(url);
+    c.vectorizer.endpoint = Some(format!("{url}/409"));
     c.vectorizer.batch_size = 100;
     let q = TaskQueue::open_with(c).await.unwrap();
     let n = eval::load_corpus(&q, Timestamp::now().0).await.unwrap();
