@@ -79,6 +79,7 @@ fn writer_connection(path: &Path, durability: Durability) -> Result<rusqlite::Co
     )
     .map_err(|e| Error::Store(format!("cannot open the database {}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL is verified here, once, on the connection that writes.
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Store(format!(
@@ -128,15 +129,6 @@ impl SqliteStore {
         let migrated = MIGRATOR.run(&mut conn).await;
         drop(lock);
         migrated?;
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut conn)
-            .await?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Store(format!(
-                "{} is in journal_mode={mode}, not WAL; the file system may not support it",
-                path.display()
-            )));
-        }
         let read = SqlitePoolOptions::new()
             .max_connections(read_connections)
             .min_connections(1)
