@@ -8,6 +8,7 @@ pub mod http;
 pub mod process;
 pub mod reaper;
 pub mod service;
+pub mod spawn;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

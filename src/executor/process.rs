@@ -1,17 +1,17 @@
 //! Running one command attempt: spawn in its own process group with
-//! rlimits and a parent-death signal, capture output with a cap, enforce
-//! the timeout, and stop the whole group (TERM, grace, KILL).
+//! rlimits and a parent-death signal (see [`super::spawn`]), capture output
+//! with a cap, enforce the timeout, and stop the whole group (TERM, grace,
+//! KILL).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::reaper::Reaper;
+use super::spawn::{self, Child, RawLimits, SpawnSpec};
 use crate::model::Limits;
 
 /// Why a running attempt is being stopped from outside.
@@ -70,43 +70,14 @@ pub async fn run(
     reaper: Option<&Reaper>,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) -> std::io::Result<ProcessOutcome> {
-    let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(cwd) = &req.cwd {
-        cmd.current_dir(cwd);
-    }
-    let limits = RawLimits::from(&req.limits);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls on values copied in beforehand.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            // The engine may have died between fork and prctl.
-            if libc::getppid() != parent {
-                libc::_exit(137);
-            }
-            limits.apply()
-        });
-    }
     let started = Instant::now();
-    let mut child = cmd.spawn()?;
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let mut child = spawn::spawn(&SpawnSpec {
+        argv: &req.argv,
+        env: &req.env,
+        cwd: req.cwd.as_deref(),
+        limits: RawLimits::from(&req.limits),
+    })?;
+    let pgid = child.id();
     if let Some(r) = reaper {
         r.track(pgid);
     }
@@ -167,7 +138,7 @@ pub(super) async fn wait_stop(stop: &mut watch::Receiver<Option<StopReason>>) ->
 }
 
 async fn terminate(
-    child: &mut tokio::process::Child,
+    child: &mut Child,
     pgid: i32,
     grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {
@@ -207,14 +178,6 @@ async fn capture(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Captured
     c
 }
 
-/// rlimit values copied before fork.
-#[derive(Clone, Copy)]
-struct RawLimits {
-    cpu: Option<u64>,
-    mem: Option<u64>,
-    nproc: Option<u64>,
-}
-
 impl From<&Limits> for RawLimits {
     fn from(l: &Limits) -> Self {
         RawLimits {
@@ -222,32 +185,5 @@ impl From<&Limits> for RawLimits {
             mem: l.memory_bytes.map(|b| b.0),
             nproc: l.max_processes,
         }
-    }
-}
-
-impl RawLimits {
-    fn apply(&self) -> std::io::Result<()> {
-        fn set(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::io::Result<()> {
-            let lim = libc::rlimit {
-                rlim_cur: soft as libc::rlim_t,
-                rlim_max: hard as libc::rlim_t,
-            };
-            // SAFETY: valid pointer to a stack value.
-            if unsafe { libc::setrlimit(resource, &lim) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        }
-        if let Some(cpu) = self.cpu {
-            // Soft limit sends SIGXCPU; the hard limit a second later SIGKILL.
-            set(libc::RLIMIT_CPU, cpu, cpu + 1)?;
-        }
-        if let Some(mem) = self.mem {
-            set(libc::RLIMIT_AS, mem, mem)?;
-        }
-        if let Some(n) = self.nproc {
-            set(libc::RLIMIT_NPROC, n, n)?;
-        }
-        Ok(())
     }
 }
