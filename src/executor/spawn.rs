@@ -142,13 +142,10 @@ impl Drop for Child {
                 let pid = self.pid;
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     handle.spawn(async move {
-                        loop {
-                            match fd.readable().await {
-                                Ok(mut g) => match try_reap(pid) {
-                                    Ok(None) => g.clear_ready(),
-                                    _ => break,
-                                },
-                                Err(_) => break,
+                        while let Ok(mut g) = fd.readable().await {
+                            match try_reap(pid) {
+                                Ok(None) => g.clear_ready(),
+                                _ => break,
                             }
                         }
                     });
