@@ -288,7 +288,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     let mut envp_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
 
-    let devnull = open_devnull()?;
+    let devnull = devnull()?;
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
 
@@ -309,7 +309,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
         limits: spec.limits,
         error: 0,
     };
-    let mut stack = vec![0u8; CHILD_STACK];
+    // The child's stack; nothing here reads it, so it is left uninitialised.
+    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
     // The stack grows down: hand over its 16-byte aligned top.
     let top = {
         let end = stack.as_mut_ptr() as usize + CHILD_STACK;
@@ -333,7 +334,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     drop(stack);
-    drop((out_w, err_w, devnull));
+    drop((out_w, err_w));
     if pid < 0 {
         return Err(io::Error::from_raw_os_error(clone_err));
     }
@@ -381,14 +382,21 @@ fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-fn open_devnull() -> io::Result<OwnedFd> {
+/// `/dev/null` for the children's stdin, opened once (close-on-exec).
+fn devnull() -> io::Result<&'static OwnedFd> {
+    static FD: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = FD.get() {
+        return Ok(fd);
+    }
     // SAFETY: valid C string.
     let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Another thread may have won the race; its descriptor is kept, ours closed.
+    Ok(FD.get_or_init(|| fd))
 }
 
 /// A pipe, both ends close-on-exec: (read, write).
