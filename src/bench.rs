@@ -33,7 +33,9 @@
 //! * `command`: like `noop`, but each task runs `true` (argv, no shell).
 //!   Baseline: spawning `true` with tokio (`posix_spawn`), C at a time; a
 //!   second one (`baseline_fork`) adds a no-op `pre_exec` hook, which forces
-//!   the fork+exec path the executor has to take.
+//!   std onto fork+exec: what the executor would pay if it used std's
+//!   `Command` with its set-up steps (it clones with `CLONE_VM` instead,
+//!   see `executor::spawn`).
 //!
 //! * `dag`: a workflow of N no-op external tasks in layers of 100, each
 //!   depending on two tasks of the layer before, drained by one handler
@@ -1716,9 +1718,9 @@ async fn baseline_mpsc(tasks: usize, concurrency: usize, template: &TaskSpec) ->
 }
 
 /// Spawns `true` (stdio null) with tokio, `concurrency` at a time.
-/// With `fork`, a no-op `pre_exec` hook forces the fork+exec path the
-/// executor takes (it needs `pre_exec` for setpgid, PDEATHSIG and rlimits)
-/// instead of `posix_spawn`.
+/// With `fork`, a no-op `pre_exec` hook forces std's fork+exec path
+/// instead of `posix_spawn`: the cost the executor avoids by cloning with
+/// `CLONE_VM | CLONE_VFORK` for its set-up steps.
 async fn baseline_spawn(tasks: usize, concurrency: usize, fork: bool) -> Result<Baseline> {
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut set = JoinSet::new();
@@ -1773,7 +1775,7 @@ async fn baseline_spawn(tasks: usize, concurrency: usize, fork: bool) -> Result<
         format!(
             "tokio::process::Command spawning `true` (stdio null{}), {concurrency} at a time; latency = spawn to exit",
             if fork {
-                ", no-op pre_exec hook: fork+exec like the executor"
+                ", no-op pre_exec hook: std's fork+exec path"
             } else {
                 ""
             }
