@@ -52,8 +52,9 @@
 //!   due schedules), lease renewal and reclaim, retry decisions, crash
 //!   recovery, service-task lifetimes, history upkeep (retention,
 //!   embedding backfill, Vectorizer delivery), the injected clock.
-//! * [`executor`] — one attempt: child processes (process groups, rlimits,
-//!   timeouts, output capture, the crash guard), service tasks with health
+//! * [`executor`] — one attempt: child processes (started with
+//!   `clone(CLONE_VM)`, not fork; process groups, rlimits, timeouts,
+//!   output capture, the crash guard), service tasks with health
 //!   checks, HTTP requests, in-process handlers, result files, validation,
 //!   artifacts.
 //! * [`mcp`] — the MCP server (rmcp): tools, resources, and the legacy
