@@ -136,6 +136,7 @@ conformance!(
     two_nodes_never_claim_the_same_task,
     two_nodes_resolve_a_fan_in_once,
     two_nodes_keep_one_audit_chain,
+    a_dependent_submitted_while_its_dependency_finishes_is_not_stranded,
     finish_and_claim_hands_the_slot_on,
     two_nodes_finish_and_claim_each_task_once,
     search_ranks_words_synonyms_and_pieces_of_names,
@@ -999,6 +1000,42 @@ async fn two_nodes_keep_one_audit_chain(b: &Backend) {
     let events = assert_chain_ok(&a).await;
     assert_eq!(events, 400);
     assert_eq!(c.last_event_seq().await.unwrap(), 400);
+}
+
+/// One node submits a task depending on a running task while another node
+/// finishes that task. Whichever commits first, the dependent must end up
+/// ready: never waiting for a finish that already happened.
+async fn a_dependent_submitted_while_its_dependency_finishes_is_not_stranded(b: &Backend) {
+    let a = b.open().await;
+    let c = b.open().await;
+    let mut stranded = Vec::new();
+    for i in 0..60 {
+        let dep = task(&format!("dep{i}"));
+        a.submit(tasks(vec![dep.clone()])).await.unwrap();
+        let claimed = c.claim(claim_req("w1", T0 + 10, 1)).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, dep.id);
+        let child = after(task(&format!("child{i}")), &[&dep], Condition::Success);
+        let done = finish(&dep.id, 1, "w1", T0 + 20, TaskStatus::Succeeded);
+        let (submitted, finished) =
+            tokio::join!(a.submit(tasks(vec![child.clone()])), c.finish(done));
+        submitted.unwrap();
+        assert_eq!(
+            finished.unwrap(),
+            FinishOutcome::Applied(TaskStatus::Succeeded)
+        );
+        let got = a.get(&child.id).await.unwrap().unwrap();
+        if got.status != TaskStatus::Queued || got.deps_pending != 0 {
+            stranded.push(format!(
+                "{}: {} with {} pending",
+                got.name, got.status, got.deps_pending
+            ));
+        }
+        // Drain it so the next round's claim finds only the next dependency.
+        run_ready(&a, T0 + 30, TaskStatus::Succeeded).await;
+    }
+    assert!(stranded.is_empty(), "dependents left waiting: {stranded:?}");
+    assert_chain_ok(&a).await;
 }
 
 // History: records written with the attempts, search and recommendations

@@ -616,10 +616,16 @@ async fn submit_all(
     }
     outside.sort_unstable();
     outside.dedup();
+    // FOR SHARE: a node finishing one of them now either commits first (its
+    // row is read after that commit, terminal, and resolved below) or waits
+    // for this transaction, and its look-up of waiting dependents then sees
+    // the dependency rows written here. Unlocked, both could miss each
+    // other and leave the dependent waiting forever. Sorted ids keep the
+    // lock order the same for every submitter.
     let mut known: HashMap<String, (TaskStatus, Option<String>)> = HashMap::new();
     for chunk in outside.chunks(ROWS_PER_INSERT) {
         let sql = format!(
-            "SELECT id, status, result FROM tasks WHERE id IN ({})",
+            "SELECT id, status, result FROM tasks WHERE id IN ({}) ORDER BY id FOR SHARE",
             placeholders(chunk.len())
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
