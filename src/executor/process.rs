@@ -78,31 +78,36 @@ pub async fn run(
         limits: RawLimits::from(&req.limits),
     })?;
     let pgid = child.id();
-    if let Some(r) = reaper {
-        r.track(pgid);
-    }
+    // Dropped before `child` (declared after it): if this future is dropped
+    // or fails before the leader was reaped, the group is killed and the
+    // guard forgets it; `child`'s drop then reaps the leader.
+    let _tracked = Tracked::new(reaper, pgid);
+    // Runs once the leader has exited, before it is reaped: its group id
+    // cannot have been reused yet.
+    let before_reap = |pgid: i32| {
+        // Whatever the leader left behind in its group goes with it.
+        kill_group(pgid, libc::SIGKILL);
+        if let Some(r) = reaper {
+            r.untrack(pgid);
+        }
+    };
     let cap = req.limits.max_output_bytes.map(|b| b.0).unwrap_or(10 << 20) as usize;
     let out = tokio::spawn(capture(child.stdout.take(), cap));
     let err = tokio::spawn(capture(child.stderr.take(), cap));
 
     let mut ending = Ending::Exited;
     let status = tokio::select! {
-        s = child.wait() => s?,
+        s = child.wait(&before_reap) => s?,
         _ = tokio::time::sleep(req.timeout) => {
             ending = Ending::TimedOut;
-            terminate(&mut child, pgid, req.kill_grace).await?
+            terminate(&mut child, pgid, req.kill_grace, &before_reap).await?
         }
         reason = wait_stop(&mut stop) => {
             ending = Ending::Stopped(reason);
-            terminate(&mut child, pgid, req.kill_grace).await?
+            terminate(&mut child, pgid, req.kill_grace, &before_reap).await?
         }
     };
     let duration = started.elapsed();
-    // Whatever the leader left behind in its group goes with it.
-    kill_group(pgid, libc::SIGKILL);
-    if let Some(r) = reaper {
-        r.untrack(pgid);
-    }
     // A process that escaped the group could hold the pipes open; don't wait forever.
     let stdout = tokio::time::timeout(Duration::from_secs(2), out)
         .await
@@ -141,13 +146,41 @@ async fn terminate(
     child: &mut Child,
     pgid: i32,
     grace: Duration,
+    before_reap: &(dyn Fn(i32) + Sync),
 ) -> std::io::Result<std::process::ExitStatus> {
     kill_group(pgid, libc::SIGTERM);
-    match tokio::time::timeout(grace, child.wait()).await {
+    match tokio::time::timeout(grace, child.wait(before_reap)).await {
         Ok(s) => s,
         Err(_) => {
             kill_group(pgid, libc::SIGKILL);
-            child.wait().await
+            child.wait(before_reap).await
+        }
+    }
+}
+
+/// A process group the crash guard watches, forgotten when this is dropped.
+struct Tracked<'a> {
+    reaper: Option<&'a Reaper>,
+    pgid: i32,
+}
+
+impl<'a> Tracked<'a> {
+    fn new(reaper: Option<&'a Reaper>, pgid: i32) -> Self {
+        if let Some(r) = reaper {
+            r.track(pgid);
+        }
+        Tracked { reaper, pgid }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        // Still tracked means `before_reap` did not run, so the leader is
+        // not reaped and the group id is still ours.
+        if let Some(r) = self.reaper
+            && r.untrack(self.pgid)
+        {
+            kill_group(self.pgid, libc::SIGKILL);
         }
     }
 }

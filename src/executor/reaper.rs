@@ -147,12 +147,17 @@ impl Reaper {
         s.used.insert(pgid, slot);
     }
 
-    /// Stops guarding process group `pgid` (it has been cleaned up).
-    pub fn untrack(&self, pgid: i32) {
+    /// Stops guarding process group `pgid` (it has been cleaned up);
+    /// whether it was guarded.
+    pub fn untrack(&self, pgid: i32) -> bool {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = s.used.remove(&pgid) {
-            self.table.slot(slot).store(0, Ordering::SeqCst);
-            s.free.push(slot);
+        match s.used.remove(&pgid) {
+            Some(slot) => {
+                self.table.slot(slot).store(0, Ordering::SeqCst);
+                s.free.push(slot);
+                true
+            }
+            None => false,
         }
     }
 
@@ -195,6 +200,10 @@ unsafe fn guard_main(
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // The pipe may have got a number from 0 to 2 if the engine started
+        // with those closed: move it above them before they are replaced.
+        let high = libc::fcntl(read_fd, libc::F_DUPFD, 3);
+        let read_fd = if high >= 0 { high } else { read_fd };
         let null = libc::open(devnull, libc::O_RDWR);
         if null >= 0 {
             libc::dup2(null, 0);
@@ -202,7 +211,11 @@ unsafe fn guard_main(
             libc::dup2(null, 2);
         }
         // Hold no descriptor of the engine's (sockets, database files).
-        let keep = libc::dup2(read_fd, 3);
+        let keep = if read_fd == 3 {
+            3
+        } else {
+            libc::dup2(read_fd, 3)
+        };
         if keep == 3 {
             libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         }
@@ -249,8 +262,9 @@ mod tests {
             r.track(pgid);
         }
         for pgid in 100..200 {
-            r.untrack(pgid);
+            assert!(r.untrack(pgid));
         }
+        assert!(!r.untrack(100), "already forgotten");
         assert_eq!(r.tracked(), 0);
         r.track(300);
         assert_eq!(r.tracked(), 1);

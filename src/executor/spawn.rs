@@ -18,6 +18,11 @@
 //!
 //! The exit is observed through a pidfd (Linux 5.3+) registered with tokio;
 //! on older kernels a blocking thread waits instead.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that started the child ends,
+//! not the process: spawn from the runtime's worker threads (which live as
+//! long as the engine), never from `spawn_blocking` threads, which end
+//! when idle.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -55,7 +60,7 @@ impl RawLimits {
         }
         if let Some(cpu) = self.cpu {
             // Soft limit sends SIGXCPU; the hard limit a second later SIGKILL.
-            set(libc::RLIMIT_CPU, cpu, cpu + 1)?;
+            set(libc::RLIMIT_CPU, cpu, cpu.saturating_add(1))?;
         }
         if let Some(mem) = self.mem {
             set(libc::RLIMIT_AS, mem, mem)?;
@@ -92,8 +97,9 @@ pub struct Child {
 enum Exit {
     /// Readable once the process has exited.
     PidFd(AsyncFd<OwnedFd>),
-    /// No pidfd (kernel before 5.3): a blocking thread waits.
-    Thread(Option<tokio::sync::oneshot::Receiver<ExitStatus>>),
+    /// No pidfd (kernel before 5.3): a blocking thread waits for the exit
+    /// (without reaping) and says so.
+    Thread(Option<tokio::sync::oneshot::Receiver<()>>),
 }
 
 impl Child {
@@ -102,28 +108,34 @@ impl Child {
         self.pid
     }
 
-    /// Waits for the exit. Cancel-safe: dropping the future loses nothing.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+    /// Waits for the exit, calls `before_reap` with the process group id
+    /// while the exited leader still holds it (so the id cannot have been
+    /// reused: signals sent to the group there reach only what the task
+    /// left behind), then reaps the leader. Cancel-safe: dropping the
+    /// future loses nothing.
+    pub async fn wait(&mut self, before_reap: &(dyn Fn(i32) + Sync)) -> io::Result<ExitStatus> {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let status = match &mut self.exit {
+        match &mut self.exit {
             Exit::PidFd(fd) => loop {
                 let mut guard = fd.readable().await?;
-                match try_reap(self.pid)? {
-                    Some(s) => break s,
-                    None => guard.clear_ready(),
+                if exited(self.pid)? {
+                    break;
                 }
+                guard.clear_ready();
             },
             Exit::Thread(rx) => {
-                let r = rx.as_mut().expect("waited once");
-                let s = r
-                    .await
-                    .map_err(|_| io::Error::other("the waiting thread ended early"))?;
-                rx.take();
-                s
+                if let Some(r) = rx.as_mut() {
+                    r.await
+                        .map_err(|_| io::Error::other("the waiting thread ended early"))?;
+                    rx.take();
+                }
             }
-        };
+        }
+        before_reap(self.pid);
+        // It has exited: this returns at once.
+        let status = blocking_reap(self.pid);
         self.status = Some(status);
         Ok(status)
     }
@@ -134,47 +146,62 @@ impl Drop for Child {
         if self.status.is_some() {
             return;
         }
-        // SAFETY: plain syscall on our own unreaped child, so the pid
+        // SAFETY: plain syscall; the leader is not reaped, so its group id
         // cannot have been reused.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        match std::mem::replace(&mut self.exit, Exit::Thread(None)) {
-            Exit::PidFd(fd) => {
-                let pid = self.pid;
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move {
-                        while let Ok(mut g) = fd.readable().await {
-                            match try_reap(pid) {
-                                Ok(None) => g.clear_ready(),
-                                _ => break,
-                            }
-                        }
-                    });
-                } else {
-                    drop(fd);
-                    std::thread::spawn(move || blocking_reap(pid));
-                }
-            }
-            // The waiting thread reaps it.
-            Exit::Thread(_) => {}
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        // Reaped on a thread of its own: this may run while the runtime
+        // shuts down, when a spawned task would never be polled.
+        let pid = self.pid;
+        let reaper = std::thread::Builder::new()
+            .name("task-reap".into())
+            .spawn(move || blocking_reap(pid));
+        if reaper.is_err() {
+            tracing::warn!(pid, "cannot start a thread to reap a killed task process");
         }
     }
 }
 
-/// `waitpid` without blocking: `None` while the process runs.
-fn try_reap(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
-    let mut status = 0;
+/// Whether the process has exited, without reaping it.
+fn exited(pid: libc::pid_t) -> io::Result<bool> {
     loop {
+        // SAFETY: a zeroed siginfo_t is valid to fill in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointer to a stack value.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Ok(Some(ExitStatus::from_raw(status)));
-        }
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
         if r == 0 {
-            return Ok(None);
+            // SAFETY: filled in by waitid (si_pid stays 0 while it runs).
+            return Ok(unsafe { info.si_pid() } != 0);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
+        }
+    }
+}
+
+/// Blocks until the process has exited, without reaping it.
+fn blocking_exited(pid: libc::pid_t) {
+    loop {
+        // SAFETY: a zeroed siginfo_t is valid to fill in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a stack value.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
         }
     }
 }
@@ -207,8 +234,8 @@ fn cstring(s: &[u8], what: &str) -> io::Result<CString> {
 
 /// The program to `execve`: `argv[0]` itself when it holds a `/`, else
 /// the first executable match on the child's `PATH` (`/bin:/usr/bin`
-/// without one), as `execvp` searches.
-fn resolve(program: &str, env: &[(String, String)]) -> io::Result<CString> {
+/// without one), as `execvp` searches after the child's `chdir`.
+fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> io::Result<CString> {
     if program.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -220,15 +247,19 @@ fn resolve(program: &str, env: &[(String, String)]) -> io::Result<CString> {
     }
     let path = env
         .iter()
-        .rev()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or("/bin:/usr/bin");
     let mut denied = false;
     for dir in path.split(':') {
-        let dir = if dir.is_empty() { "." } else { dir };
-        let candidate = Path::new(dir).join(program);
-        let c = cstring(candidate.as_os_str().as_bytes(), "PATH")?;
+        let dir = Path::new(if dir.is_empty() { "." } else { dir });
+        // The child changes directory before it execs: a relative entry
+        // means a directory under the task's working directory.
+        let candidate = match cwd {
+            Some(cwd) if dir.is_relative() => cwd.join(dir).join(program),
+            _ => dir.join(program),
+        };
+        let c = cstring(candidate.as_os_str().as_bytes(), "the program or PATH")?;
         // SAFETY: valid C string.
         if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
             if candidate.is_file() {
@@ -249,6 +280,9 @@ fn resolve(program: &str, env: &[(String, String)]) -> io::Result<CString> {
 struct ChildArgs {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
+    /// `/bin/sh PATH ARGS...`, run when the program is not an executable
+    /// format (a script without `#!`), as `execvp` does.
+    sh_argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     cwd: *const libc::c_char,
     stdin: libc::c_int,
@@ -268,7 +302,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     let Some(program) = spec.argv.first() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "argv is empty"));
     };
-    let path = resolve(program, spec.env)?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other(
+            "starting a task's process needs a tokio runtime",
+        ));
+    }
+    let path = resolve(program, spec.env, spec.cwd)?;
     let argv_c = spec
         .argv
         .iter()
@@ -285,6 +324,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
         .transpose()?;
     let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
+    let mut sh_argv_p: Vec<*const libc::c_char> = vec![c"/bin/sh".as_ptr(), path.as_ptr()];
+    sh_argv_p.extend(argv_c.iter().skip(1).map(|c| c.as_ptr()));
+    sh_argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
 
@@ -300,6 +342,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     let mut args = ChildArgs {
         path: path.as_ptr(),
         argv: argv_p.as_ptr(),
+        sh_argv: sh_argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
         cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
         stdin: devnull.as_raw_fd(),
@@ -346,30 +389,39 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
         blocking_reap(pid);
         return Err(io::Error::from_raw_os_error(child_error));
     }
-    let pidfd = match tokio::runtime::Handle::try_current() {
-        Ok(_) => pidfd_open(pid).ok(),
-        Err(_) => None,
-    };
+    let pidfd = pidfd_open(pid).ok();
     // SAFETY: an OwnedFd stays open and keeps its number while the AsyncFd
-    // owns it; registering needs a runtime, checked above.
+    // owns it; registering needs a runtime, checked at the top.
     let exit =
         match pidfd.map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) {
             Some(Ok(fd)) => Exit::PidFd(fd),
             _ => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(blocking_reap(pid));
-                });
+                std::thread::Builder::new()
+                    .name("task-wait".into())
+                    .spawn(move || {
+                        blocking_exited(pid);
+                        let _ = tx.send(());
+                    })
+                    .inspect_err(|_| {
+                        // SAFETY: our unreaped child.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                        blocking_reap(pid);
+                    })?;
                 Exit::Thread(Some(rx))
             }
         };
-    Ok(Child {
+    // From here on, dropping `child` kills and reaps the process.
+    let mut child = Child {
         pid,
         exit,
         status: None,
-        stdout: Some(pipe::Receiver::from_owned_fd(out_r)?),
-        stderr: Some(pipe::Receiver::from_owned_fd(err_r)?),
-    })
+        stdout: None,
+        stderr: None,
+    };
+    child.stdout = Some(pipe::Receiver::from_owned_fd(out_r)?);
+    child.stderr = Some(pipe::Receiver::from_owned_fd(err_r)?);
+    Ok(child)
 }
 
 fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
@@ -484,6 +536,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(a.path, a.argv, a.envp);
+        if errno_raw() == libc::ENOEXEC {
+            libc::execve(c"/bin/sh".as_ptr(), a.sh_argv, a.envp);
+        }
         fail(a, errno_raw())
     }
 }
@@ -509,6 +564,12 @@ mod tests {
         }
     }
 
+    async fn read_all(stream: Option<pipe::Receiver>) -> String {
+        let mut s = String::new();
+        stream.unwrap().read_to_string(&mut s).await.unwrap();
+        s
+    }
+
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -526,23 +587,9 @@ mod tests {
         ];
         let mut child = spawn(&spec(&argv, &env)).unwrap();
         let pid = child.id();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
-        let status = child.wait().await.unwrap();
+        let out = read_all(child.stdout.take()).await;
+        let err = read_all(child.stderr.take()).await;
+        let status = child.wait(&|_| {}).await.unwrap();
         assert_eq!(status.code(), Some(3));
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "out=bar");
@@ -578,21 +625,60 @@ mod tests {
         let mut s = spec(&argv, &env);
         s.limits.cpu = Some(7);
         let mut child = spawn(&s).unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        assert!(child.wait().await.unwrap().success());
+        let out = read_all(child.stdout.take()).await;
+        assert!(child.wait(&|_| {}).await.unwrap().success());
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "7");
         assert!(lines[1].ends_with("0000000000000000"), "{out}");
         // SIGPIPE (bit 13) is not ignored.
         let ign = u64::from_str_radix(lines[2].split_whitespace().nth(1).unwrap(), 16).unwrap();
         assert_eq!(ign & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
+    }
+
+    #[tokio::test]
+    async fn scripts_without_shebang_and_relative_path_entries_work_as_with_execvp() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let script = dir.path().join("bin/hello");
+        std::fs::write(&script, "echo hello from $0 $1\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let argv = strings(&["hello", "there"]);
+        // `bin` is relative: it names a directory under the task's cwd.
+        let env = vec![("PATH".to_string(), "bin:/usr/bin:/bin".to_string())];
+        let mut s = spec(&argv, &env);
+        s.cwd = Some(dir.path());
+        let mut child = spawn(&s).unwrap();
+        let out = read_all(child.stdout.take()).await;
+        assert!(child.wait(&|_| {}).await.unwrap().success());
+        assert_eq!(
+            out,
+            format!("hello from {} there\n", script.display()),
+            "run by /bin/sh with its arguments"
+        );
+    }
+
+    #[tokio::test]
+    async fn before_reap_sees_the_group_while_the_leader_is_unreaped() {
+        // The leader exits at once; its grandchild lives on in the group.
+        let argv = strings(&["/bin/sh", "-c", "sleep 30 & exit 0"]);
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let mut child = spawn(&spec(&argv, &env)).unwrap();
+        let pid = child.id();
+        let seen = std::sync::Mutex::new(None);
+        let status = child
+            .wait(&|pgid| {
+                // The leader is a zombie, not yet reaped.
+                let stat = std::fs::read_to_string(format!("/proc/{pgid}/stat")).unwrap();
+                *seen.lock().unwrap() = Some(stat.contains(") Z "));
+                // SAFETY: plain syscall on our group.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            })
+            .await
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(*seen.lock().unwrap(), Some(true));
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped after");
     }
 
     #[tokio::test]
@@ -621,7 +707,7 @@ mod tests {
                 let argv = strings(&["true"]);
                 for _ in 0..50 {
                     let mut c = spawn(&spec(&argv, &env)).unwrap();
-                    assert!(c.wait().await.unwrap().success());
+                    assert!(c.wait(&|_| {}).await.unwrap().success());
                 }
             }));
         }

@@ -116,10 +116,17 @@ impl PgStore {
             .await
             .map_err(|e| Error::Store(format!("cannot connect to the database {url}: {e}")))?;
         MIGRATOR.run(&pool).await?;
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
+        let channel = notify::channel(schema.as_deref().unwrap_or("public"));
         let (events, _) = broadcast::channel(8192);
         let (workflow_events, _) = broadcast::channel(1024);
         let (remote, _) = broadcast::channel(64);
-        let node = format!("n-{}", uuid::Uuid::now_v7());
+        let node = std::sync::Arc::new(writer::Node {
+            id: format!("n-{}", uuid::Uuid::now_v7()),
+            channel,
+        });
         let (tx, rx) = mpsc::channel(16_384);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         let announce = std::sync::Arc::new(writer::Announce {
@@ -136,7 +143,8 @@ impl PgStore {
         }
         let listener = tokio::spawn(listen(
             pool.clone(),
-            node,
+            node.id.clone(),
+            node.channel.clone(),
             events.clone(),
             workflow_events.clone(),
             remote.clone(),
@@ -179,6 +187,7 @@ impl PgStore {
 async fn listen(
     pool: PgPool,
     node: String,
+    channel: String,
     tasks: broadcast::Sender<TaskEvent>,
     workflows: broadcast::Sender<WorkflowEvent>,
     remote: broadcast::Sender<()>,
@@ -194,7 +203,7 @@ async fn listen(
                 continue;
             }
         };
-        if let Err(e) = listener.listen(notify::CHANNEL).await {
+        if let Err(e) = listener.listen(&channel).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));

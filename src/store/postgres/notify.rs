@@ -8,8 +8,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{TaskEvent, TaskStatus, WorkflowEvent};
 
-/// The channel every node listens on.
-pub(super) const CHANNEL: &str = "task_queue_events";
+/// The channel the nodes of a queue in the `public` schema listen on.
+const CHANNEL: &str = "task_queue_events";
+
+/// The channel of the queue whose tables are in `schema`. `NOTIFY` reaches
+/// every session of the database, so two queues in two schemas of one
+/// database need two channels, or each would see the other's events.
+pub(super) fn channel(schema: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if schema == "public" {
+        return CHANNEL.to_string();
+    }
+    let digest = Sha256::digest(schema.as_bytes());
+    let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{CHANNEL}_{tag}")
+}
 
 /// PostgreSQL refuses payloads of 8000 bytes or more; stay well below.
 const MAX_PAYLOAD: usize = 7000;
@@ -76,6 +89,15 @@ pub(super) fn payloads(
 mod tests {
     use super::*;
     use crate::model::Timestamp;
+
+    #[test]
+    fn each_schema_has_its_own_channel() {
+        assert_eq!(channel("public"), "task_queue_events");
+        let a = channel("t_one");
+        assert_ne!(a, channel("t_two"));
+        assert_eq!(a, channel("t_one"));
+        assert!(a.len() < 64, "fits an identifier");
+    }
 
     #[test]
     fn payloads_stay_small_and_round_trip() {

@@ -240,6 +240,12 @@ impl Batch {
     }
 }
 
+/// This node's name in notifications, and its queue's channel.
+pub(super) struct Node {
+    pub id: String,
+    pub channel: String,
+}
+
 /// Where committed changes are announced.
 pub(super) struct Announce {
     pub tasks: broadcast::Sender<TaskEvent>,
@@ -254,7 +260,7 @@ pub(super) async fn run(
     pool: PgPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
     announce: std::sync::Arc<Announce>,
-    node: String,
+    node: std::sync::Arc<Node>,
 ) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -310,7 +316,7 @@ const MAX_TRIES: u32 = 20;
 
 /// Applies a batch, again from the start (with a fresh connection from the
 /// pool, so a lost connection is replaced) when another node got in the way.
-async fn apply_retrying(pool: &PgPool, ops: &[Op], node: &str) -> Result<(Vec<Answer>, Batch)> {
+async fn apply_retrying(pool: &PgPool, ops: &[Op], node: &Node) -> Result<(Vec<Answer>, Batch)> {
     let mut tries = 0;
     loop {
         tries += 1;
@@ -378,7 +384,7 @@ async fn apply_all(
     conn: &mut PgConnection,
     ops: &[Op],
     batch: &mut Batch,
-    node: &str,
+    node: &Node,
 ) -> Result<Vec<Answer>> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // All submits of the batch go in together: one multi-row INSERT for
@@ -485,8 +491,8 @@ async fn apply_all(
     // half-records one.
     flush_attempts(&mut tx, &batch.attempts).await?;
     // Delivered to the other nodes on commit, never for a rolled-back batch.
-    let payloads = super::notify::payloads(node, &batch.events, &batch.workflow_events);
-    flush_audit(&mut tx, &batch.audit, payloads).await?;
+    let payloads = super::notify::payloads(&node.id, &batch.events, &batch.workflow_events);
+    flush_audit(&mut tx, &batch.audit, &node.channel, payloads).await?;
     tx.commit().await?;
     Ok(answers)
 }
@@ -2284,12 +2290,13 @@ async fn flush_attempts(conn: &mut PgConnection, rows: &[AttemptRow]) -> Result<
 async fn flush_audit(
     conn: &mut PgConnection,
     drafts: &[AuditDraft],
+    channel: &str,
     payloads: Vec<String>,
 ) -> Result<()> {
     if drafts.is_empty() {
         if !payloads.is_empty() {
             sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-                .bind(super::notify::CHANNEL)
+                .bind(channel)
                 .bind(payloads)
                 .execute(&mut *conn)
                 .await?;
@@ -2342,7 +2349,7 @@ async fn flush_audit(
          SELECT pg_notify($2, p) FROM unnest($3::text[]) AS p",
     )
     .bind(serde_json::Value::Array(json).to_string())
-    .bind(super::notify::CHANNEL)
+    .bind(channel)
     .bind(payloads)
     .execute(&mut *conn)
     .await?;
