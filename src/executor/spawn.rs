@@ -163,6 +163,17 @@ impl Drop for Child {
 
 /// Whether the process has exited, without reaping it.
 fn exited(pid: libc::pid_t) -> io::Result<bool> {
+    wait_exit(pid, libc::WNOHANG)
+}
+
+/// Blocks until the process has exited, without reaping it.
+fn blocking_exited(pid: libc::pid_t) {
+    let _ = wait_exit(pid, 0);
+}
+
+/// `waitid` for the exit with `WNOWAIT` (the process stays reapable) and
+/// `flags`; true once it has exited.
+fn wait_exit(pid: libc::pid_t, flags: libc::c_int) -> io::Result<bool> {
     loop {
         // SAFETY: a zeroed siginfo_t is valid to fill in.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -172,7 +183,7 @@ fn exited(pid: libc::pid_t) -> io::Result<bool> {
                 libc::P_PID,
                 pid as libc::id_t,
                 &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                libc::WEXITED | libc::WNOWAIT | flags,
             )
         };
         if r == 0 {
@@ -182,26 +193,6 @@ fn exited(pid: libc::pid_t) -> io::Result<bool> {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
-        }
-    }
-}
-
-/// Blocks until the process has exited, without reaping it.
-fn blocking_exited(pid: libc::pid_t) {
-    loop {
-        // SAFETY: a zeroed siginfo_t is valid to fill in.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: valid pointer to a stack value.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
         }
     }
 }
