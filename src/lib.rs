@@ -31,9 +31,10 @@
 //!   unknown names) and Mermaid/DOT export.
 //! * [`store`] — the `Store` trait; [`store::sqlite`] is the embedded store
 //!   (one group-committing writer, on its own thread with a synchronous
-//!   connection, that also resolves dependents, moves workflow counters
-//!   and writes interaction records in the same transaction and merges
-//!   the claims that come with finishes; point reads inline on synchronous
+//!   connection, that also resolves dependents, moves workflow counters,
+//!   marks finished attempts for interaction records in the same
+//!   transaction (the records are written in bulk, and before any read of
+//!   the history) and merges the claims that come with finishes; point reads inline on synchronous
 //!   read-only connections; a read pool for the rest; WAL); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`

@@ -24,6 +24,18 @@ use task_queue::store::{
 /// The environment variable naming the PostgreSQL server for tests.
 pub const PG_URL_VAR: &str = "TASK_QUEUE_TEST_PG_URL";
 
+/// A small pool on the test server. Fails within seconds, naming the
+/// URL, when the variable is set but nothing answers there (sqlx's own
+/// default would keep every test retrying for half a minute).
+pub async fn connect_test_server(url: &str) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{PG_URL_VAR} is {url}, but that server cannot be reached: {e}"))
+}
+
 /// Where a check's stores live.
 pub enum Backend {
     Sqlite(tempfile::TempDir),
@@ -43,9 +55,7 @@ impl Backend {
             return None;
         };
         let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-        let pool = sqlx::PgPool::connect(&base)
-            .await
-            .expect("connect to the test server");
+        let pool = connect_test_server(&base).await;
         // pg_trgm once per database, in `public`: an extension created by a
         // migration inside a test schema would go when that schema is dropped.
         // Tests race to create it; whichever loses finds it there.
@@ -86,7 +96,10 @@ impl Backend {
     pub async fn cleanup(self) {
         if let Backend::Postgres { schema, .. } = self
             && let Ok(base) = std::env::var(PG_URL_VAR)
-            && let Ok(pool) = sqlx::PgPool::connect(&base).await
+            && let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(&base)
+                .await
         {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
                 .execute(&pool)

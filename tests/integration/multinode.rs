@@ -91,8 +91,7 @@ async fn three_nodes_share_one_queue_and_survive_a_sigkill() {
     let total = (GROUPS * GROUP_SIZE + INDEPENDENT) as i64;
     let spawn = || -> Child {
         let mut c = ws.cmd_on(url.as_ref(), &["worker"]);
-        c.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        c.stdout(std::process::Stdio::null()).stderr(ws.log_file());
         let child = c.spawn().unwrap();
         ws.track(child.id());
         child

@@ -376,6 +376,9 @@ async fn retention_prunes_old_records_and_logs() {
                 .unwrap()
         }
     };
+    // The tables read directly below hold a finished attempt's record once
+    // the writer wrote it: in bulk, or when the history is read, as here.
+    q.search(req("deploy")).await.unwrap();
     let before = count("SELECT count(*) FROM interactions").await;
     let pruned = q.prune_history().await.unwrap();
     assert!(pruned > 0);
@@ -388,6 +391,10 @@ async fn retention_prunes_old_records_and_logs() {
         .await
         .expect("the engine goes idle")
         .unwrap();
+    // Searchable as soon as it finished (a search writes the records the
+    // writer still holds pending, so the table below has them too).
+    let found = q.search(req("fresh")).await.unwrap();
+    assert!(found.hits.iter().any(|h| h.task_id == t.id), "{found:?}");
     let after = count("SELECT count(*) FROM interactions").await;
     assert!(after > 1 && after < before, "{before} -> {after}");
     let cutoff = now - 10 * 86_400_000;
@@ -777,4 +784,60 @@ async fn local_model_semantic_tier_meets_its_floor() {
     assert!(g("test/all").mrr_at_10 >= 0.85, "{}", report.table());
     assert!(g("test/paraphrase").mrr_at_10 >= 0.80, "{}", report.table());
     assert!(g("dev/all").mrr_at_10 >= 0.85, "{}", report.table());
+}
+
+/// A worker writes interaction records in bulk; the attempts it finished
+/// are marked in the same transaction. Killed with SIGKILL before it wrote
+/// their records, another process's search still finds every one of them.
+#[test]
+fn records_left_pending_by_a_killed_worker_are_found_by_another_process() {
+    use crate::common::{Workspace, wait_until};
+    let ws = Workspace::new();
+    let tasks: Vec<Value> = (0..5)
+        .map(|i| json!({"name": format!("zebra-crossing-{i}"), "command": "true"}))
+        .collect();
+    let f = ws.write("tasks.json", &json!({ "tasks": tasks }).to_string());
+    let out = ws.run(&["submit", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<String> = serde_json::from_slice::<Value>(&out.stdout).unwrap()["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    let mut worker = ws.spawn(&["worker"]);
+    assert!(wait_until(Duration::from_secs(30), || ids
+        .iter()
+        .all(|id| ws.status(id)["status"] == "succeeded")));
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let db = rusqlite::Connection::open(ws.db()).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(count("SELECT count(*) FROM records_pending"), 5);
+    assert_eq!(count("SELECT count(*) FROM interactions"), 0);
+    let out = ws.run(&["search", "zebra crossing", "--limit", "10", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut found: Vec<String> = v["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["task_id"].as_str().unwrap().to_string())
+        .collect();
+    found.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(found, want, "{v}");
+    assert_eq!(count("SELECT count(*) FROM records_pending"), 0);
+    assert_eq!(count("SELECT count(*) FROM interactions"), 5);
+    assert_eq!(count("SELECT count(*) FROM interactions_fts"), 5);
 }

@@ -16,10 +16,10 @@ use crate::store::history::{
     best_run_per_task,
 };
 
-/// The statement that writes the interaction records of attempts just
-/// inserted (same transaction); `?1` = a JSON array of `[task_id, attempt]`.
+/// The statement that writes the interaction records of every attempt in
+/// `records_pending` (see [`write_pending_records`]).
 ///
-/// One statement for the whole batch, not one per record: FTS5 writes its
+/// One statement for many records, not one per record: FTS5 writes its
 /// pending index to disk at every statement's savepoint, so a statement
 /// per record would make a segment per record, and merging them would be
 /// most of the writer's work.
@@ -39,14 +39,30 @@ pub(super) const RECORD_SQL: &str = "INSERT OR IGNORE INTO interactions (task_id
       WHERE td.task_id = a.task_id), \
      a.error, nullif(a.result -> '$.output', 'null'), coalesce(a.result -> '$.artifacts', '[]'), \
      coalesce(a.result ->> '$.stdout_tail', ''), coalesce(a.result ->> '$.stderr_tail', '') \
-     FROM json_each(?1) AS k \
-     JOIN attempts a ON a.task_id = k.value ->> 0 AND a.attempt = k.value ->> 1 \
-     JOIN tasks t ON t.id = a.task_id ORDER BY k.key";
+     FROM records_pending k \
+     JOIN attempts a ON a.task_id = k.task_id AND a.attempt = k.attempt \
+     JOIN tasks t ON t.id = a.task_id ORDER BY k.id";
+
+/// Pending records past which the writer writes them in the same batch.
+/// Larger runs make fewer, larger full-text segments; the cost is one
+/// batch in this many carrying the records of the others.
+pub(super) const RECORDS_PER_WRITE: usize = 512;
+
+/// Writes the interaction records of every pending attempt and empties
+/// `records_pending`; returns how many it wrote. Inside the writer's
+/// transaction, so a record is written once or not at all.
+pub(super) fn write_pending_records(conn: &Conn) -> Result<u64> {
+    let n = exec(conn, RECORD_SQL, [])?;
+    exec(conn, "DELETE FROM records_pending", [])?;
+    Ok(n as u64)
+}
 
 /// Applies a history change inside the writer's transaction.
 pub(super) fn apply(conn: &Conn, change: &HistoryChange) -> Result<u64> {
     match change {
         HistoryChange::Prune { before, limit } => {
+            // Records still pending belong to the history being pruned too.
+            write_pending_records(conn)?;
             let ids: Vec<String> = scalars(
                 conn,
                 "SELECT t.id FROM tasks t WHERE t.finished_at < ?1 AND \
@@ -194,6 +210,21 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Has the writer write the pending interaction records (of any
+    /// process on this file) before a read of the history, so the read
+    /// sees every finished attempt.
+    async fn records_current(&self) -> Result<()> {
+        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM records_pending)")
+            .fetch_one(&self.read)
+            .await?;
+        if pending {
+            self.call(|reply| Op::FlushRecords { reply }).await?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl HistoryStore for SqliteStore {
     async fn change_history(&self, change: HistoryChange) -> Result<u64> {
@@ -210,6 +241,7 @@ impl HistoryStore for SqliteStore {
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
+        self.records_current().await?;
         // Column weights: the name says most about a task, then what it
         // is for and how it runs; output and logs least.
         // Ranked among the newest MATCH_WINDOW matches (FTS5 walks its
@@ -235,6 +267,7 @@ impl HistoryStore for SqliteStore {
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
+        self.records_current().await?;
         let sql = best_run_per_task(
             &format!(
                 "SELECT interactions_trigram.rowid AS id, \
@@ -250,6 +283,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -268,6 +302,7 @@ impl HistoryStore for SqliteStore {
         project: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM interactions i WHERE i.name = ?1 \
              AND (?2 IS NULL OR i.project = ?2) ORDER BY i.finished_at DESC, i.id DESC LIMIT ?3"
@@ -281,6 +316,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn filter_ids(&self, f: &HistoryFilter) -> Result<Vec<i64>> {
+        self.records_current().await?;
         let ids = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT i.id FROM interactions i WHERE ?1 IS NULL AND {FILTER} LIMIT ?7"
         )))
@@ -297,6 +333,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn follow_ups(&self, task_ids: &[String]) -> Result<Vec<(String, u64)>> {
+        self.records_current().await?;
         if task_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -311,6 +348,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn vectors(&self, model: &str, after: i64) -> Result<Vec<(i64, Vec<f32>)>> {
+        self.records_current().await?;
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT interaction_id, vector FROM interaction_vectors WHERE model = ?1 \
              AND interaction_id > ?2 ORDER BY interaction_id",
@@ -326,6 +364,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn missing_vectors(&self, model: &str, limit: usize) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM interactions i WHERE NOT EXISTS \
              (SELECT 1 FROM interaction_vectors v WHERE v.model = ?1 AND v.interaction_id = i.id) \
@@ -339,6 +378,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn outbox_due(&self, now: i64, limit: usize) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM vectorizer_outbox o JOIN interactions i ON i.id = o.interaction_id \
              WHERE o.next_at <= ?1 ORDER BY o.interaction_id LIMIT ?2"
@@ -351,6 +391,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn outbox_state(&self) -> Result<OutboxState> {
+        self.records_current().await?;
         let (pending, oldest, max_attempts): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT count(*), min(i.finished_at), max(o.attempts) FROM vectorizer_outbox o \
              JOIN interactions i ON i.id = o.interaction_id",
@@ -373,6 +414,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn interaction_count(&self) -> Result<u64> {
+        self.records_current().await?;
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions")
             .fetch_one(&self.read)
             .await?;

@@ -199,6 +199,11 @@ pub(super) enum Op {
         change: Box<crate::store::history::HistoryChange>,
         reply: Reply<u64>,
     },
+    /// Writes the pending interaction records (before a read of the
+    /// history); answers how many.
+    FlushRecords {
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -332,6 +337,8 @@ pub(super) struct Announce {
 /// answered).
 pub(super) fn run(conn: Conn, mut rx: mpsc::Receiver<Op>, announce: Announce) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
+    // Records this writer left pending since it last wrote them.
+    let mut pending = 0usize;
     while let Some(op) = rx.blocking_recv() {
         ops.push(op);
         while ops.len() < MAX_BATCH {
@@ -343,7 +350,7 @@ pub(super) fn run(conn: Conn, mut rx: mpsc::Receiver<Op>, announce: Announce) {
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
-        let result = apply_all(&conn, &ops, &mut batch);
+        let result = apply_all(&conn, &ops, &mut batch, &mut pending);
         tracing::trace!(
             ops = ops.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -392,7 +399,8 @@ fn deliver(op: Op, answer: Result<Answer>) {
         (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
         (Op::Finish { reply, .. }, Ok(Answer::Finish(v, c))) => send(reply, Ok((v, c))),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
-        (Op::History { reply, .. }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
+        (Op::History { reply, .. }, Ok(Answer::Count(n)))
+        | (Op::FlushRecords { reply }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
         (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
         (Op::Token { reply, .. }, Ok(Answer::Bool(r)))
@@ -410,7 +418,7 @@ fn deliver(op: Op, answer: Result<Answer>) {
             Op::Claim { reply, .. } => send(reply, Err(e)),
             Op::Finish { reply, .. } => send(reply, Err(e)),
             Op::Renew { reply, .. } => send(reply, Err(e)),
-            Op::History { reply, .. } => send(reply, Err(e)),
+            Op::History { reply, .. } | Op::FlushRecords { reply } => send(reply, Err(e)),
             Op::Reclaim { reply, .. } => send(reply, Err(e)),
             Op::CancelWorkflow { reply, .. } => send(reply, Err(e)),
             Op::FireSchedule { reply, .. }
@@ -428,9 +436,14 @@ fn deliver(op: Op, answer: Result<Answer>) {
     }
 }
 
-fn apply_all(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
+fn apply_all(
+    conn: &Conn,
+    ops: &[Op],
+    batch: &mut Batch,
+    pending: &mut usize,
+) -> Result<Vec<Answer>> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let applied = apply_in(conn, ops, batch).and_then(|answers| {
+    let applied = apply_in(conn, ops, batch, pending).and_then(|answers| {
         conn.execute_batch("COMMIT")?;
         Ok(answers)
     });
@@ -444,7 +457,12 @@ fn apply_all(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> 
 }
 
 /// The body of [`apply_all`]'s transaction.
-fn apply_in(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
+fn apply_in(
+    conn: &Conn,
+    ops: &[Op],
+    batch: &mut Batch,
+    pending: &mut usize,
+) -> Result<Vec<Answer>> {
     // All submits of the batch go in together: one multi-row INSERT for
     // many concurrent submitters.
     let subs: Vec<&NewSubmission> = ops
@@ -516,6 +534,8 @@ fn apply_in(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
             } => Answer::Bool(Ok(write_token(conn, token, hash, *revoke)?)),
             Op::RegisterWorker { w, .. } => Answer::Unit(register_worker(conn, w).map(|_| Ok(()))?),
             Op::History { change, .. } => Answer::Count(super::history::apply(conn, change)?),
+            // Answered below, once the records are written.
+            Op::FlushRecords { .. } => Answer::Count(0),
             Op::Close { .. } => Answer::Unit(Ok(())),
         };
         answers.push(answer);
@@ -541,9 +561,25 @@ fn apply_in(conn: &Conn, ops: &[Op], batch: &mut Batch) -> Result<Vec<Answer>> {
             }
         }
     }
-    // Every finished attempt becomes an interaction record in the same
-    // transaction, so history never misses or half-records one.
+    // Every finished attempt is marked for an interaction record in the
+    // same transaction, so history never misses one. The records
+    // themselves are written in bulk: when enough are pending, when a
+    // reader of the history asks (so it never sees one missing), and when
+    // the store closes.
     flush_attempts_and_audit(conn, &batch.attempts, &batch.audit)?;
+    *pending += batch.attempts.len();
+    let asked = ops
+        .iter()
+        .any(|op| matches!(op, Op::FlushRecords { .. } | Op::Close { .. }));
+    if asked || *pending >= super::history::RECORDS_PER_WRITE {
+        let written = super::history::write_pending_records(conn)?;
+        *pending = 0;
+        for (op, a) in ops.iter().zip(answers.iter_mut()) {
+            if matches!(op, Op::FlushRecords { .. }) {
+                *a = Answer::Count(written);
+            }
+        }
+    }
     Ok(answers)
 }
 
@@ -2171,15 +2207,11 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
                 r.result
             ])?;
         }
-        let keys: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| serde_json::json!([r.task_id, r.attempt]))
-            .collect();
-        exec(
-            conn,
-            super::history::RECORD_SQL,
-            params![serde_json::Value::Array(keys).to_string()],
-        )?;
+        let mut mark =
+            conn.prepare_cached("INSERT INTO records_pending (task_id, attempt) VALUES (?1, ?2)")?;
+        for r in rows {
+            mark.execute(params![r.task_id, r.attempt])?;
+        }
     }
     if drafts.is_empty() {
         return Ok(());

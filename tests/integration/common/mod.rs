@@ -14,6 +14,8 @@ pub struct Workspace {
     /// Processes started with `spawn`, killed when the workspace goes (a
     /// failing test must not leave workers behind).
     spawned: std::sync::Mutex<Vec<u32>>,
+    /// Log files handed out by `log_file`.
+    logs: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Workspace {
@@ -22,6 +24,29 @@ impl Drop for Workspace {
             // SAFETY: kill(2) on a pid this workspace started; harmless if it is gone.
             unsafe {
                 libc_kill(pid as i32, 9);
+            }
+        }
+        // A failing test shows what its background processes logged.
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("spawned-") && n.ends_with(".log"))
+                })
+                .collect();
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(200).collect();
+                eprintln!("--- {} (last {} lines) ---", log.display(), tail.len());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
             }
         }
     }
@@ -37,6 +62,7 @@ impl Workspace {
         let ws = Workspace {
             dir: tempfile::tempdir().expect("temp dir"),
             spawned: std::sync::Mutex::new(Vec::new()),
+            logs: std::sync::atomic::AtomicUsize::new(0),
         };
         // Short leases and polls keep crash and cancel tests fast.
         ws.write(
@@ -119,14 +145,28 @@ impl Workspace {
         (url, child)
     }
 
+    /// A new `spawned-NN.log` in the workspace for a background process's
+    /// stderr; printed if the test fails.
+    pub fn log_file(&self) -> std::fs::File {
+        let n = self.logs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::fs::File::create(self.path(&format!("spawned-{n:02}.log"))).expect("create log file")
+    }
+
+    /// Starts `task-queue ARGS` in the background, killed when the
+    /// workspace goes. It logs at debug level (or `TASK_QUEUE_LOG`) to a
+    /// file of [`Workspace::log_file`].
     pub fn spawn(&self, args: &[&str]) -> Child {
         let child = self
             .cmd(args)
+            .env(
+                "TASK_QUEUE_LOG",
+                std::env::var("TASK_QUEUE_LOG").unwrap_or_else(|_| "task_queue=debug".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .expect("spawn task-queue");
-        self.spawned.lock().unwrap().push(child.id());
+        self.track(child.id());
         child
     }
 
