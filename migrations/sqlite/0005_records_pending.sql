@@ -5,5 +5,7 @@
 CREATE TABLE records_pending (
     id      INTEGER PRIMARY KEY,
     task_id TEXT    NOT NULL,
-    attempt INTEGER NOT NULL
+    attempt INTEGER NOT NULL,
+    -- The task's status right after the attempt was recorded.
+    task_status TEXT NOT NULL
 );

@@ -45,29 +45,67 @@ const RECORD_FROM_SRC: &str = "\
 
 /// Inserts attempt rows (`$1`: a JSON array of `[task_id, attempt,
 /// worker_id, status, started_at, finished_at, exit_code, signal,
-/// duration_ms, error, result]`) and, in the same statement, the
-/// interaction record of each attempt it inserted. An attempt that was
-/// already recorded (a late finish of a reclaimed attempt) is left alone,
-/// and so is its record.
+/// duration_ms, error, result]`) and, in the same statement, marks each
+/// attempt it inserted for an interaction record (`records_pending`, with
+/// the task's status as of this transaction). An attempt that was already
+/// recorded (a late finish of a reclaimed attempt) is left alone.
 pub(super) async fn insert_attempts(conn: &mut PgConnection, rows_json: String) -> Result<()> {
-    sqlx::query(AssertSqlSafe(format!(
+    sqlx::query(
         "WITH a AS (INSERT INTO attempts (task_id, attempt, worker_id, status, started_at, finished_at, \
                     exit_code, signal, duration_ms, error, result) \
                     SELECT v ->> 0, (v ->> 1)::bigint, v ->> 2, v ->> 3, (v ->> 4)::bigint, (v ->> 5)::bigint, \
                     (v ->> 6)::bigint, (v ->> 7)::bigint, (v ->> 8)::bigint, v ->> 9, v ->> 10 \
                     FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord) ORDER BY ord \
                     ON CONFLICT DO NOTHING \
-                    RETURNING task_id, attempt, status, exit_code, duration_ms, started_at, finished_at, \
-                    error, result), \
-         src AS (SELECT row_number() OVER () AS ord, a.task_id, a.attempt, t.name, t.project, \
-                 t.workflow_id, t.kind, t.tags::jsonb AS tags, a.status, t.status AS task_status, \
-                 a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec::jsonb AS s, a.error, \
-                 a.result::jsonb AS r FROM a JOIN tasks t ON t.id = a.task_id), {RECORD_FROM_SRC}"
-    )))
+                    RETURNING task_id, attempt) \
+         INSERT INTO records_pending (task_id, attempt, task_status) \
+         SELECT a.task_id, a.attempt, t.status FROM a JOIN tasks t ON t.id = a.task_id"
+    )
     .bind(rows_json)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Pending records past which a node writes them (in a transaction of its
+/// own, beside its writers).
+pub(super) const RECORDS_PER_WRITE: usize = 512;
+
+/// Writes the interaction records of the attempts in `records_pending` and
+/// removes them from it; returns how many records it wrote. With
+/// `skip_locked`, marks another node is writing right now are left to it;
+/// without, it waits for that node to commit, so that a read after it sees
+/// those records too.
+pub(super) async fn write_pending_records(
+    conn: &mut PgConnection,
+    skip_locked: bool,
+) -> Result<u64> {
+    let skip = if skip_locked { " SKIP LOCKED" } else { "" };
+    let done = sqlx::query(AssertSqlSafe(format!(
+        "WITH k AS (DELETE FROM records_pending WHERE id IN \
+                    (SELECT id FROM records_pending ORDER BY id FOR UPDATE{skip}) \
+                    RETURNING id, task_id, attempt, task_status), \
+         src AS (SELECT row_number() OVER (ORDER BY k.id) AS ord, a.task_id, a.attempt, t.name, \
+                 t.project, t.workflow_id, t.kind, t.tags::jsonb AS tags, a.status, k.task_status, \
+                 a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec::jsonb AS s, a.error, \
+                 a.result::jsonb AS r \
+                 FROM k JOIN attempts a ON a.task_id = k.task_id AND a.attempt = k.attempt \
+                 JOIN tasks t ON t.id = a.task_id), {RECORD_FROM_SRC}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// [`write_pending_records`] in a transaction of its own.
+pub(super) async fn write_pending_records_now(
+    pool: &sqlx::PgPool,
+    skip_locked: bool,
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let n = write_pending_records(&mut tx, skip_locked).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Applies a history change in one transaction.
@@ -84,6 +122,8 @@ async fn apply(conn: &mut PgConnection, change: &HistoryChange) -> Result<u64> {
             if !mine {
                 return Ok(0);
             }
+            // Records still pending belong to the history being pruned too.
+            write_pending_records(&mut *conn, false).await?;
             let ids: Vec<String> = sqlx::query_scalar(
                 "SELECT t.id FROM tasks t WHERE t.finished_at < $1 AND \
                  (EXISTS (SELECT 1 FROM interactions i WHERE i.task_id = t.id) \
@@ -253,6 +293,20 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Writes the pending interaction records (of every node) before a
+    /// read of the history, so the read sees every finished attempt.
+    async fn records_current(&self) -> Result<()> {
+        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM records_pending)")
+            .fetch_one(&self.pool)
+            .await?;
+        if pending {
+            write_pending_records_now(&self.pool, false).await?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl HistoryStore for PgStore {
     async fn change_history(&self, change: HistoryChange) -> Result<u64> {
@@ -268,6 +322,7 @@ impl HistoryStore for PgStore {
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
+        self.records_current().await?;
         // Any of the words: each one's tsquery OR-ed; words that are
         // stopwords to the parser become empty queries and are left out.
         // Ranked among the newest MATCH_WINDOW matches, as on SQLite.
@@ -293,6 +348,7 @@ impl HistoryStore for PgStore {
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
+        self.records_current().await?;
         // Like SQLite's trigram table: name, command and tags, weighted
         // 4 / 1 / 2; a shorter name containing the piece comes first.
         let patterns: Vec<String> = parts
@@ -317,6 +373,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn interactions(&self, ids: &[i64]) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -335,6 +392,7 @@ impl HistoryStore for PgStore {
         project: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM interactions i WHERE i.name = $1 \
              AND ($2::text IS NULL OR i.project = $2) ORDER BY i.finished_at DESC, i.id DESC LIMIT $3"
@@ -348,6 +406,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn filter_ids(&self, f: &HistoryFilter) -> Result<Vec<i64>> {
+        self.records_current().await?;
         let ids = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT i.id FROM interactions i WHERE $1::text IS NULL AND {FILTER} ORDER BY i.id LIMIT $7"
         )))
@@ -364,6 +423,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn follow_ups(&self, task_ids: &[String]) -> Result<Vec<(String, u64)>> {
+        self.records_current().await?;
         if task_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -378,6 +438,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn vectors(&self, model: &str, after: i64) -> Result<Vec<(i64, Vec<f32>)>> {
+        self.records_current().await?;
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT interaction_id, vector FROM interaction_vectors WHERE model = $1 \
              AND interaction_id > $2 ORDER BY interaction_id",
@@ -393,6 +454,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn missing_vectors(&self, model: &str, limit: usize) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM interactions i WHERE NOT EXISTS \
              (SELECT 1 FROM interaction_vectors v WHERE v.model = $1 AND v.interaction_id = i.id) \
@@ -406,6 +468,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn outbox_due(&self, now: i64, limit: usize) -> Result<Vec<Interaction>> {
+        self.records_current().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM vectorizer_outbox o JOIN interactions i ON i.id = o.interaction_id \
              WHERE o.next_at <= $1 ORDER BY o.interaction_id LIMIT $2"
@@ -418,6 +481,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn outbox_state(&self) -> Result<OutboxState> {
+        self.records_current().await?;
         let (pending, oldest, max_attempts): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT count(*), min(i.finished_at), max(o.attempts) FROM vectorizer_outbox o \
              JOIN interactions i ON i.id = o.interaction_id",
@@ -440,6 +504,7 @@ impl HistoryStore for PgStore {
     }
 
     async fn interaction_count(&self) -> Result<u64> {
+        self.records_current().await?;
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions")
             .fetch_one(&self.pool)
             .await?;

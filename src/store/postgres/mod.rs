@@ -126,6 +126,8 @@ impl PgStore {
         let node = std::sync::Arc::new(writer::Node {
             id: format!("n-{}", uuid::Uuid::now_v7()),
             channel,
+            pending_records: Default::default(),
+            writing_records: Default::default(),
         });
         let (tx, rx) = mpsc::channel(16_384);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
@@ -176,6 +178,11 @@ impl PgStore {
     /// Stops the listener and closes the pool after the writer drained.
     pub async fn close(&self) {
         let _ = self.call(|reply| Op::Close { reply }).await;
+        // Leave no records pending (another node or the next reader would
+        // write them otherwise).
+        if let Err(e) = history::write_pending_records_now(&self.pool, true).await {
+            tracing::warn!(error = %e, "writing interaction records at close failed");
+        }
         self.listener.abort();
         self.pool.close().await;
     }

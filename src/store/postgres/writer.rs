@@ -244,6 +244,11 @@ impl Batch {
 pub(super) struct Node {
     pub id: String,
     pub channel: String,
+    /// Attempts this node's writers marked for records since it last
+    /// started writing them.
+    pub pending_records: std::sync::atomic::AtomicUsize,
+    /// Whether this node is writing pending records now.
+    pub writing_records: std::sync::atomic::AtomicBool,
 }
 
 /// Where committed changes are announced.
@@ -287,6 +292,7 @@ pub(super) async fn run(
         );
         match result {
             Ok((answers, batch)) => {
+                records_added(&pool, &node, batch.attempts.len());
                 for (op, answer) in ops.drain(..).zip(answers) {
                     deliver(op, Ok(answer));
                 }
@@ -309,6 +315,29 @@ pub(super) async fn run(
             return;
         }
     }
+}
+
+/// Counts attempts marked for records; once enough are pending, writes
+/// them in a transaction of its own beside the writers (one at a time per
+/// node; marks another node is writing are left to it).
+fn records_added(pool: &PgPool, node: &std::sync::Arc<Node>, added: usize) {
+    use std::sync::atomic::Ordering;
+    if added == 0
+        || node.pending_records.fetch_add(added, Ordering::Relaxed) + added
+            < super::history::RECORDS_PER_WRITE
+        || node.writing_records.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    node.pending_records.store(0, Ordering::Relaxed);
+    let pool = pool.clone();
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = super::history::write_pending_records_now(&pool, true).await {
+            tracing::warn!(error = %e, "writing interaction records failed; a later write or read retries");
+        }
+        node.writing_records.store(false, Ordering::Release);
+    });
 }
 
 /// Most times a batch is applied again after losing a race with another node.

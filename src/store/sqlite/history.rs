@@ -26,7 +26,7 @@ use crate::store::history::{
 pub(super) const RECORD_SQL: &str = "INSERT OR IGNORE INTO interactions (task_id, attempt, name, project, \
      workflow_id, kind, tags, outcome, task_status, exit_code, duration_ms, started_at, finished_at, \
      description, command, parameters, dependencies, error, output, artifacts, stdout_tail, stderr_tail) \
-     SELECT a.task_id, a.attempt, t.name, t.project, t.workflow_id, t.kind, t.tags, a.status, t.status, \
+     SELECT a.task_id, a.attempt, t.name, t.project, t.workflow_id, t.kind, t.tags, a.status, k.task_status, \
      a.exit_code, a.duration_ms, a.started_at, a.finished_at, t.spec ->> '$.description', \
      CASE WHEN t.spec ->> '$.command' IS NOT NULL THEN t.spec ->> '$.command' \
           WHEN json_type(t.spec, '$.argv') = 'array' \

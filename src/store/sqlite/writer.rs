@@ -2207,8 +2207,11 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
                 r.result
             ])?;
         }
-        let mut mark =
-            conn.prepare_cached("INSERT INTO records_pending (task_id, attempt) VALUES (?1, ?2)")?;
+        // The task's status as of this transaction goes with the mark.
+        let mut mark = conn.prepare_cached(
+            "INSERT INTO records_pending (task_id, attempt, task_status) \
+             SELECT ?1, ?2, status FROM tasks WHERE id = ?1",
+        )?;
         for r in rows {
             mark.execute(params![r.task_id, r.attempt])?;
         }
