@@ -158,13 +158,15 @@ impl SqliteStore {
         let _ = sqlx::Connection::close(conn).await;
         let writer_conn = writer_connection(path, durability)?;
         let (tx, rx) = mpsc::channel(16_384);
-        let announce = writer::Announce {
+        let announce = std::sync::Arc::new(writer::Announce {
             tasks: events.clone(),
             workflows: workflow_events.clone(),
-        };
+        });
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(writer::deliver_completed(done_rx, announce.clone()));
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(writer_conn, rx, announce))
+            .spawn(move || writer::run(writer_conn, rx, done_tx, announce))
             .map_err(|e| Error::Store(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             ops: tx,

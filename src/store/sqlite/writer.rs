@@ -332,14 +332,68 @@ pub(super) struct Announce {
     pub workflows: broadcast::Sender<WorkflowEvent>,
 }
 
+/// A batch the writer is done with: its ops with their answers (or the
+/// batch's error), and the events it committed.
+pub(super) struct Completed {
+    ops: Vec<Op>,
+    answers: std::result::Result<Vec<Answer>, String>,
+    events: Vec<TaskEvent>,
+    workflow_events: Vec<WorkflowEvent>,
+}
+
+impl Completed {
+    /// Answers every op, then announces the events.
+    fn complete(self, announce: &Announce) {
+        match self.answers {
+            Ok(answers) => {
+                for (op, answer) in self.ops.into_iter().zip(answers) {
+                    deliver(op, Ok(answer));
+                }
+            }
+            Err(msg) => {
+                for op in self.ops {
+                    deliver(op, Err(Error::Store(msg.clone())));
+                }
+            }
+        }
+        for e in self.events {
+            let _ = announce.tasks.send(e);
+        }
+        for e in self.workflow_events {
+            let _ = announce.workflows.send(e);
+        }
+    }
+}
+
+/// Answers the writer's batches, in order, from a task of the runtime
+/// that opened the store: waking the callers' tasks from inside the
+/// runtime is cheap, from the writer's thread each wake-up was a system
+/// call that held up the next batch.
+pub(super) async fn deliver_completed(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Completed>,
+    announce: std::sync::Arc<Announce>,
+) {
+    while let Some(c) = rx.recv().await {
+        c.complete(&announce);
+    }
+}
+
 /// The writer's loop, on its own thread, until the channel closes or a
 /// `Close` op arrives (the connection is then closed before `Close` is
-/// answered).
-pub(super) fn run(conn: Conn, mut rx: mpsc::Receiver<Op>, announce: Announce) {
+/// answered). Answers go to [`deliver_completed`]; if that task is gone
+/// (its runtime shut down), the writer answers them itself.
+pub(super) fn run(
+    conn: Conn,
+    mut rx: mpsc::Receiver<Op>,
+    done: tokio::sync::mpsc::UnboundedSender<Completed>,
+    announce: std::sync::Arc<Announce>,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // Records this writer left pending since it last wrote them.
     let mut pending = 0usize;
+    let mut conn = Some(conn);
     while let Some(op) = rx.blocking_recv() {
+        let Some(c) = conn.as_ref() else { break };
         ops.push(op);
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -350,41 +404,29 @@ pub(super) fn run(conn: Conn, mut rx: mpsc::Receiver<Op>, announce: Announce) {
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
-        let result = apply_all(&conn, &ops, &mut batch, &mut pending);
+        let result = apply_all(c, &ops, &mut batch, &mut pending);
         tracing::trace!(
             ops = ops.len(),
             micros = started.elapsed().as_micros() as u64,
             "write batch"
         );
-        let mut close_replies = Vec::new();
-        match result {
-            Ok(answers) => {
-                for (op, answer) in ops.drain(..).zip(answers) {
-                    match op {
-                        Op::Close { reply } => close_replies.push(reply),
-                        op => deliver(op, Ok(answer)),
-                    }
-                }
-                for e in batch.events {
-                    let _ = announce.tasks.send(e);
-                }
-                for e in batch.workflow_events {
-                    let _ = announce.workflows.send(e);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
-                let msg = e.to_string();
-                for op in ops.drain(..) {
-                    deliver(op, Err(Error::Store(msg.clone())));
-                }
-            }
+        let answers = result.map_err(|e| {
+            tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
+            e.to_string()
+        });
+        if closing {
+            conn = None;
+        }
+        let completed = Completed {
+            ops: std::mem::replace(&mut ops, Vec::with_capacity(64)),
+            answers,
+            events: batch.events,
+            workflow_events: batch.workflow_events,
+        };
+        if let Err(unsent) = done.send(completed) {
+            unsent.0.complete(&announce);
         }
         if closing {
-            drop(conn);
-            for reply in close_replies {
-                let _ = reply.send(Ok(()));
-            }
             return;
         }
     }
