@@ -391,9 +391,12 @@ pub(super) fn run(
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // Records this writer left pending since it last wrote them.
     let mut pending = 0usize;
-    let mut conn = Some(conn);
+    let hand_over = |completed: Completed| {
+        if let Err(unsent) = done.send(completed) {
+            unsent.0.complete(&announce);
+        }
+    };
     while let Some(op) = rx.blocking_recv() {
-        let Some(c) = conn.as_ref() else { break };
         ops.push(op);
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -404,7 +407,7 @@ pub(super) fn run(
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
-        let result = apply_all(c, &ops, &mut batch, &mut pending);
+        let result = apply_all(&conn, &ops, &mut batch, &mut pending);
         tracing::trace!(
             ops = ops.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -414,21 +417,18 @@ pub(super) fn run(
             tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
             e.to_string()
         });
-        if closing {
-            conn = None;
-        }
         let completed = Completed {
             ops: std::mem::replace(&mut ops, Vec::with_capacity(64)),
             answers,
             events: batch.events,
             workflow_events: batch.workflow_events,
         };
-        if let Err(unsent) = done.send(completed) {
-            unsent.0.complete(&announce);
-        }
         if closing {
+            drop(conn);
+            hand_over(completed);
             return;
         }
+        hand_over(completed);
     }
 }
 
