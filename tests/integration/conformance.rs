@@ -1402,3 +1402,41 @@ async fn history_retention_vectors_and_outbox(b: &Backend) {
     let follow = h.follow_ups(std::slice::from_ref(&backup)).await.unwrap();
     assert!(follow.is_empty());
 }
+
+/// The SQLite writer answers through a task of the runtime that opened the
+/// store. Once that runtime is gone, the writer answers from its own
+/// thread, so a store handed to another runtime keeps working.
+#[test]
+fn sqlite_store_answers_after_the_runtime_that_opened_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let store = first
+        .block_on(SqliteStore::open(&path, Durability::Durable, 1))
+        .unwrap();
+    let t = task("outlives-its-runtime");
+    let id = t.id.clone();
+    first
+        .block_on(store.submit(tasks(vec![t])))
+        .expect("answered on the opening runtime");
+    drop(first);
+    let second = runtime();
+    let claimed = second
+        .block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                store.claim(claim_req("w", T0, 10)),
+            )
+            .await
+        })
+        .expect("answered after the opening runtime went")
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, id);
+}
