@@ -291,9 +291,7 @@ impl PgStore {
             })
             .collect())
     }
-}
 
-impl PgStore {
     /// Writes the pending interaction records (of every node) before a
     /// read of the history, so the read sees every finished attempt.
     async fn records_current(&self) -> Result<()> {
