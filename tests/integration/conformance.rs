@@ -157,6 +157,7 @@ conformance!(
     search_survives_hostile_input,
     recommend_is_deterministic,
     history_retention_vectors_and_outbox,
+    a_record_that_cannot_be_built_does_not_hold_up_the_others,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -1439,4 +1440,66 @@ fn sqlite_store_answers_after_the_runtime_that_opened_it_is_gone() {
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, id);
+}
+
+/// A record that cannot be built (here a task row whose spec is not JSON,
+/// as a hand edit could leave it) is left out of the history with an
+/// error in the log; the records written with it, the readers and the
+/// queue carry on.
+async fn a_record_that_cannot_be_built_does_not_hold_up_the_others(b: &Backend) {
+    let s = b.open().await;
+    let good = task("good-record");
+    let mut bad = task("bad-record");
+    bad.spec_json = "{not json".into();
+    let (good_id, bad_id) = (good.id.clone(), bad.id.clone());
+    s.submit(tasks(vec![good, bad])).await.unwrap();
+    let finished = run_ready(&s, T0, TaskStatus::Succeeded).await;
+    assert_eq!(finished.len(), 2);
+    let h = s.history().unwrap();
+    let rec = h.interactions_named("good-record", None, 10).await.unwrap();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].task_id, good_id);
+    assert!(
+        h.interactions_named("bad-record", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Nothing is left pending, and later records are written as usual.
+    let later = run_once(&s, task("later-record"), T0 + 10, TaskStatus::Succeeded).await;
+    let rec = h
+        .interactions_named("later-record", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rec[0].task_id, later);
+    // The bad task itself finished like any other.
+    let (status_sql, pending_sql) = (
+        format!("SELECT status FROM tasks WHERE id = '{bad_id}'"),
+        "SELECT count(*)::text FROM records_pending",
+    );
+    let (bad_status, pending) = match b {
+        Backend::Sqlite(dir) => {
+            let db = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
+            let one = |sql: &str| -> String { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+            (
+                one(&status_sql),
+                one("SELECT CAST(count(*) AS TEXT) FROM records_pending"),
+            )
+        }
+        Backend::Postgres { url, .. } => {
+            let pool = connect_test_server(url).await;
+            let one = |sql: String| {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap()
+                }
+            };
+            (one(status_sql).await, one(pending_sql.to_string()).await)
+        }
+    };
+    assert_eq!(bad_status, "succeeded");
+    assert_eq!(pending, "0");
 }

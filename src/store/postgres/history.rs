@@ -71,19 +71,11 @@ pub(super) async fn insert_attempts(conn: &mut PgConnection, rows_json: String) 
 /// own, beside its writers).
 pub(super) const RECORDS_PER_WRITE: usize = 512;
 
-/// Writes the interaction records of the attempts in `records_pending` and
-/// removes them from it; returns how many records it wrote. With
-/// `skip_locked`, marks another node is writing right now are left to it;
-/// without, it waits for that node to commit, so that a read after it sees
-/// those records too.
-pub(super) async fn write_pending_records(
-    conn: &mut PgConnection,
-    skip_locked: bool,
-) -> Result<u64> {
-    let skip = if skip_locked { " SKIP LOCKED" } else { "" };
-    let done = sqlx::query(AssertSqlSafe(format!(
-        "WITH k AS (DELETE FROM records_pending WHERE id IN \
-                    (SELECT id FROM records_pending ORDER BY id FOR UPDATE{skip}) \
+/// The statement that writes the records of the marks chosen by `{pick}`
+/// (a subquery of `records_pending` ids, locked).
+fn record_sql(pick: &str) -> String {
+    format!(
+        "WITH k AS (DELETE FROM records_pending WHERE id IN ({pick}) \
                     RETURNING id, task_id, attempt, task_status), \
          src AS (SELECT row_number() OVER (ORDER BY k.id) AS ord, a.task_id, a.attempt, t.name, \
                  t.project, t.workflow_id, t.kind, t.tags::jsonb AS tags, a.status, k.task_status, \
@@ -91,10 +83,87 @@ pub(super) async fn write_pending_records(
                  a.result::jsonb AS r \
                  FROM k JOIN attempts a ON a.task_id = k.task_id AND a.attempt = k.attempt \
                  JOIN tasks t ON t.id = a.task_id), {RECORD_FROM_SRC}"
-    )))
+    )
+}
+
+/// Writes the interaction records of the attempts in `records_pending` and
+/// removes them from it; returns how many records it wrote. With
+/// `skip_locked`, marks another node is writing right now are left to it;
+/// without, it waits for that node to commit, so that a read after it sees
+/// those records too.
+///
+/// If the statement for all of them fails (a record that cannot be built,
+/// say a task row edited by hand into invalid JSON), they are written one
+/// at a time instead: each record that fails is logged and left out, so
+/// one bad row never holds up the others or the readers.
+pub(super) async fn write_pending_records(
+    conn: &mut PgConnection,
+    skip_locked: bool,
+) -> Result<u64> {
+    let skip = if skip_locked { " SKIP LOCKED" } else { "" };
+    sqlx::query("SAVEPOINT records").execute(&mut *conn).await?;
+    let all = sqlx::query(AssertSqlSafe(record_sql(&format!(
+        "SELECT id FROM records_pending ORDER BY id FOR UPDATE{skip}"
+    ))))
     .execute(&mut *conn)
+    .await;
+    match all {
+        Ok(done) => {
+            sqlx::query("RELEASE SAVEPOINT records")
+                .execute(&mut *conn)
+                .await?;
+            Ok(done.rows_affected())
+        }
+        Err(e) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT records")
+                .execute(&mut *conn)
+                .await?;
+            tracing::warn!(error = %e, "writing interaction records together failed; writing them one at a time");
+            write_pending_records_one_by_one(conn, skip).await
+        }
+    }
+}
+
+async fn write_pending_records_one_by_one(conn: &mut PgConnection, skip: &str) -> Result<u64> {
+    let marks: Vec<(i64, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT id, task_id, attempt FROM records_pending ORDER BY id FOR UPDATE{skip}"
+    )))
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(done.rows_affected())
+    let one = record_sql("$1");
+    let mut written = 0;
+    for (id, task_id, attempt) in marks {
+        sqlx::query("SAVEPOINT record").execute(&mut *conn).await?;
+        match sqlx::query(AssertSqlSafe(one.as_str()))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+        {
+            Ok(done) => written += done.rows_affected(),
+            Err(e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT record")
+                    .execute(&mut *conn)
+                    .await?;
+                tracing::error!(
+                    error = %e,
+                    task = %task_id,
+                    attempt,
+                    "the interaction record of this attempt cannot be written; it is left out of the history"
+                );
+                sqlx::query("DELETE FROM records_pending WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        sqlx::query("RELEASE SAVEPOINT record")
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("RELEASE SAVEPOINT records")
+        .execute(&mut *conn)
+        .await?;
+    Ok(written)
 }
 
 /// [`write_pending_records`] in a transaction of its own.

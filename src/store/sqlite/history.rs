@@ -50,11 +50,58 @@ pub(super) const RECORDS_PER_WRITE: usize = 512;
 
 /// Writes the interaction records of every pending attempt and empties
 /// `records_pending`; returns how many it wrote. Inside the writer's
-/// transaction, so a record is written once or not at all.
+/// transaction, so a record is written once or not at all, and under a
+/// savepoint: if it fails, it leaves the transaction as it found it (the
+/// marks stay pending) and the rest of the batch can still commit.
+///
+/// If the statement for all of them fails (a record that cannot be built,
+/// say a task row edited by hand into invalid JSON), they are written one
+/// at a time instead: each record that fails is logged and left out, so
+/// one bad row never holds up the others or the readers.
 pub(super) fn write_pending_records(conn: &Conn) -> Result<u64> {
-    let n = exec(conn, RECORD_SQL, [])?;
-    exec(conn, "DELETE FROM records_pending", [])?;
-    Ok(n as u64)
+    conn.execute_batch("SAVEPOINT records")?;
+    let all = exec(conn, RECORD_SQL, [])
+        .and_then(|n| exec(conn, "DELETE FROM records_pending", []).map(|_| n as u64));
+    match all {
+        Ok(n) => {
+            conn.execute_batch("RELEASE records")?;
+            Ok(n)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO records; RELEASE records")?;
+            tracing::warn!(error = %e, "writing interaction records together failed; writing them one at a time");
+            write_pending_records_one_by_one(conn)
+        }
+    }
+}
+
+fn write_pending_records_one_by_one(conn: &Conn) -> Result<u64> {
+    let one = RECORD_SQL.replace("ORDER BY k.id", "WHERE k.id = ?1");
+    let marks: Vec<(i64, String, i64)> = {
+        let mut st =
+            conn.prepare("SELECT id, task_id, attempt FROM records_pending ORDER BY id")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut written = 0;
+    for (id, task_id, attempt) in marks {
+        // A statement is atomic: a failed record leaves nothing behind.
+        match exec(conn, &one, params![id]) {
+            Ok(n) => written += n as u64,
+            Err(e) => tracing::error!(
+                error = %e,
+                task = %task_id,
+                attempt,
+                "the interaction record of this attempt cannot be written; it is left out of the history"
+            ),
+        }
+        exec(
+            conn,
+            "DELETE FROM records_pending WHERE id = ?1",
+            params![id],
+        )?;
+    }
+    Ok(written)
 }
 
 /// Applies a history change inside the writer's transaction.

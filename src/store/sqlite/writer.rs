@@ -220,6 +220,7 @@ enum Answer {
     Reclaim(Vec<TaskEvent>),
     Unit(Result<()>),
     Count(u64),
+    Records(Result<u64>),
 }
 
 /// An audit event before its place in the chain is known.
@@ -441,8 +442,8 @@ fn deliver(op: Op, answer: Result<Answer>) {
         (Op::Claim { reply, .. }, Ok(Answer::Claim(v))) => send(reply, Ok(v)),
         (Op::Finish { reply, .. }, Ok(Answer::Finish(v, c))) => send(reply, Ok((v, c))),
         (Op::Renew { reply, .. }, Ok(Answer::Renew(v))) => send(reply, Ok(v)),
-        (Op::History { reply, .. }, Ok(Answer::Count(n)))
-        | (Op::FlushRecords { reply }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
+        (Op::History { reply, .. }, Ok(Answer::Count(n))) => send(reply, Ok(n)),
+        (Op::FlushRecords { reply }, Ok(Answer::Records(r))) => send(reply, r),
         (Op::Reclaim { reply, .. }, Ok(Answer::Reclaim(v))) => send(reply, Ok(v)),
         (Op::CancelWorkflow { reply, .. }, Ok(Answer::Ids(r))) => send(reply, r),
         (Op::Token { reply, .. }, Ok(Answer::Bool(r)))
@@ -577,7 +578,7 @@ fn apply_in(
             Op::RegisterWorker { w, .. } => Answer::Unit(register_worker(conn, w).map(|_| Ok(()))?),
             Op::History { change, .. } => Answer::Count(super::history::apply(conn, change)?),
             // Answered below, once the records are written.
-            Op::FlushRecords { .. } => Answer::Count(0),
+            Op::FlushRecords { .. } => Answer::Records(Ok(0)),
             Op::Close { .. } => Answer::Unit(Ok(())),
         };
         answers.push(answer);
@@ -614,11 +615,16 @@ fn apply_in(
         .iter()
         .any(|op| matches!(op, Op::FlushRecords { .. } | Op::Close { .. }));
     if asked || *pending >= super::history::RECORDS_PER_WRITE {
-        let written = super::history::write_pending_records(conn)?;
+        // A failure here fails the readers that asked, not the batch: the
+        // marks stay, and the next 512 or the next reader tries again.
+        let written = super::history::write_pending_records(conn).map_err(|e| {
+            tracing::error!(error = %e, "writing interaction records failed; they stay pending");
+            e.to_string()
+        });
         *pending = 0;
         for (op, a) in ops.iter().zip(answers.iter_mut()) {
             if matches!(op, Op::FlushRecords { .. }) {
-                *a = Answer::Count(written);
+                *a = Answer::Records(written.clone().map_err(Error::Store));
             }
         }
     }
