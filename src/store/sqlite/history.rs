@@ -255,9 +255,7 @@ impl SqliteStore {
             })
             .collect())
     }
-}
 
-impl SqliteStore {
     /// Has the writer write the pending interaction records (of any
     /// process on this file) before a read of the history, so the read
     /// sees every finished attempt.
