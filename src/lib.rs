@@ -35,7 +35,9 @@
 //!   marks finished attempts for interaction records in the same
 //!   transaction (the records are written in bulk, and before any read of
 //!   the history) and merges the claims that come with finishes; point reads inline on synchronous
-//!   read-only connections; a read pool for the rest; WAL); [`store::postgres`] is the same design
+//!   read-only connections; a read pool for the rest; WAL, which a busy durable
+//!   store fills ahead of its writes once so commits overwrite instead of
+//!   growing the file); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
 //!   wake-ups). Migrations for both live in `migrations/sqlite` and

@@ -220,3 +220,52 @@ async fn the_database_is_in_wal_mode_and_claims_use_the_index() {
         "the claim must not sort: {plan}"
     );
 }
+
+/// A busy durable store has its WAL filled ahead of the writer (so commits
+/// overwrite the file instead of growing it), and everything it committed
+/// before and after the fill is there when the database is opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_store_pre_sizes_its_wal_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("busy.db");
+    let wal = dir.path().join("busy.db-wal");
+    let mut config = Config::default();
+    config.storage.path = db.clone();
+    let q = TaskQueue::open_with(config.clone()).await.unwrap();
+    let mut submitted = 0usize;
+    // One checkpoint interval (10,000 pages) and slack, in bytes.
+    let target = 32 + 12_000 * (4096 + 24);
+    while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) < target {
+        let specs: Vec<_> = (0..100)
+            .map(|i| {
+                Task::new(format!("busy-{}", submitted + i))
+                    .with_argv(["true"])
+                    .with_description("x".repeat(2_000))
+            })
+            .collect();
+        q.submit_batch(specs).await.unwrap();
+        submitted += 100;
+        assert!(
+            submitted <= 20_000,
+            "the WAL was not pre-sized: {} bytes after {submitted} tasks",
+            std::fs::metadata(&wal).unwrap().len()
+        );
+    }
+    // Commits go on past the zeros.
+    for i in 0..50 {
+        q.submit(Task::new(format!("after-{i}")).with_argv(["true"]))
+            .await
+            .unwrap();
+    }
+    drop(q);
+    let q = TaskQueue::open_with(config).await.unwrap();
+    let counts = q.counts().await.unwrap();
+    assert_eq!(
+        counts.get(&TaskStatus::Queued).copied().unwrap_or(0) as usize,
+        submitted + 50,
+        "{counts:?}"
+    );
+    let audit = q.verify_audit().await.unwrap();
+    assert!(audit.ok, "{audit:?}");
+    assert_eq!(audit.events as usize, submitted + 50);
+}

@@ -9,6 +9,7 @@
 mod history;
 mod quick;
 mod read;
+mod wal;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,7 @@ impl SqliteStore {
         // thread; the migration connection is done.
         let _ = sqlx::Connection::close(conn).await;
         let writer_conn = writer_connection(path, durability)?;
+        let wal_ahead = wal::WalAhead::new(&writer_conn, path, durability);
         let (tx, rx) = mpsc::channel(16_384);
         let announce = std::sync::Arc::new(writer::Announce {
             tasks: events.clone(),
@@ -166,7 +168,7 @@ impl SqliteStore {
         tokio::spawn(writer::deliver_completed(done_rx, announce.clone()));
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(writer_conn, rx, done_tx, announce))
+            .spawn(move || writer::run(writer_conn, wal_ahead, rx, done_tx, announce))
             .map_err(|e| Error::Store(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             ops: tx,

@@ -385,6 +385,7 @@ pub(super) async fn deliver_completed(
 /// (its runtime shut down), the writer answers them itself.
 pub(super) fn run(
     conn: Conn,
+    mut wal_ahead: Option<super::wal::WalAhead>,
     mut rx: mpsc::Receiver<Op>,
     done: tokio::sync::mpsc::UnboundedSender<Completed>,
     announce: std::sync::Arc<Announce>,
@@ -429,7 +430,11 @@ pub(super) fn run(
             hand_over(completed);
             return;
         }
+        let committed = completed.answers.is_ok();
         hand_over(completed);
+        if committed && let Some(w) = wal_ahead.as_mut() {
+            w.after_commit(&conn);
+        }
     }
 }
 
