@@ -219,6 +219,20 @@ async fn the_database_is_in_wal_mode_and_claims_use_the_index() {
         !plan.contains("TEMP B-TREE"),
         "the claim must not sort: {plan}"
     );
+    // Lookups by project use the partial index (only tasks with a project
+    // are in it), newest first without a sort.
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "EXPLAIN QUERY PLAN SELECT seq FROM tasks WHERE 1 = 1 AND project = ? \
+         ORDER BY seq DESC LIMIT 50",
+    )
+    .bind("api")
+    .fetch_all(store.read_pool())
+    .await
+    .unwrap();
+    let plan: Vec<String> = rows.into_iter().map(|r| r.3).collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("INDEX tasks_project (project=?)"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE"), "{plan}");
 }
 
 /// A busy durable store has its WAL filled ahead of the writer (so commits
