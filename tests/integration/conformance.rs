@@ -1503,3 +1503,43 @@ async fn a_record_that_cannot_be_built_does_not_hold_up_the_others(b: &Backend) 
     assert_eq!(bad_status, "succeeded");
     assert_eq!(pending, "0");
 }
+
+/// PostgreSQL: the bulk write of interaction records keeps a plan that
+/// runs its locking subquery once, even with the statistics autovacuum
+/// usually leaves on `records_pending` (taken while it was empty). With
+/// `id IN (SELECT … FOR UPDATE)` the planner chose a nested-loop semi join
+/// there that ran the subquery again for every mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_records_write_plan_does_not_depend_on_stale_statistics() {
+    let Some(b) = Backend::postgres("records_write_plan").await else {
+        return;
+    };
+    let Backend::Postgres { url, .. } = &b else {
+        unreachable!()
+    };
+    let store = PgStore::open(url, 2).await.unwrap();
+    let pool = connect_test_server(url).await;
+    sqlx::query("ANALYZE records_pending")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let plan = task_queue::store::postgres::explain_records_write(&pool)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(plan.contains("InitPlan"), "{plan}");
+    assert!(!plan.contains("Semi Join"), "{plan}");
+    // And it writes: a finished attempt's record is found after it.
+    let s: Arc<dyn Store> = Arc::new(store);
+    let id = run_once(&s, task("plan-record"), T0, TaskStatus::Succeeded).await;
+    let rec = s
+        .history()
+        .unwrap()
+        .interactions_named("plan-record", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].task_id, id);
+    pool.close().await;
+    b.cleanup().await;
+}

@@ -16,6 +16,8 @@ mod notify;
 mod read;
 mod writer;
 
+pub use history::explain_records_write;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
