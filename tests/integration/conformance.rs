@@ -1506,7 +1506,7 @@ async fn a_record_that_cannot_be_built_does_not_hold_up_the_others(b: &Backend) 
 
 /// PostgreSQL: the bulk write of interaction records keeps a plan that
 /// runs its locking subquery once, even with the statistics autovacuum
-/// usually leaves on `records_pending` (taken while it was empty). With
+/// leaves on `records_pending` when it analyzed the table empty. With
 /// `id IN (SELECT … FOR UPDATE)` the planner chose a nested-loop semi join
 /// there that ran the subquery again for every mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,11 +77,12 @@ pub(super) const RECORDS_PER_WRITE: usize = 512;
 /// The marks of a bulk write are picked by `id = ANY (ARRAY(SELECT id …
 /// FOR UPDATE …))`, not `id IN (SELECT …)`: the locking subquery then runs
 /// once (an InitPlan) and the delete checks each mark against its array.
-/// `records_pending` is nearly always empty when autovacuum analyzes it,
-/// and with that estimate the planner turned `IN (SELECT …)` into a
-/// nested-loop semi join that ran the locking subquery again for every
-/// mark: 47–52 ms for the delete of 512 marks against 1.7–3 ms this way
-/// (`EXPLAIN ANALYZE` after `ANALYZE` of an empty table).
+/// `records_pending` holds a few hundred rows at most and is often empty
+/// when autovacuum analyzes it (a queue that drained leaves it so); with
+/// that estimate the planner turned `IN (SELECT …)` into a nested-loop
+/// semi join that ran the locking subquery again for every mark: 47–52 ms
+/// for the delete of 512 marks against 1.7–3 ms this way (`EXPLAIN
+/// ANALYZE` after `ANALYZE` of the empty table).
 fn record_sql(which: &str) -> String {
     format!(
         "WITH k AS (DELETE FROM records_pending WHERE {which} \
@@ -127,8 +128,8 @@ pub(super) async fn write_pending_records(
     let skip = if skip_locked { " SKIP LOCKED" } else { "" };
     sqlx::query("SAVEPOINT records").execute(&mut *conn).await?;
     let all = sqlx::query(AssertSqlSafe(record_sql(&every_mark(skip))))
-    .execute(&mut *conn)
-    .await;
+        .execute(&mut *conn)
+        .await;
     match all {
         Ok(done) => {
             sqlx::query("RELEASE SAVEPOINT records")
