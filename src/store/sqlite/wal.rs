@@ -111,7 +111,14 @@ impl WalAhead {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let zeroed = self.zero_fill();
         // Nothing was written through SQLite; this only releases the lock.
-        conn.execute_batch("COMMIT")?;
+        // The writer's next batch begins a transaction of its own, so the
+        // connection must not be left inside this one.
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            return Err(e.into());
+        }
         Ok(zeroed?)
     }
 
