@@ -17,7 +17,6 @@
 //! frames at the same offsets meanwhile; readers and checkpoints only read
 //! frames below the last commit.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -124,7 +123,7 @@ impl WalAhead {
 
     fn zero_fill(&self) -> std::io::Result<(u64, u64)> {
         // Never create the file: SQLite owns its existence.
-        let mut file = std::fs::OpenOptions::new().write(true).open(&self.wal)?;
+        let file = std::fs::OpenOptions::new().write(true).open(&self.wal)?;
         let from = file.metadata()?.len();
         if from >= self.target {
             return Ok((from, from));
@@ -136,7 +135,6 @@ impl WalAhead {
             file.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
-        file.flush()?;
         file.sync_data()?;
         Ok((from, at))
     }
