@@ -6,6 +6,7 @@
 //! and verified at open; `storage.durability` picks `synchronous=FULL`
 //! (default) or `NORMAL`.
 
+mod checkpoint;
 mod history;
 mod quick;
 mod read;
@@ -159,6 +160,8 @@ impl SqliteStore {
         let _ = sqlx::Connection::close(conn).await;
         let writer_conn = writer_connection(path, durability)?;
         let wal_ahead = wal::WalAhead::new(&writer_conn, path, durability);
+        // After WalAhead, which reads the checkpoint interval this turns off.
+        let checkpoints = checkpoint::Checkpoints::start(&writer_conn, path, durability);
         let (tx, rx) = mpsc::channel(16_384);
         let announce = std::sync::Arc::new(writer::Announce {
             tasks: events.clone(),
@@ -168,7 +171,7 @@ impl SqliteStore {
         tokio::spawn(writer::deliver_completed(done_rx, announce.clone()));
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(writer_conn, wal_ahead, rx, done_tx, announce))
+            .spawn(move || writer::run(writer_conn, wal_ahead, checkpoints, rx, done_tx, announce))
             .map_err(|e| Error::Store(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             ops: tx,

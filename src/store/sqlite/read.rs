@@ -367,7 +367,7 @@ pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
     out.schedules_active = active as u64;
     out.schedules_paused = paused as u64;
     let leases: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT lease_owner, COUNT(*) FROM tasks INDEXED BY tasks_running \
+        "SELECT lease_owner, COUNT(*) FROM tasks INDEXED BY tasks_status \
          WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
     )
     .fetch_all(pool)

@@ -386,6 +386,7 @@ pub(super) async fn deliver_completed(
 pub(super) fn run(
     conn: Conn,
     mut wal_ahead: Option<super::wal::WalAhead>,
+    mut checkpoints: super::checkpoint::Checkpoints,
     mut rx: mpsc::Receiver<Op>,
     done: tokio::sync::mpsc::UnboundedSender<Completed>,
     announce: std::sync::Arc<Announce>,
@@ -426,14 +427,18 @@ pub(super) fn run(
             workflow_events: batch.workflow_events,
         };
         if closing {
+            checkpoints.stop();
             drop(conn);
             hand_over(completed);
             return;
         }
         let committed = completed.answers.is_ok();
         hand_over(completed);
-        if committed && let Some(w) = wal_ahead.as_mut() {
-            w.after_commit(&conn);
+        if committed {
+            checkpoints.after_commit(&conn);
+            if let Some(w) = wal_ahead.as_mut() {
+                w.after_commit(&conn);
+            }
         }
     }
 }
@@ -1329,6 +1334,10 @@ const PROMOTE_TIMERS: &str = "UPDATE tasks SET status = CASE WHEN needs_approval
      ELSE 'queued' END, updated_at = ?1 WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1 \
      RETURNING id, name, status, workflow_id";
 
+/// Whether [`PROMOTE_TIMERS`] has a row to move; `?1` = now.
+const TIMERS_DUE: &str = "SELECT EXISTS (SELECT 1 FROM tasks INDEXED BY tasks_timer \
+     WHERE status = 'pending' AND deps_pending = 0 AND run_at <= ?1)";
+
 /// Records a row of [`PROMOTE_TIMERS`]: (id, name, status, workflow_id).
 fn promoted(row: (String, String, String, Option<String>), now: i64, batch: &mut Batch) {
     let (id, name, status, wf) = row;
@@ -1347,8 +1356,12 @@ fn promoted(row: (String, String, String, Option<String>), now: i64, batch: &mut
 
 fn claim(conn: &Conn, req: &ClaimRequest, batch: &mut Batch) -> Result<Vec<ClaimedTask>> {
     // Pending tasks whose time came move on first, so they can be claimed.
-    for row in all(conn, PROMOTE_TIMERS, params![req.now])? {
-        promoted(row, req.now, batch);
+    // The UPDATE (with RETURNING, so with a result table and a statement
+    // journal) runs only when the timer index says one is due.
+    if scalar_one::<bool>(conn, TIMERS_DUE, params![req.now])? {
+        for row in all(conn, PROMOTE_TIMERS, params![req.now])? {
+            promoted(row, req.now, batch);
+        }
     }
     // Then the claim query (deterministic: `ORDER BY priority DESC, seq`,
     // in one transaction of the single writer), and each row it chose is
@@ -1471,11 +1484,18 @@ fn finish_all(
     if finishes.is_empty() {
         return Ok(Vec::new());
     }
+    // The fence is a SELECT and the change an UPDATE by rowid: an UPDATE
+    // with RETURNING is run by SQLite as a trigger, which gives every
+    // execution an ephemeral result table and a statement journal (a copy
+    // of each page it touches); by rowid it is a one-row, one-pass write.
+    let mut fence = conn.prepare_cached(
+        "SELECT seq, name, workflow_id, \
+         EXISTS (SELECT 1 FROM task_deps WHERE dep_id = ?1 AND state = 'waiting') \
+         FROM tasks WHERE id = ?1 AND +status = 'running' AND lease_owner = ?2 AND attempts = ?3",
+    )?;
     let mut update = conn.prepare_cached(
         "UPDATE tasks SET status = ?2, run_at = COALESCE(?3, run_at), finished_at = ?4, updated_at = ?5, \
-         lease_owner = NULL, lease_expires_at = NULL, result = ?6, error = ?7 \
-         WHERE id = ?1 AND +status = 'running' AND lease_owner = ?8 AND attempts = ?9 \
-         RETURNING name, workflow_id",
+         lease_owner = NULL, lease_expires_at = NULL, result = ?6, error = ?7 WHERE seq = ?1",
     )?;
     let mut out = Vec::with_capacity(finishes.len());
     for f in finishes {
@@ -1502,24 +1522,24 @@ fn finish_all(
                 ],
             )?;
         }
-        let applied: Option<(String, Option<String>)> = update
-            .query_row(
-                params![
-                    f.task_id,
-                    status.as_str(),
-                    run_at,
-                    finished_at,
-                    f.now,
-                    result_json,
-                    f.error,
-                    f.worker_id,
-                    f.attempt
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+        let fenced: Option<(i64, String, Option<String>, bool)> = fence
+            .query_row(params![f.task_id, f.worker_id, f.attempt], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
+        if let Some((seq, ..)) = &fenced {
+            update.execute(params![
+                seq,
+                status.as_str(),
+                run_at,
+                finished_at,
+                f.now,
+                result_json,
+                f.error
+            ])?;
+        }
         batch.attempts.push(AttemptRow::finished(f, result_json));
-        let Some((name, wf)) = applied else {
+        let Some((_, name, wf, has_dependents)) = fenced else {
             let current: Option<String> = scalar_opt(
                 conn,
                 "SELECT status FROM tasks WHERE id = ?1",
@@ -1558,11 +1578,6 @@ fn finish_all(
         if status.is_terminal() {
             // Only a task with dependents waiting has them resolved (the
             // single writer sees every edge: nothing adds one meanwhile).
-            let has_dependents: bool = scalar_one(
-                conn,
-                "SELECT EXISTS (SELECT 1 FROM task_deps WHERE dep_id = ?1 AND state = 'waiting')",
-                params![f.task_id],
-            )?;
             if has_dependents {
                 batch.terminal(&f.task_id, status, f.result.output.clone(), wf);
             } else {
@@ -2261,12 +2276,14 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
             ])?;
         }
         // The task's status as of this transaction goes with the mark.
+        // One row of VALUES, not INSERT ... SELECT: SQLite gives a
+        // statement that may write many rows a statement journal.
         let mut mark = conn.prepare_cached(
             "INSERT INTO records_pending (task_id, attempt, task_status) \
-             SELECT ?1, ?2, status FROM tasks WHERE id = ?1",
+             VALUES (?1, ?2, coalesce((SELECT status FROM tasks WHERE id = ?1), ?3))",
         )?;
         for r in rows {
-            mark.execute(params![r.task_id, r.attempt])?;
+            mark.execute(params![r.task_id, r.attempt, r.status.as_str()])?;
         }
     }
     if drafts.is_empty() {
