@@ -10,6 +10,7 @@ mod checkpoint;
 mod history;
 mod quick;
 mod read;
+mod sync;
 mod wal;
 mod writer;
 
@@ -169,9 +170,37 @@ impl SqliteStore {
         });
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(writer::deliver_completed(done_rx, announce.clone()));
+        // A durable store syncs its WAL beside the writer (see `sync.rs`);
+        // if that thread cannot start, SQLite syncs in each commit.
+        let durable = match durability {
+            Durability::Fast => writer::Durable::InCommit,
+            Durability::Durable => {
+                let (done, announce) = (done_tx.clone(), announce.clone());
+                match sync::Syncer::start(path, move |c| writer::hand_over(&done, &announce, c)) {
+                    Ok(s) => {
+                        writer_conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+                        writer::Durable::Beside(s, path.to_path_buf())
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the WAL sync thread; SQLite syncs in each commit");
+                        writer::Durable::InCommit
+                    }
+                }
+            }
+        };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(writer_conn, wal_ahead, checkpoints, rx, done_tx, announce))
+            .spawn(move || {
+                writer::run(
+                    writer_conn,
+                    wal_ahead,
+                    checkpoints,
+                    durable,
+                    rx,
+                    done_tx,
+                    announce,
+                )
+            })
             .map_err(|e| Error::Store(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             ops: tx,

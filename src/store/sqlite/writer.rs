@@ -343,6 +343,39 @@ pub(super) struct Completed {
 }
 
 impl Completed {
+    /// Whether the batch committed (and so has something to make durable).
+    pub(super) fn committed(&self) -> bool {
+        self.answers.is_ok()
+    }
+
+    /// A batch of no ops, committed or not, and whether it failed.
+    #[cfg(test)]
+    pub(super) fn empty(committed: bool) -> Completed {
+        Completed {
+            ops: Vec::new(),
+            answers: if committed {
+                Ok(Vec::new())
+            } else {
+                Err("rolled back".into())
+            },
+            events: Vec::new(),
+            workflow_events: Vec::new(),
+        }
+    }
+
+    /// The batch's error, if it has one.
+    #[cfg(test)]
+    pub(super) fn error(&self) -> Option<&str> {
+        self.answers.as_ref().err().map(String::as_str)
+    }
+
+    /// Answers every op with `msg` instead, and announces nothing.
+    pub(super) fn fail(&mut self, msg: String) {
+        self.answers = Err(msg);
+        self.events.clear();
+        self.workflow_events.clear();
+    }
+
     /// Answers every op, then announces the events.
     fn complete(self, announce: &Announce) {
         match self.answers {
@@ -383,10 +416,33 @@ pub(super) async fn deliver_completed(
 /// `Close` op arrives (the connection is then closed before `Close` is
 /// answered). Answers go to [`deliver_completed`]; if that task is gone
 /// (its runtime shut down), the writer answers them itself.
+/// Hands a finished batch to [`deliver_completed`], or answers it on this
+/// thread if that task is gone.
+pub(super) fn hand_over(
+    done: &tokio::sync::mpsc::UnboundedSender<Completed>,
+    announce: &Announce,
+    completed: Completed,
+) {
+    if let Err(unsent) = done.send(completed) {
+        unsent.0.complete(announce);
+    }
+}
+
+/// How the writer makes its commits durable.
+pub(super) enum Durable {
+    /// SQLite syncs in each commit (`synchronous=FULL`), or nothing is
+    /// synced per commit (`fast` durability).
+    InCommit,
+    /// The writer's connection commits with `synchronous=NORMAL` and the
+    /// sync thread syncs the WAL before answering; `db` is the database.
+    Beside(super::sync::Syncer, std::path::PathBuf),
+}
+
 pub(super) fn run(
     conn: Conn,
     mut wal_ahead: Option<super::wal::WalAhead>,
     mut checkpoints: super::checkpoint::Checkpoints,
+    mut durable: Durable,
     mut rx: mpsc::Receiver<Op>,
     done: tokio::sync::mpsc::UnboundedSender<Completed>,
     announce: std::sync::Arc<Announce>,
@@ -394,11 +450,7 @@ pub(super) fn run(
     let mut ops = Vec::with_capacity(MAX_BATCH);
     // Records this writer left pending since it last wrote them.
     let mut pending = 0usize;
-    let hand_over = |completed: Completed| {
-        if let Err(unsent) = done.send(completed) {
-            unsent.0.complete(&announce);
-        }
-    };
+    let hand_over = |completed: Completed| hand_over(&done, &announce, completed);
     while let Some(op) = rx.blocking_recv() {
         ops.push(op);
         while ops.len() < MAX_BATCH {
@@ -426,14 +478,46 @@ pub(super) fn run(
             events: batch.events,
             workflow_events: batch.workflow_events,
         };
+        let committed = completed.answers.is_ok();
         if closing {
+            let mut completed = completed;
+            if let Durable::Beside(syncer, db) = &mut durable {
+                // Earlier batches are answered once synced; this one is
+                // synced here, before the connection closes.
+                syncer.stop();
+                if committed && let Err(e) = super::sync::sync_now(db) {
+                    completed.fail(format!(
+                        "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
+                    ));
+                }
+            }
             checkpoints.stop();
             drop(conn);
             hand_over(completed);
             return;
         }
-        let committed = completed.answers.is_ok();
-        hand_over(completed);
+        match &mut durable {
+            Durable::InCommit => hand_over(completed),
+            Durable::Beside(syncer, db) => {
+                if let Err(mut completed) = syncer.push(completed) {
+                    // The sync thread is gone: from now on SQLite syncs in
+                    // each commit, and this batch is synced here.
+                    tracing::error!(
+                        "the WAL sync thread stopped; commits sync in the writer from now on"
+                    );
+                    if let Err(e) = conn.execute_batch("PRAGMA synchronous = FULL") {
+                        tracing::error!(error = %e, "cannot switch the writer to synchronous=FULL");
+                    }
+                    if committed && let Err(e) = super::sync::sync_now(db) {
+                        completed.fail(format!(
+                            "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
+                        ));
+                    }
+                    hand_over(completed);
+                    durable = Durable::InCommit;
+                }
+            }
+        }
         if committed {
             checkpoints.after_commit(&conn);
             if let Some(w) = wal_ahead.as_mut() {
