@@ -34,7 +34,9 @@
 //!   connection, that also resolves dependents, moves workflow counters,
 //!   marks finished attempts for interaction records in the same
 //!   transaction (the records are written in bulk, and before any read of
-//!   the history) and merges the claims that come with finishes; point reads inline on synchronous
+//!   the history) and merges the claims that come with finishes; the WAL
+//!   sync of a durable commit and the checkpoints run on threads beside it,
+//!   and a batch is answered once its sync is done; point reads inline on synchronous
 //!   read-only connections; a read pool for the rest; WAL, which a busy durable
 //!   store fills ahead of its writes once so commits overwrite instead of
 //!   growing the file); [`store::postgres`] is the same design

@@ -178,8 +178,6 @@ fn checkpoint_connection(db: &Path, durability: Durability) -> rusqlite::Result<
         Durability::Durable => "PRAGMA synchronous = FULL; PRAGMA cache_size = -2000;",
         Durability::Fast => "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -2000;",
     })?;
-    // This connection never writes; it must not checkpoint at its close
-    // on its own account either way, the last connection does.
     Ok(conn)
 }
 

@@ -1,10 +1,13 @@
 //! The embedded SQLite store.
 //!
-//! One writer task owns the only write connection and commits everything
+//! One writer thread owns the only write connection and commits everything
 //! that is pending together (group commit), so 64 concurrent submitters pay
 //! for one fsync, not 64. Reads go through a separate pool. WAL is required
-//! and verified at open; `storage.durability` picks `synchronous=FULL`
-//! (default) or `NORMAL`.
+//! and verified at open. `storage.durability: durable` (the default) syncs
+//! the WAL before any write is answered, on a thread beside the writer
+//! (`sync.rs`; SQLite in each commit, `synchronous=FULL`, if that thread
+//! cannot start); `fast` is `synchronous=NORMAL`. Checkpoints run on a
+//! thread of their own (`checkpoint.rs`).
 
 mod checkpoint;
 mod history;

@@ -412,10 +412,6 @@ pub(super) async fn deliver_completed(
     }
 }
 
-/// The writer's loop, on its own thread, until the channel closes or a
-/// `Close` op arrives (the connection is then closed before `Close` is
-/// answered). Answers go to [`deliver_completed`]; if that task is gone
-/// (its runtime shut down), the writer answers them itself.
 /// Hands a finished batch to [`deliver_completed`], or answers it on this
 /// thread if that task is gone.
 pub(super) fn hand_over(
@@ -438,6 +434,11 @@ pub(super) enum Durable {
     Beside(super::sync::Syncer, std::path::PathBuf),
 }
 
+/// The writer's loop, on its own thread, until the channel closes or a
+/// `Close` op arrives (the connection is then closed before `Close` is
+/// answered). Answers go to [`deliver_completed`], through the sync thread
+/// when there is one; if that task is gone (its runtime shut down), they
+/// are answered where they are.
 pub(super) fn run(
     conn: Conn,
     mut wal_ahead: Option<super::wal::WalAhead>,
