@@ -235,6 +235,17 @@ async fn the_database_is_in_wal_mode_and_claims_use_the_index() {
     assert!(!plan.contains("TEMP B-TREE"), "{plan}");
 }
 
+/// 100 tasks with 2 KB descriptions, named from `busy-{from}` on.
+fn busy_tasks(from: usize) -> Vec<Task> {
+    (0..100)
+        .map(|i| {
+            Task::new(format!("busy-{}", from + i))
+                .with_argv(["true"])
+                .with_description("x".repeat(2_000))
+        })
+        .collect()
+}
+
 /// A busy durable store has its WAL filled ahead of the writer (so commits
 /// overwrite the file instead of growing it), and everything it committed
 /// before and after the fill is there when the database is opened again.
@@ -250,14 +261,7 @@ async fn a_busy_store_pre_sizes_its_wal_and_loses_nothing() {
     // One checkpoint interval (10,000 pages) and slack, in bytes.
     let target = 32 + 16_000 * (4096 + 24);
     while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) < target {
-        let specs: Vec<_> = (0..100)
-            .map(|i| {
-                Task::new(format!("busy-{}", submitted + i))
-                    .with_argv(["true"])
-                    .with_description("x".repeat(2_000))
-            })
-            .collect();
-        q.submit_batch(specs).await.unwrap();
+        q.submit_batch(busy_tasks(submitted)).await.unwrap();
         submitted += 100;
         assert!(
             submitted <= 20_000,
@@ -276,14 +280,7 @@ async fn a_busy_store_pre_sizes_its_wal_and_loses_nothing() {
     // filled size instead of growing.
     let filled = std::fs::metadata(&wal).unwrap().len();
     for _ in 0..200 {
-        let specs: Vec<_> = (0..100)
-            .map(|i| {
-                Task::new(format!("busy-{}", submitted + i))
-                    .with_argv(["true"])
-                    .with_description("x".repeat(2_000))
-            })
-            .collect();
-        q.submit_batch(specs).await.unwrap();
+        q.submit_batch(busy_tasks(submitted)).await.unwrap();
         submitted += 100;
     }
     assert_eq!(
