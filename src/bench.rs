@@ -15,7 +15,8 @@
 //! names a non-default file, next to that file (so a benchmark can target a
 //! particular disk). The named database itself is never opened. The store
 //! is opened with the configured `storage.durability` (default: durable,
-//! `synchronous=FULL`) and `storage.read_connections`.
+//! the WAL synced before any write is answered) and
+//! `storage.read_connections`.
 //!
 //! Scenarios:
 //!
@@ -332,7 +333,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         "tasks": args.tasks,
         "concurrency": concurrency,
         "durability": match cfg.storage.durability {
-            Durability::Durable => "durable (synchronous=FULL)",
+            Durability::Durable => "durable (WAL synced before answering)",
             Durability::Fast => "fast (synchronous=NORMAL)",
         },
         "db": cfg.storage.path.display().to_string(),

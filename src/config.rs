@@ -84,7 +84,8 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// `synchronous=FULL`: a submit that returned survives power loss.
+    /// The WAL is synced before any write is answered: a submit that
+    /// returned survives power loss.
     #[default]
     Durable,
     /// `synchronous=NORMAL`: survives a crash of the process, may lose the

@@ -1,6 +1,7 @@
 //! Keeping the WAL file allocated ahead of the writer.
 //!
-//! With `synchronous=FULL` every commit ends in an `fdatasync` of the WAL.
+//! A durable store syncs the WAL after every commit (`fdatasync`, see
+//! `sync.rs`).
 //! While the WAL file grows, that sync also has to journal the file's new
 //! size and blocks, which on the disks measured here doubles its cost
 //! (0.55–0.65 ms appending against 0.27–0.32 ms overwriting, see
