@@ -639,7 +639,19 @@ mod tests {
         let env = vec![("PATH".to_string(), "bin:/usr/bin:/bin".to_string())];
         let mut s = spec(&argv, &env);
         s.cwd = Some(dir.path());
-        let mut child = spawn(&s).unwrap();
+        // Another test's child started between our write and its exec
+        // holds a copy of the write descriptor for a moment, and exec of a
+        // file open for writing fails with ETXTBSY: try again briefly.
+        let mut tries = 0;
+        let mut child = loop {
+            match spawn(&s) {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                r => break r.unwrap(),
+            }
+        };
         let out = read_all(child.stdout.take()).await;
         assert!(child.wait(&|_| {}).await.unwrap().success());
         assert_eq!(
