@@ -155,3 +155,35 @@ fn sigterm_lets_the_running_task_finish() {
     assert_eq!(ws.read("done.txt"), "done\n");
     assert_eq!(ws.status(&ids[0])["status"], "succeeded");
 }
+
+/// Processes that open a database file that does not exist yet, all at
+/// once (a worker and a `submit` started together), all get in: none is
+/// told "database is locked" while another one creates the file, switches
+/// it to WAL and migrates it.
+#[test]
+fn processes_opening_a_new_database_at_once_all_get_in() {
+    for round in 0..60 {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let children: Vec<_> = (0..6)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_task-queue"))
+                    .arg("--db")
+                    .arg(&db)
+                    .args(["status", "--json"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

@@ -134,12 +134,16 @@ impl SqliteStore {
             })?;
         }
         let opts = options(path, durability);
+        // Processes opening a new file at once must not both migrate it:
+        // SQLite has no advisory lock for sqlx's migrator, so take a file
+        // lock. Taken before the first connection: two connections that
+        // both switch a new file to WAL can deadlock on the upgrade of
+        // their locks, and SQLite answers one of them "database is locked"
+        // at once instead of waiting.
+        let lock = migration_lock(path).await?;
         let mut conn = opts.connect().await.map_err(|e| {
             Error::Store(format!("cannot open the database {}: {e}", path.display()))
         })?;
-        // Processes opening a new file at once must not both migrate it:
-        // SQLite has no advisory lock for sqlx's migrator, so take a file lock.
-        let lock = migration_lock(path).await?;
         let migrated = MIGRATOR.run(&mut conn).await;
         drop(lock);
         migrated?;
