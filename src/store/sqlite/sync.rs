@@ -40,9 +40,7 @@ impl Syncer {
         db: &Path,
         hand_over: impl Fn(Completed) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
+        let wal = wal_path(db);
         let (tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name("sqlite-sync".into())
@@ -108,18 +106,30 @@ impl Wal {
     }
 }
 
+/// The WAL file of the database `db`.
+pub(super) fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 /// Syncs the WAL of `db` on the calling thread (the writer's, when it
 /// closes or when the sync thread is gone). No WAL, nothing to sync.
 pub(super) fn sync_now(db: &Path) -> std::io::Result<()> {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .open(PathBuf::from(wal))
-    {
+    match std::fs::OpenOptions::new().write(true).open(wal_path(db)) {
         Ok(f) => f.sync_data(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Syncs the WAL of `db` for `c` on the calling thread; if that fails, `c`
+/// is answered with the error instead.
+pub(super) fn sync_here(db: &Path, c: &mut Completed) {
+    if c.committed()
+        && let Err(e) = sync_now(db)
+    {
+        c.sync_failed(&e);
     }
 }
 
@@ -138,9 +148,7 @@ fn run(path: PathBuf, rx: Receiver<Completed>, hand_over: impl Fn(Completed)) {
             tracing::error!(wal = %wal.path.display(), error = %e, "cannot sync the WAL; answering the batches with an error");
             wal.file = None;
             for c in &mut group {
-                c.fail(format!(
-                    "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
-                ));
+                c.sync_failed(&e);
             }
         }
         for c in group {

@@ -62,10 +62,8 @@ impl WalAhead {
         if page <= 0 || interval <= 0 {
             return None;
         }
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
         Some(WalAhead {
-            wal: PathBuf::from(wal),
+            wal: super::sync::wal_path(db),
             target: WAL_HEADER + (interval as u64 + SLACK_FRAMES) * (page as u64 + FRAME_HEADER),
             commits: 0,
             done: false,

@@ -369,9 +369,12 @@ impl Completed {
         self.answers.as_ref().err().map(String::as_str)
     }
 
-    /// Answers every op with `msg` instead, and announces nothing.
-    pub(super) fn fail(&mut self, msg: String) {
-        self.answers = Err(msg);
+    /// Its commit could not be synced: every op is answered with that
+    /// error instead (the outcome is unknown), and nothing is announced.
+    pub(super) fn sync_failed(&mut self, e: &std::io::Error) {
+        self.answers = Err(format!(
+            "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
+        ));
         self.events.clear();
         self.workflow_events.clear();
     }
@@ -486,11 +489,7 @@ pub(super) fn run(
                 // Earlier batches are answered once synced; this one is
                 // synced here, before the connection closes.
                 syncer.stop();
-                if committed && let Err(e) = super::sync::sync_now(db) {
-                    completed.fail(format!(
-                        "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
-                    ));
-                }
+                super::sync::sync_here(db, &mut completed);
             }
             checkpoints.stop();
             drop(conn);
@@ -509,11 +508,7 @@ pub(super) fn run(
                     if let Err(e) = conn.execute_batch("PRAGMA synchronous = FULL") {
                         tracing::error!(error = %e, "cannot switch the writer to synchronous=FULL");
                     }
-                    if committed && let Err(e) = super::sync::sync_now(db) {
-                        completed.fail(format!(
-                            "the write was committed but could not be synced to disk ({e}); its outcome is unknown"
-                        ));
-                    }
+                    super::sync::sync_here(db, &mut completed);
                     hand_over(completed);
                     durable = Durable::InCommit;
                 }
