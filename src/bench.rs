@@ -36,7 +36,9 @@
 //!   second one (`baseline_fork`) adds a no-op `pre_exec` hook, which forces
 //!   std onto fork+exec: what the executor would pay if it used std's
 //!   `Command` with its set-up steps (it clones with `CLONE_VM` instead,
-//!   see `executor::spawn`).
+//!   see `executor::spawn`). `executor_alone` runs the engine's executor
+//!   (`executor::run_command`) the same way without the store: the part of
+//!   the gap that is the executor's own.
 //!
 //! * `dag`: a workflow of N no-op external tasks in layers of 100, each
 //!   depending on two tasks of the layer before, drained by one handler
@@ -758,6 +760,8 @@ async fn bench_command(
     out["baseline"] = base.to_json();
     let fork = baseline_spawn(tasks, concurrency, true).await?;
     out["baseline_fork"] = fork.to_json();
+    let exec = executor_loop(&template, tasks, concurrency).await?;
+    out["executor_alone"] = exec.to_json();
     let ratio = tps / base.tasks_per_sec;
     out["baseline_ratio"] = json!(round(ratio, 3));
     let rss_ok = out["peak_rss_mb"].as_f64().is_some_and(|r| r < 50.0);
@@ -1780,6 +1784,78 @@ async fn baseline_spawn(tasks: usize, concurrency: usize, fork: bool) -> Result<
             } else {
                 ""
             }
+        ),
+        tasks,
+        elapsed,
+        lat,
+    ))
+}
+
+/// The engine's executor (`executor::run_command`: its spawn, output
+/// capture, result file and process guard) running `tasks` attempts of
+/// `template`, `concurrency` at a time, with no store: what the engine
+/// could reach if claims and finishes cost nothing.
+async fn executor_loop(template: &TaskSpec, tasks: usize, concurrency: usize) -> Result<Baseline> {
+    let reaper = crate::executor::reaper::Reaper::spawn().ok().map(Arc::new);
+    let scratch_dir =
+        std::env::temp_dir().join(format!("task-queue-bench-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch_dir)?;
+    let settings = Arc::new(crate::executor::ExecSettings {
+        env_allowlist: Config::default().execution.env_allowlist,
+        kill_grace: Duration::from_secs(1),
+        scratch_dir: scratch_dir.clone(),
+    });
+    let spec = Arc::new(template.clone());
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let (reaper, settings, spec, next) =
+            (reaper.clone(), settings.clone(), spec.clone(), next.clone());
+        set.spawn(async move {
+            let (_stop_tx, stop) = watch::channel(None);
+            let mut lat = Vec::new();
+            let mut failed = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= tasks {
+                    return (lat, failed);
+                }
+                let ctx = TaskContext {
+                    id: format!("exec-{i}"),
+                    name: BENCH_TASK.to_string(),
+                    attempt: 1,
+                    spec: spec.clone(),
+                };
+                let t = Instant::now();
+                let r =
+                    crate::executor::run_command(&ctx, &settings, reaper.as_deref(), stop.clone())
+                        .await;
+                lat.push(ms(t.elapsed()));
+                if r.status != crate::model::AttemptStatus::Succeeded {
+                    failed += 1;
+                }
+            }
+        });
+    }
+    let mut lat = Vec::with_capacity(tasks);
+    let mut failed = 0;
+    while let Some(r) = set.join_next().await {
+        let (l, f) = r.map_err(|e| Error::Store(e.to_string()))?;
+        lat.extend(l);
+        failed += f;
+    }
+    let elapsed = start.elapsed();
+    let _ = std::fs::remove_dir_all(&scratch_dir);
+    if failed > 0 {
+        return Err(Error::Store(format!(
+            "{failed} executor runs of `true` failed"
+        )));
+    }
+    Ok(Baseline::new(
+        format!(
+            "the engine's executor (run_command: spawn, output capture, result file, process guard) running `true`, \
+             {concurrency} at a time, without the store; latency = attempt start to report"
         ),
         tasks,
         elapsed,

@@ -31,7 +31,7 @@ fn positive(v: &serde_json::Value, key: &str) -> f64 {
 }
 
 #[test]
-fn submit_noop_and_http_benchmarks_report_the_work_they_did() {
+fn submit_noop_command_and_http_benchmarks_report_the_work_they_did() {
     let ws = Workspace::new();
 
     let submit = bench(&ws, &["submit", "--tasks", "400", "--concurrency", "8"]);
@@ -47,6 +47,16 @@ fn submit_noop_and_http_benchmarks_report_the_work_they_did() {
     assert_eq!(noop["latency_samples"], 600);
     positive(&noop, "tasks_per_sec");
     positive(&noop, "peak_rss_mb");
+
+    // Three spawn loops beside the engine's run: tokio's posix_spawn, its
+    // fork path, and the engine's executor without the store.
+    let command = bench(&ws, &["command", "--tasks", "100", "--concurrency", "4"]);
+    assert_eq!(command["latency_samples"], 100);
+    positive(&command, "tasks_per_sec");
+    for key in ["baseline", "baseline_fork", "executor_alone"] {
+        assert_eq!(command[key]["tasks"], 100, "{key}: {command}");
+        positive(&command[key], "tasks_per_sec");
+    }
 
     let http = bench(&ws, &["http", "--tasks", "300", "--concurrency", "4"]);
     assert_eq!(http["scenario"], "http");
