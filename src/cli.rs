@@ -38,8 +38,9 @@ pub struct Cli {
     /// Talk to a running `task-queue serve` at this URL instead of opening
     /// the database (submit, status, logs, cancel, approve, search,
     /// recommend, workflow show|graph|cancel). The API token is read from
-    /// TASK_QUEUE_TOKEN.
-    #[arg(long, global = true, env = "TASK_QUEUE_SERVER", value_name = "URL")]
+    /// TASK_QUEUE_TOKEN. Without it, those commands use TASK_QUEUE_SERVER
+    /// if it is set; the other commands ignore that variable.
+    #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -94,7 +95,9 @@ pub enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
-    /// Run the engine: claim and execute tasks until stopped (SIGINT/SIGTERM).
+    /// Run the engine: claim and execute tasks until stopped. SIGINT or
+    /// SIGTERM lets running tasks finish for up to 30 s; a second one stops
+    /// them at once (they go back to the queue).
     Worker {
         /// Exit when no task is left that this worker could run.
         #[arg(long)]
@@ -312,7 +315,48 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<ExitCode> {
+impl Cli {
+    /// Whether this command should die quietly when its output is closed
+    /// early (`task-queue status | head`), as command-line tools do, instead
+    /// of failing on the write. Not for the commands that run the engine
+    /// or serve clients: there a closed pipe or socket is an error to
+    /// handle, not a reason to stop.
+    pub fn default_sigpipe(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Run { .. }
+                | Command::Worker { .. }
+                | Command::Mcp
+                | Command::Serve { .. }
+                | Command::Bench(_)
+        )
+    }
+}
+
+/// The environment variable the client commands take the server's URL from.
+pub const SERVER_ENV: &str = "TASK_QUEUE_SERVER";
+
+/// Commands that can talk to a running server instead of the database.
+fn runs_remotely(c: &Command) -> bool {
+    match c {
+        Command::Submit { .. }
+        | Command::Status { .. }
+        | Command::Logs { .. }
+        | Command::Cancel { .. }
+        | Command::Approve { .. }
+        | Command::Search { .. }
+        | Command::Recommend { .. } => true,
+        Command::Workflow { command } => !matches!(command, WorkflowCommand::List { .. }),
+        _ => false,
+    }
+}
+
+async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
+    // `--server` on a command that cannot use it is an error (below);
+    // the variable only applies to the commands that can.
+    if cli.server.is_none() && runs_remotely(&cli.command) {
+        cli.server = std::env::var(SERVER_ENV).ok().filter(|s| !s.is_empty());
+    }
     if let Some(server) = cli.server.as_deref() {
         let token = std::env::var(crate::client::TOKEN_ENV).unwrap_or_default();
         let client = crate::client::Client::new(server)?.with_token(token);
@@ -808,20 +852,53 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::
     tokio::signal::unix::signal(kind).map_err(Error::from)
 }
 
+/// How long a stopping worker lets its running tasks finish.
+const WORKER_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs the engine until SIGINT or SIGTERM (or, with `until_idle`, until
+/// nothing is left to run). A signal stops claiming and lets running tasks
+/// finish for up to [`WORKER_GRACE`]; a second signal stops them at once.
+/// Tasks stopped either way go back to the queue (`lost`, retried at once).
 async fn worker(queue: &TaskQueue, until_idle: bool) -> Result<ExitCode> {
-    if until_idle {
-        queue.run_until_idle().await?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let engine = queue.start();
     let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
-    }
-    tracing::info!("shutting down: letting running tasks finish");
-    engine.shutdown(Duration::from_secs(30)).await?;
+    // The first signal starts the graceful stop, a second one cuts it short.
+    let (first_tx, first) = tokio::sync::oneshot::channel::<()>();
+    let (second_tx, second) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        for tx in [first_tx, second_tx] {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            let _ = tx.send(());
+        }
+    });
+    let engine = if until_idle {
+        queue.start_until_idle()
+    } else {
+        queue.start()
+    };
+    let result = engine
+        .stop_when(
+            async {
+                let _ = first.await;
+                tracing::info!(
+                    "shutting down: running tasks may finish for up to {} s; send the signal again to stop them now",
+                    WORKER_GRACE.as_secs()
+                );
+            },
+            WORKER_GRACE,
+            async {
+                if second.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tracing::info!("stopping running tasks now; they go back to the queue");
+            },
+        )
+        .await;
+    signals.abort();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1103,11 +1180,17 @@ async fn remote(client: &crate::client::Client, command: Command) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// The command as it is typed (`ToolsSchema` → `tools-schema`).
 fn command_name(c: &Command) -> String {
-    let dbg = format!("{c:?}");
-    let head: String = dbg
+    let mut name = String::new();
+    for ch in format!("{c:?}")
         .chars()
         .take_while(|ch| ch.is_ascii_alphanumeric())
-        .collect();
-    head.to_ascii_lowercase()
+    {
+        if ch.is_ascii_uppercase() && !name.is_empty() {
+            name.push('-');
+        }
+        name.push(ch.to_ascii_lowercase());
+    }
+    name
 }

@@ -4,6 +4,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = task_queue::cli::Cli::parse();
+    if args.default_sigpipe() {
+        // SAFETY: restores the default action before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     task_queue::cli::init_tracing(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -264,15 +264,36 @@ impl EngineHandle {
     /// Stops claiming, lets running attempts finish for up to `grace`, then
     /// stops them; their tasks go back to the queue to run again.
     pub async fn shutdown(self, grace: Duration) -> Result<()> {
-        let _ = self.shutdown.send(DRAINING);
+        self.stop_when(std::future::ready(()), grace, std::future::pending())
+            .await
+    }
+
+    /// Runs until the engine ends on its own (one started with
+    /// `until_idle`) or `stop` completes; then shuts down as
+    /// [`shutdown`](Self::shutdown) does, except that the grace period
+    /// ends early if `now` completes (a second Ctrl-C).
+    pub async fn stop_when(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+        grace: Duration,
+        now: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+            r.map_err(|e| Error::Store(format!("engine task failed: {e}")))?
+        }
         let mut done = self.done;
         tokio::select! {
-            r = &mut done => return r.map_err(|e| Error::Store(format!("engine task failed: {e}")))?,
+            r = &mut done => return joined(r),
+            _ = stop => {}
+        }
+        let _ = self.shutdown.send(DRAINING);
+        tokio::select! {
+            r = &mut done => return joined(r),
             _ = tokio::time::sleep(grace) => {}
+            _ = now => {}
         }
         let _ = self.shutdown.send(STOP_NOW);
-        done.await
-            .map_err(|e| Error::Store(format!("engine task failed: {e}")))?
+        joined(done.await)
     }
 
     /// Waits for an engine started with `until_idle` to finish.

@@ -492,7 +492,13 @@ impl TaskQueue {
 
     /// Runs the engine until nothing is left that it could run.
     pub async fn run_until_idle(&self) -> Result<()> {
-        engine::start(self.inner.clone(), true).join().await
+        self.start_until_idle().join().await
+    }
+
+    /// Starts the engine on the current runtime; it ends by itself when
+    /// nothing is left that it could run, or when shut down.
+    pub fn start_until_idle(&self) -> EngineHandle {
+        engine::start(self.inner.clone(), true)
     }
 }
 

@@ -166,3 +166,24 @@ fn unknown_ids_are_named() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+/// Output into a pipe nobody reads any more (`task-queue status | head`):
+/// the command ends as command-line tools do, without a panic or a
+/// backtrace.
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let ws = Workspace::new();
+    ws.submit("tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = ws
+        .cmd(&["status", "--json"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

@@ -311,3 +311,47 @@ fn cli_commands_work_against_a_server() {
         "no database was created by remote commands"
     );
 }
+
+/// `TASK_QUEUE_SERVER` sends the client commands to that server; commands
+/// that work on the database ignore it. An explicit `--server` on one of
+/// those is refused, naming the command as it is typed.
+#[test]
+fn the_server_variable_applies_to_client_commands_only() {
+    let ws = Workspace::new();
+    ws.write("hello.yml", "tasks:\n  - {name: hello, command: echo hi}\n");
+    let dead = "http://127.0.0.1:1";
+    let with_var = |args: &[&str]| {
+        ws.cmd(args)
+            .env("TASK_QUEUE_SERVER", dead)
+            .output()
+            .unwrap()
+    };
+    // A client command goes to the (unreachable) server.
+    let out = with_var(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Local commands run as if it were not set.
+    for args in [
+        &["check", "hello.yml"][..],
+        &["tools-schema"],
+        &["workflow", "list", "--json"],
+    ] {
+        let out = with_var(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = ws.run(&["--server", dead, "tools-schema"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`tools-schema` works on the database directly"),
+        "{err}"
+    );
+}

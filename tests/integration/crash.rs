@@ -156,6 +156,41 @@ fn sigterm_lets_the_running_task_finish() {
     assert_eq!(ws.status(&ids[0])["status"], "succeeded");
 }
 
+/// `worker --until-idle` stops on a signal like `worker` does: a second
+/// SIGTERM stops the running task at once, and the task goes back to the
+/// queue (`lost`, not counted) instead of staying `running` under a lease
+/// and failing once that expires.
+#[test]
+fn until_idle_worker_stops_gracefully_on_signals() {
+    let ws = Workspace::new();
+    let ids =
+        ws.submit("tasks:\n  - {name: long, command: 'sleep 41.7', retry: {max_attempts: 1}}\n");
+    let mut worker = ws.spawn(&["worker", "--until-idle"]);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || ws.status(&ids[0])["status"] == "running"
+    ));
+    // SAFETY: plain syscalls on our own child.
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let task = ws.status(&ids[0]);
+    assert!(
+        task["status"] == "pending" || task["status"] == "retrying",
+        "{task}"
+    );
+    let attempts = ws.sqlite(&format!(
+        "SELECT status FROM attempts WHERE task_id = '{}'",
+        ids[0]
+    ));
+    assert_eq!(attempts.trim(), "lost");
+    assert!(processes_with("sleep 41.7").is_empty());
+}
+
 /// Processes that open a database file that does not exist yet, all at
 /// once (a worker and a `submit` started together), all get in: none is
 /// told "database is locked" while another one creates the file, switches
