@@ -96,6 +96,7 @@ pub struct WaitArgs {
     /// Longest wait in seconds, 1..=50 (default 30). When it runs out the
     /// current state comes back with `done: false`; call again to keep waiting.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 50))]
     pub timeout_seconds: Option<u64>,
 }
 
@@ -116,10 +117,11 @@ pub struct ApproveArgs {
     /// true approves (the task is queued); false rejects (the task fails, so
     /// its `failure` dependents run and its `success` dependents are skipped).
     pub approve: bool,
-    /// Why, recorded with the decision and in the audit trail.
+    /// Why, recorded with the decision and in the audit trail (at most
+    /// 4096 bytes).
     #[serde(default)]
     pub comment: Option<String>,
-    /// Who decides (default: "mcp").
+    /// Who decides (default: "mcp"; at most 256 bytes).
     #[serde(default)]
     pub by: Option<String>,
 }
@@ -157,14 +159,16 @@ pub struct ClaimArgs {
     /// heartbeat_task, complete_task and fail_task.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
-    /// Only external tasks with these names (default: any).
+    /// Only external tasks with these names (default: any; at most 1000).
     #[serde(default)]
+    #[schemars(length(max = 1000))]
     pub names: Vec<String>,
     /// Only tasks of this project.
     #[serde(default)]
     pub project: Option<String>,
-    /// Only tasks carrying all these tags.
+    /// Only tasks carrying all these tags (at most 32).
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub tags: Vec<String>,
     /// Lease in seconds, 1..=3600 (default 300). Renew with heartbeat_task
     /// before it ends, or the task goes back to the queue.
@@ -252,6 +256,7 @@ pub struct SearchArgs {
     pub until: Option<Timestamp>,
     /// Most hits, 1..=50 (default 10).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 50))]
     pub limit: Option<usize>,
 }
 

@@ -36,7 +36,7 @@ const CANDIDATES: usize = 300;
 pub const MAX_LIMIT: usize = 50;
 
 /// A search over past tasks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SearchRequest {
     pub query: String,
     /// Only tasks of this project.
@@ -47,10 +47,25 @@ pub struct SearchRequest {
     pub tags: Vec<String>,
     pub since: Option<Timestamp>,
     pub until: Option<Timestamp>,
-    /// 1..=50 (0 means 10).
+    /// 1..=50 (the default is 10).
     pub limit: usize,
     /// Rank this project's tasks higher without excluding others.
     pub prefer_project: Option<String>,
+}
+
+impl Default for SearchRequest {
+    fn default() -> Self {
+        SearchRequest {
+            query: String::new(),
+            project: None,
+            statuses: Vec::new(),
+            tags: Vec::new(),
+            since: None,
+            until: None,
+            limit: 10,
+            prefer_project: None,
+        }
+    }
 }
 
 /// One past task that matched.
@@ -237,8 +252,7 @@ impl Search {
         now: i64,
     ) -> Result<SearchResults> {
         let limit = match req.limit {
-            0 => 10,
-            n if n > MAX_LIMIT => {
+            n if n == 0 || n > MAX_LIMIT => {
                 return Err(Error::invalid(
                     "limit",
                     format!("must be 1..={MAX_LIMIT}, got {n}"),

@@ -252,10 +252,17 @@ impl TaskQueue {
             None => None,
         };
         if let Some(w) = &opts.workflow_id {
-            check_id(w).map_err(|e| e.in_field("workflow_id"))?;
+            check_id_as(w, "workflow_id")?;
+        }
+        // Each status is a parameter of the query: one of each is enough.
+        let mut statuses: Vec<TaskStatus> = Vec::new();
+        for st in opts.statuses {
+            if !statuses.contains(&st) {
+                statuses.push(st);
+            }
         }
         let filter = TaskFilter {
-            statuses: opts.statuses,
+            statuses,
             project: opts.project,
             workflow_id: opts.workflow_id,
             tag: opts.tag,
@@ -514,9 +521,14 @@ async fn wait_for_event(events: &mut broadcast::Receiver<TaskEvent>, id: &str) {
 }
 
 pub(crate) fn check_id(id: &str) -> Result<()> {
+    check_id_as(id, "id")
+}
+
+/// [`check_id`] for an id given in the field `field`.
+pub(crate) fn check_id_as(id: &str, field: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(Error::invalid(
-            "id",
+            field,
             format!(
                 "{id:?} is not an id (ids are UUIDs such as 0193b0c2-7a4e-7b2d-9c1a-3f5e6d7c8b9a)"
             ),

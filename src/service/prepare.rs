@@ -52,6 +52,24 @@ pub(crate) struct Prepared {
     pub schedule_id: Option<String>,
 }
 
+/// A graph error of a task submitted alone, in its own terms: no
+/// `tasks[0].` prefix, and dependencies that are ids of existing tasks.
+fn alone(e: Error) -> Error {
+    match e {
+        Error::InvalidInput { field, message } => Error::InvalidInput {
+            field: field
+                .strip_prefix("tasks[0].")
+                .map(str::to_string)
+                .unwrap_or(field),
+            message: message.replace(
+                "no task of this submission has that name",
+                "a task submitted alone depends on existing tasks by their ids",
+            ),
+        },
+        other => other,
+    }
+}
+
 /// Builds the rows of a submission. `single` drops the `tasks[i].` prefix of
 /// errors (a one-task submit).
 pub(crate) fn prepare(
@@ -95,7 +113,8 @@ pub(crate) fn prepare(
     for (i, s) in specs.iter().enumerate() {
         s.validate().map_err(field(i))?;
     }
-    let plan = graph::plan_with(&specs, header.is_some())?;
+    let plan = graph::plan_with(&specs, header.is_some())
+        .map_err(|e| if single { alone(e) } else { e })?;
     let ids: Vec<String> = (0..specs.len())
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();

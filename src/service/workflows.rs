@@ -53,6 +53,36 @@ pub struct ClaimFilter {
     pub tags: Vec<String>,
 }
 
+/// Most task names one claim may ask for.
+pub const MAX_CLAIM_NAMES: usize = 1000;
+/// Most tags one claim may require (a task carries at most 32).
+pub const MAX_CLAIM_TAGS: usize = 32;
+
+impl ClaimFilter {
+    /// Bounds the lists, which become parameters of the claim query.
+    fn check(&self) -> Result<()> {
+        if self.names.len() > MAX_CLAIM_NAMES {
+            return Err(Error::invalid(
+                "names",
+                format!(
+                    "at most {MAX_CLAIM_NAMES} task names, got {}",
+                    self.names.len()
+                ),
+            ));
+        }
+        if self.tags.len() > MAX_CLAIM_TAGS {
+            return Err(Error::invalid(
+                "tags",
+                format!(
+                    "at most {MAX_CLAIM_TAGS} tags (a task carries at most 32), got {}",
+                    self.tags.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An external task handed to a worker.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct ClaimedWork {
@@ -283,6 +313,11 @@ impl TaskQueue {
         {
             return Err(Error::invalid("comment", "must be at most 4096 bytes"));
         }
+        if let Some(b) = &by
+            && b.len() > 256
+        {
+            return Err(Error::invalid("by", "must be at most 256 bytes"));
+        }
         let t = self
             .inner
             .store
@@ -326,6 +361,7 @@ impl TaskQueue {
     ) -> Result<Vec<ClaimedWork>> {
         check_worker_id(worker_id)?;
         check_lease(lease)?;
+        filter.check()?;
         if limit == 0 || limit > 100 {
             return Err(Error::invalid(
                 "limit",

@@ -158,6 +158,7 @@ conformance!(
     recommend_is_deterministic,
     history_retention_vectors_and_outbox,
     a_record_that_cannot_be_built_does_not_hold_up_the_others,
+    a_write_the_database_refuses_fails_alone,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -1542,4 +1543,57 @@ async fn postgres_records_write_plan_does_not_depend_on_stale_statistics() {
     assert_eq!(rec[0].task_id, id);
     pool.close().await;
     b.cleanup().await;
+}
+
+/// A write the database refuses (here a claim whose names are more
+/// parameters than SQLite takes, and text PostgreSQL cannot store) fails
+/// alone: the submits that were committed in the same batch as it are
+/// applied again without it and answered, never failed with its error.
+async fn a_write_the_database_refuses_fails_alone(b: &Backend) {
+    let s = b.open().await;
+    let mut names = vec!["bad\0name".to_string()];
+    names.extend((0..40_000).map(|i| format!("n{i}")));
+    let mut submitted = 0;
+    for round in 0..20 {
+        let bad = {
+            let s = s.clone();
+            let names = names.clone();
+            tokio::spawn(async move {
+                s.claim(ClaimRequest {
+                    external: Some(task_queue::store::ExternalFilter {
+                        names,
+                        ..Default::default()
+                    }),
+                    ..claim_req("w", T0 + 10, 1)
+                })
+                .await
+            })
+        };
+        let submits: Vec<_> = (0..30)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(
+                    async move { s.submit(tasks(vec![task(&format!("r{round}-{i}"))])).await },
+                )
+            })
+            .collect();
+        assert!(
+            bad.await.unwrap().is_err(),
+            "round {round}: the bad claim was accepted"
+        );
+        for h in submits {
+            h.await.unwrap().unwrap_or_else(|e| {
+                panic!("round {round}: a submit failed with the claim's error: {e}")
+            });
+            submitted += 1;
+        }
+    }
+    let page = s
+        .list(&TaskFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), submitted);
 }

@@ -300,3 +300,104 @@ async fn a_busy_store_pre_sizes_its_wal_and_loses_nothing() {
     assert!(audit.ok, "{audit:?}");
     assert_eq!(audit.events as usize, submitted + 50);
 }
+
+/// The lists of a claim and a listing become query parameters: too many
+/// names or tags are refused naming the field, and repeated statuses are
+/// asked for once, instead of a storage error from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_filter_lists_are_refused_or_folded() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let lease = Duration::from_secs(30);
+    let many = |n: usize| (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>();
+    for (filter, field) in [
+        (
+            task_queue::ClaimFilter {
+                names: many(1001),
+                ..Default::default()
+            },
+            "names",
+        ),
+        (
+            task_queue::ClaimFilter {
+                tags: many(33),
+                ..Default::default()
+            },
+            "tags",
+        ),
+    ] {
+        match q.claim("w", filter, lease, 1).await {
+            Err(task_queue::Error::InvalidInput { field: f, message }) => {
+                assert_eq!(f, field, "{message}");
+                assert!(message.contains("at most"), "{message}");
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    let ok = task_queue::ClaimFilter {
+        names: many(1000),
+        ..Default::default()
+    };
+    assert!(q.claim("w", ok, lease, 1).await.unwrap().is_empty());
+    q.submit(Task::new("one").with_command("true"))
+        .await
+        .unwrap();
+    let page = q
+        .list(ListOptions {
+            statuses: vec![TaskStatus::Queued; 40_000],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.tasks.len(), 1);
+}
+
+/// Bounds and field names the interfaces rely on: a search limit of 0, an
+/// approver name of 300 bytes, a lone task depending on a name, a listing
+/// by a workflow id that is not one. Each error names the field as the
+/// caller wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_field_as_the_caller_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let field_of = |r: task_queue::Error| match r {
+        task_queue::Error::InvalidInput { field, message } => (field, message),
+        other => panic!("{other:?}"),
+    };
+    let (f, m) = field_of(
+        q.search(task_queue::search::SearchRequest {
+            query: "deploy".into(),
+            limit: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((f.as_str(), m.as_str()), ("limit", "must be 1..=50, got 0"));
+
+    let mut gate = Task::new("gate").with_command("true");
+    gate.requires_approval = true;
+    let gate = q.submit(gate).await.unwrap();
+    let (f, _) = field_of(
+        q.approve(&gate.id, true, None, Some("x".repeat(300)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(f, "by");
+
+    let mut lone = Task::new("lone").with_command("true");
+    lone.depends_on = vec![task_queue::model::Dependency::Name("nope".into())];
+    let (f, m) = field_of(q.submit(lone).await.unwrap_err());
+    assert_eq!(f, "depends_on[0]", "{m}");
+    assert!(m.contains("by their ids"), "{m}");
+
+    let (f, _) = field_of(
+        q.list(ListOptions {
+            workflow_id: Some("notanid".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(f, "workflow_id");
+}

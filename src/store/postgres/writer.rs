@@ -303,6 +303,31 @@ pub(super) async fn run(
                     let _ = announce.workflows.send(e);
                 }
             }
+            // One op's failure must not fail the others it was batched
+            // with: the batch was rolled back, so apply them again one by
+            // one, each in its own transaction.
+            Err(e) if ops.len() > 1 && !closing => {
+                tracing::warn!(error = %e, ops = ops.len(), "a write batch failed; applying its operations one at a time");
+                for op in ops.drain(..) {
+                    let one = std::slice::from_ref(&op);
+                    match apply_retrying(&pool, one, &node).await {
+                        Ok((mut answers, batch)) => {
+                            records_added(&pool, &node, batch.attempts.len());
+                            deliver(op, Ok(answers.pop().expect("one answer per op")));
+                            for e in batch.events {
+                                let _ = announce.tasks.send(e);
+                            }
+                            for e in batch.workflow_events {
+                                let _ = announce.workflows.send(e);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "store write failed; the operation was rolled back");
+                            deliver(op, Err(Error::Store(e.to_string())));
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
                 let msg = e.to_string();

@@ -337,7 +337,9 @@ pub(super) struct Announce {
 /// batch's error), and the events it committed.
 pub(super) struct Completed {
     ops: Vec<Op>,
-    answers: std::result::Result<Vec<Answer>, String>,
+    /// One answer per op, or the error of the whole batch. An op's own
+    /// error comes from the one-at-a-time retry of a failed batch.
+    answers: std::result::Result<Vec<std::result::Result<Answer, String>>, String>,
     events: Vec<TaskEvent>,
     workflow_events: Vec<WorkflowEvent>,
 }
@@ -384,7 +386,7 @@ impl Completed {
         match self.answers {
             Ok(answers) => {
                 for (op, answer) in self.ops.into_iter().zip(answers) {
-                    deliver(op, Ok(answer));
+                    deliver(op, answer.map_err(Error::Store));
                 }
             }
             Err(msg) => {
@@ -466,16 +468,29 @@ pub(super) fn run(
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
+        let pending_before = pending;
         let result = apply_all(&conn, &ops, &mut batch, &mut pending);
         tracing::trace!(
             ops = ops.len(),
             micros = started.elapsed().as_micros() as u64,
             "write batch"
         );
-        let answers = result.map_err(|e| {
-            tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
-            e.to_string()
-        });
+        let answers = match result {
+            Ok(answers) => Ok(answers.into_iter().map(Ok).collect()),
+            // One op's failure must not fail the others it was batched
+            // with: the batch was rolled back, so apply them again one
+            // by one, each in its own transaction.
+            Err(e) if ops.len() > 1 && !closing => {
+                tracing::warn!(error = %e, ops = ops.len(), "a write batch failed; applying its operations one at a time");
+                batch = Batch::default();
+                pending = pending_before;
+                Ok(apply_each(&conn, &ops, &mut batch, &mut pending))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = ops.len(), "store write failed; the batch was rolled back");
+                Err(e.to_string())
+            }
+        };
         let completed = Completed {
             ops: std::mem::replace(&mut ops, Vec::with_capacity(64)),
             answers,
@@ -587,6 +602,35 @@ fn apply_all(
         tracing::error!(error = %e, "rollback of a failed write batch failed");
     }
     applied
+}
+
+/// Applies each op in a transaction of its own, after the batch they came
+/// in failed: the op that failed it gets its error, the others their
+/// answers. The events of the ops that committed are added to `batch`.
+fn apply_each(
+    conn: &Conn,
+    ops: &[Op],
+    batch: &mut Batch,
+    pending: &mut usize,
+) -> Vec<std::result::Result<Answer, String>> {
+    ops.iter()
+        .map(|op| {
+            let mut one = Batch::default();
+            let before = *pending;
+            match apply_all(conn, std::slice::from_ref(op), &mut one, pending) {
+                Ok(mut answers) => {
+                    batch.events.append(&mut one.events);
+                    batch.workflow_events.append(&mut one.workflow_events);
+                    Ok(answers.pop().expect("one answer per op"))
+                }
+                Err(e) => {
+                    *pending = before;
+                    tracing::error!(error = %e, "store write failed; the operation was rolled back");
+                    Err(e.to_string())
+                }
+            }
+        })
+        .collect()
 }
 
 /// The body of [`apply_all`]'s transaction.
