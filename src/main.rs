@@ -19,5 +19,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    runtime.block_on(task_queue::cli::main(args))
+    let code = runtime.block_on(task_queue::cli::main(args));
+    // A read of stdin can still be blocked on a thread of the runtime (the
+    // MCP stdio transport's, after a signal ended the server): it must not
+    // keep the process alive once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
