@@ -207,8 +207,8 @@ pub async fn run_command(
         signal: outcome.signal,
         duration_ms: outcome.duration.as_millis() as u64,
         attempt: ctx.attempt,
-        stdout_tail: tail(&outcome.stdout.data),
-        stderr_tail: tail(&outcome.stderr.data),
+        stdout_tail: tail(&outcome.stdout.last_bytes(TAIL_BYTES)),
+        stderr_tail: tail(&outcome.stderr.last_bytes(TAIL_BYTES)),
         artifacts: Vec::new(),
     };
     let logs = vec![

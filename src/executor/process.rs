@@ -41,8 +41,24 @@ pub struct ProcessRequest {
 /// Captured output of one stream.
 #[derive(Debug, Clone, Default)]
 pub struct Captured {
+    /// The stream's first bytes, up to the output cap.
     pub data: Vec<u8>,
     pub dropped_bytes: u64,
+    /// The last bytes of what was dropped (up to two tails' worth), so the
+    /// end of the stream is known even when the cap cut it off.
+    dropped_end: Vec<u8>,
+}
+
+impl Captured {
+    /// The last `n` bytes of the whole stream, dropped part included.
+    pub fn last_bytes(&self, n: usize) -> Vec<u8> {
+        let from_end = self.dropped_end.len().min(n);
+        let from_data = (n - from_end).min(self.data.len());
+        let mut out = Vec::with_capacity(from_data + from_end);
+        out.extend_from_slice(&self.data[self.data.len() - from_data..]);
+        out.extend_from_slice(&self.dropped_end[self.dropped_end.len() - from_end..]);
+        out
+    }
 }
 
 /// How the process ended.
@@ -205,6 +221,13 @@ async fn capture(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Captured
                 let keep = n.min(room);
                 c.data.extend_from_slice(&buf[..keep]);
                 c.dropped_bytes += (n - keep) as u64;
+                if keep < n {
+                    c.dropped_end.extend_from_slice(&buf[keep..n]);
+                    if c.dropped_end.len() > 2 * super::TAIL_BYTES {
+                        let cut = c.dropped_end.len() - super::TAIL_BYTES;
+                        c.dropped_end.drain(..cut);
+                    }
+                }
             }
         }
     }

@@ -213,7 +213,8 @@ fn cpu_limit_and_output_cap() {
     let (_, summary) = ws.run_file(
         "tasks:\n  - name: spin\n    command: 'while :; do :; done'\n    limits: {cpu_seconds: 1}\n    \
          retry: {max_attempts: 1}\n  - name: chatty\n    command: 'head -c 200000 /dev/zero | tr \"\\\\0\" x'\n    \
-         limits: {max_output_bytes: 4KiB}\n",
+         limits: {max_output_bytes: 4KiB}\n  - name: last-words\n    command: 'head -c 300000 /dev/zero | tr \"\\\\0\" x; echo; echo the-last-line'\n    \
+         limits: {max_output_bytes: 1KiB}\n",
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     let spin = ws.status(task_by_name(&summary, "spin")["id"].as_str().unwrap());
@@ -227,6 +228,15 @@ fn cpu_limit_and_output_cap() {
     let logs = ws.run(&["logs", chatty["id"].as_str().unwrap()]);
     let text = String::from_utf8_lossy(&logs.stdout);
     assert!(text.contains("195904 more bytes dropped"), "{text}");
+    // The result's tail is the end of the stream, past the cap.
+    let last = ws.status(task_by_name(&summary, "last-words")["id"].as_str().unwrap());
+    let tail = last["result"]["stdout_tail"].as_str().unwrap();
+    assert!(
+        tail.ends_with("x\nthe-last-line\n"),
+        "{}",
+        &tail[tail.len().saturating_sub(80)..]
+    );
+    assert_eq!(tail.len(), 4096);
 }
 
 #[test]
