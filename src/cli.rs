@@ -697,7 +697,9 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
                         let attempt = if e.attempt > 0 { format!(" (attempt {})", e.attempt) } else { String::new() };
                         eprintln!("{}  {:width$}  {}{}", e.at.to_rfc3339().get(11..23).unwrap_or(""), e.name, e.status, attempt);
                     }
-                    if e.status == TaskStatus::AwaitingApproval && !json_out {
+                    // On stderr in both modes: a script reading the JSON
+                    // summary needs the id to approve, or it waits forever.
+                    if e.status == TaskStatus::AwaitingApproval {
                         eprintln!("  {} waits for approval: task-queue approve {} [--reject]", e.name, e.task_id);
                     }
                     if e.status.is_terminal() {
@@ -944,12 +946,20 @@ fn print_task(t: &TaskRecord, attempts: &[crate::model::Attempt], json_out: bool
         println!("error: {e}");
     }
     for a in attempts {
+        let exit = a
+            .result
+            .exit_code
+            .map(|c| format!(" exit={c}"))
+            .unwrap_or_default();
+        let signal = a
+            .result
+            .signal
+            .map(|s| format!(" signal={s}"))
+            .unwrap_or_default();
         println!(
-            "  #{} {} exit={:?} signal={:?} {} ms{}",
+            "  #{} {}{exit}{signal} {} ms{}",
             a.result.attempt,
             a.status.as_str(),
-            a.result.exit_code,
-            a.result.signal,
             a.result.duration_ms,
             a.error
                 .as_ref()

@@ -355,7 +355,19 @@ impl TaskQueue {
 
     /// Captured output of a task (all attempts, or one).
     pub async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
-        self.get(id).await?;
+        let t = self.get(id).await?;
+        if let Some(n) = attempt
+            && (n == 0 || n > t.attempts)
+        {
+            return Err(Error::invalid(
+                "attempt",
+                match t.attempts {
+                    0 => format!("task {id} has not started an attempt yet"),
+                    1 => format!("task {id} has one attempt (1); got {n}"),
+                    k => format!("task {id} has attempts 1..={k}; got {n}"),
+                },
+            ));
+        }
         self.inner.store.logs(id, attempt).await
     }
 
@@ -365,6 +377,12 @@ impl TaskQueue {
         task_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>> {
+        if let Some(id) = task_id {
+            check_id(id)?;
+        }
+        if limit == 0 {
+            return Err(Error::invalid("limit", "must be at least 1, got 0"));
+        }
         self.inner.store.audit_events(task_id, limit).await
     }
 

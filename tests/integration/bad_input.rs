@@ -187,3 +187,37 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+/// Attempts and ids that do not exist are errors naming the field, not
+/// empty successes; the plain status shows exit codes as numbers.
+#[test]
+fn attempts_and_ids_that_do_not_exist_are_refused() {
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file("tasks:\n  - {name: once, command: 'echo hi'}\n");
+    assert_eq!(code, 0);
+    let id = summary["tasks"][0]["id"].as_str().unwrap().to_string();
+    for (args, expect) in [
+        (
+            vec!["logs", id.as_str(), "--attempt", "9"],
+            "invalid attempt: task",
+        ),
+        (
+            vec!["logs", id.as_str(), "--attempt", "0"],
+            "invalid attempt",
+        ),
+        (vec!["audit", "show", "nonsense"], "invalid id"),
+        (vec!["audit", "show", "--limit", "0"], "invalid limit"),
+    ] {
+        let out = ws.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    let out = ws.run(&["logs", &id, "--attempt", "1"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
+    let out = ws.run(&["status", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("#1 succeeded exit=0 "), "{text}");
+    assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
+}
