@@ -90,9 +90,81 @@ pub fn parse_document(text: &str) -> Result<Value> {
         return serde_json::from_str(text)
             .map_err(|e| Error::invalid("file", format!("malformed JSON: {e}")));
     }
+    check_flow_depth(text)?;
     let v: Value = serde_norway::from_str(text)
         .map_err(|e| Error::invalid("file", format!("malformed YAML: {e}")))?;
     Ok(v)
+}
+
+/// Deepest nesting of YAML flow collections (`[...]`, `{...}`) accepted;
+/// the parser's own recursion limit is about as deep.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Refuses YAML whose flow collections nest deeper than the parser goes,
+/// before parsing it: the parser only notices after a scan whose time
+/// grows with the square of the depth (seconds for a few hundred KB).
+/// Brackets inside quotes and comments do not count.
+fn check_flow_depth(text: &str) -> Result<()> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut chars = text.chars().peekable();
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '#' if prev.is_whitespace() => {
+                // A comment runs to the end of the line.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+                prev = '\n';
+                continue;
+            }
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\n' => line += 1,
+                        '\\' if !escaped => {
+                            escaped = true;
+                            continue;
+                        }
+                        '"' if !escaped => break,
+                        _ => {}
+                    }
+                    escaped = false;
+                }
+            }
+            '\'' if !prev.is_alphanumeric() => {
+                // Single-quoted: '' is a quote inside, and the loop sees it
+                // as the end and a new start, which is the same.
+                for c in chars.by_ref() {
+                    match c {
+                        '\n' => line += 1,
+                        '\'' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Err(Error::invalid(
+                        "file",
+                        format!(
+                            "malformed YAML: collections nest deeper than {MAX_FLOW_DEPTH} levels (line {line})"
+                        ),
+                    ));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    Ok(())
 }
 
 /// Parses a task or workflow file's text; every task spec is validated on
@@ -201,6 +273,33 @@ fn write_canonical(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deep_flow_collections_are_refused_before_parsing() {
+        let deep = format!(
+            "tasks:\n  - name: a\n    command: echo\n    parameters: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let t = std::time::Instant::now();
+        let e = super::parse_document(&deep).unwrap_err().to_string();
+        assert!(e.contains("nest deeper than 128 levels (line 4)"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // Brackets in quotes and comments are text; 128 levels are fine.
+        let quoted = format!(
+            "# {}\na: \"{}\"\nb: '{}'\nc: {}{}\n",
+            "[".repeat(500),
+            "{".repeat(500),
+            "[".repeat(500),
+            "[".repeat(128),
+            "]".repeat(128)
+        );
+        let e = super::parse_document(&quoted);
+        assert!(
+            e.as_ref().map_or_else(|e| !e.to_string().contains("nest deeper"), |_| true),
+            "{e:?}"
+        );
+    }
+
     use super::*;
 
     #[test]
