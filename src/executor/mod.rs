@@ -29,7 +29,7 @@ use reaper::Reaper;
 /// Bytes of each stream kept in `result.stdout_tail` / `stderr_tail`.
 const TAIL_BYTES: usize = 4096;
 /// Largest accepted `$TASK_QUEUE_RESULT` file.
-const MAX_RESULT_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_RESULT_BYTES: u64 = 4 << 20;
 
 /// What an in-process handler receives.
 #[derive(Debug, Clone)]

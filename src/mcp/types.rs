@@ -205,7 +205,7 @@ pub struct CompleteArgs {
     /// The worker id used to claim it.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:@-]+$"))]
     pub worker_id: String,
-    /// The result (any JSON, usually an object). If the task has a
+    /// The result (any JSON, usually an object; at most 4 MiB). If the task has a
     /// `validation` schema the output must match it, else the call fails
     /// and the task stays yours to complete again.
     #[serde(default)]

@@ -295,7 +295,8 @@ mod tests {
         );
         let e = super::parse_document(&quoted);
         assert!(
-            e.as_ref().map_or_else(|e| !e.to_string().contains("nest deeper"), |_| true),
+            e.as_ref()
+                .map_or_else(|e| !e.to_string().contains("nest deeper"), |_| true),
             "{e:?}"
         );
     }

@@ -223,12 +223,23 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let t = humantime::parse_rfc3339_weak(&s).map_err(|e| {
-            serde::de::Error::custom(format!("expected an RFC 3339 time, got {s:?} ({e})"))
+        Timestamp::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Timestamp {
+    /// An RFC 3339 time with any offset (`2026-05-01T09:30:00+02:00`,
+    /// `...Z`, `...z`); a time without an offset is taken as UTC.
+    pub fn parse(s: &str) -> Result<Timestamp, String> {
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(Timestamp(t.timestamp_millis()));
+        }
+        let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+            format!("expected an RFC 3339 time such as 2026-05-01T09:30:00Z or 2026-05-01T11:30:00+02:00, got {s:?} ({e})")
         })?;
         let ms = t
             .duration_since(UNIX_EPOCH)
-            .map_err(|_| serde::de::Error::custom("time before 1970"))?
+            .map_err(|_| format!("expected an RFC 3339 time, got {s:?} (before 1970)"))?
             .as_millis() as i64;
         Ok(Timestamp(ms))
     }
@@ -246,6 +257,23 @@ impl JsonSchema for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_rfc3339_times_with_any_offset() {
+        let utc = Timestamp::parse("2026-05-01T09:30:00Z").unwrap();
+        assert_eq!(utc.0, 1_777_627_800_000);
+        for same in [
+            "2026-05-01T11:30:00+02:00",
+            "2026-05-01T04:30:00-05:00",
+            "2026-05-01t09:30:00z",
+            "2026-05-01T09:30:00",
+        ] {
+            assert_eq!(Timestamp::parse(same), Ok(utc), "{same}");
+        }
+        assert_eq!(Timestamp::parse("1969-12-31T23:59:59Z").unwrap().0, -1000);
+        let e = Timestamp::parse("tomorrow").unwrap_err();
+        assert!(e.contains("RFC 3339") && e.contains("\"tomorrow\""), "{e}");
+    }
 
     #[test]
     fn parses_durations() {

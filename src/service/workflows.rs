@@ -457,6 +457,20 @@ impl TaskQueue {
         output: Option<Value>,
     ) -> Result<TaskRecord> {
         let t = self.held(task_id, worker_id).await?;
+        if let Some(out) = &output {
+            // The same cap as a command's result file: outputs come back
+            // whole in every read of the task.
+            let size = serde_json::to_vec(out).map(|v| v.len()).unwrap_or(0) as u64;
+            let max = crate::executor::MAX_RESULT_BYTES;
+            if size > max {
+                return Err(Error::invalid(
+                    "output",
+                    format!(
+                        "is {size} bytes as JSON; at most {max} are accepted (store large results elsewhere and return a reference)"
+                    ),
+                ));
+            }
+        }
         if let (Some(schema), Some(out)) = (&t.spec.validation, &output)
             && let Ok(v) = jsonschema::validator_for(schema)
             && let Some(e) = v.iter_errors(out).next()

@@ -401,3 +401,33 @@ async fn errors_name_the_field_as_the_caller_wrote_it() {
     );
     assert_eq!(f, "workflow_id");
 }
+
+/// An external worker's output has the same cap as a command's result
+/// file; the task stays claimed, and a smaller output completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_external_output_is_refused_and_the_task_stays_yours() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let t = q
+        .submit(Task::new("ext").with_kind(task_queue::model::TaskKind::External))
+        .await
+        .unwrap();
+    let got = q
+        .claim("w", Default::default(), Duration::from_secs(30), 1)
+        .await
+        .unwrap();
+    assert_eq!(got[0].task_id, t.id);
+    let big = json!({"blob": "y".repeat(5 << 20)});
+    match q.complete(&t.id, "w", Some(big)).await {
+        Err(task_queue::Error::InvalidInput { field, message }) => {
+            assert_eq!(field, "output");
+            assert!(message.contains("at most 4194304"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let done = q
+        .complete(&t.id, "w", Some(json!({"ok": true})))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+}
