@@ -124,6 +124,7 @@ pub(crate) fn prepare(
     let mut schedules = Vec::new();
     let mut schedule_id = run.schedule_id.clone();
     let mut start_at = run.start_at;
+    let mut key_suffix = run.key_suffix.clone();
     if let Some(sch) = schedule {
         let h = header.expect("only workflows carry a schedule");
         sch.validate().map_err(|e| e.in_field("schedule"))?;
@@ -159,6 +160,10 @@ pub(crate) fn prepare(
             });
             start_at = Some(first);
             schedule_id = Some(id);
+            // The first run is a run of its slot like every later one.
+            if key_suffix.is_none() {
+                key_suffix = Some(first.to_string());
+            }
         }
     }
 
@@ -234,12 +239,17 @@ pub(crate) fn prepare(
                 });
                 run_at = first;
                 task_schedule_id = Some(id);
+                if run.key_suffix.is_none()
+                    && let Some(k) = &spec.idempotency_key
+                {
+                    spec.idempotency_key = Some(format!("{k}@{first}"));
+                }
             } else {
                 // Keep a one-off time in the stored spec: it is part of what was asked.
                 spec.schedule = Some(sch);
             }
         }
-        if let (Some(k), Some(sfx)) = (&spec.idempotency_key, &run.key_suffix) {
+        if let (Some(k), Some(sfx)) = (&spec.idempotency_key, &key_suffix) {
             spec.idempotency_key = Some(format!("{k}@{sfx}"));
         }
         let mut t = resolve(config, spec, now).map_err(field(i))?;

@@ -534,3 +534,67 @@ async fn schedules_fire_at_their_slots_whatever_the_poll_interval() {
         assert_eq!(w[1] - w[0], 1000, "slots fired: {slots:?}");
     }
 }
+
+/// Idempotency keys of a scheduled run carry its slot from the first run
+/// on, and a run cancelled by a pause before it started gives its keys
+/// back: resumed within the same slot, the schedule builds that run again
+/// with its task, instead of an empty run matched to the cancelled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_slot_resumed_in_time_runs_its_keyed_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_800_000_000_000i64;
+    let clock = ManualClock::new(t0 + 1);
+    let q = TaskQueue::open_with_clock(config(&dir), Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let sub = q
+        .submit_workflow(
+            Workflow::new("hourly")
+                .with_schedule(Schedule {
+                    at: None,
+                    cron: Some("0 0 * * * *".into()),
+                    timezone: None,
+                })
+                .add_task(
+                    Task::new("job")
+                        .with_command("true")
+                        .with_idempotency_key("job-key"),
+                ),
+        )
+        .await
+        .unwrap();
+    let schedule_id = sub.schedule_id.clone().unwrap();
+    let slot = q
+        .get_schedule(&schedule_id)
+        .await
+        .unwrap()
+        .next_fire_at
+        .unwrap()
+        .0;
+    let first = q.get_workflow(&sub.workflow_id).await.unwrap();
+    let job = q.get(&first.tasks[0].id).await.unwrap();
+    assert_eq!(
+        job.spec.idempotency_key.as_deref(),
+        Some(format!("job-key@{slot}").as_str())
+    );
+
+    q.pause_schedule(&schedule_id).await.unwrap();
+    assert_eq!(
+        q.get_workflow(&sub.workflow_id)
+            .await
+            .unwrap()
+            .workflow
+            .status,
+        WorkflowStatus::Cancelled
+    );
+    let s = q.resume_schedule(&schedule_id).await.unwrap();
+    assert_eq!(s.next_fire_at.unwrap().0, slot);
+    let run = q
+        .get_workflow(s.upcoming_run.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_ne!(run.workflow.id, sub.workflow_id);
+    assert_eq!(run.tasks.len(), 1, "{run:?}");
+    assert_eq!(run.tasks[0].status, TaskStatus::Pending);
+    assert_eq!(run.workflow.status, WorkflowStatus::Running);
+}

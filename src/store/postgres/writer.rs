@@ -2273,6 +2273,15 @@ async fn cancel_upcoming(
     } else {
         let _ = cancel(conn, run, now, &reason, batch).await?;
     }
+    // A run that never started does not hold its slot's idempotency keys:
+    // resumed in the same slot, the schedule builds that run again.
+    sqlx::query(
+        "UPDATE tasks SET idempotency_key = NULL \
+         WHERE (workflow_id = $1 OR id = $1) AND idempotency_key IS NOT NULL",
+    )
+    .bind(run)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

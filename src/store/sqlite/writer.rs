@@ -2330,6 +2330,14 @@ fn cancel_upcoming(conn: &Conn, run: &str, now: i64, batch: &mut Batch) -> Resul
     } else {
         let _ = cancel(conn, run, now, &reason, batch)?;
     }
+    // A run that never started does not hold its slot's idempotency keys:
+    // resumed in the same slot, the schedule builds that run again.
+    exec(
+        conn,
+        "UPDATE tasks SET idempotency_key = NULL \
+         WHERE (workflow_id = ?1 OR id = ?1) AND idempotency_key IS NOT NULL",
+        params![run],
+    )?;
     Ok(())
 }
 
