@@ -165,6 +165,41 @@ impl ChainVerifier {
     }
 }
 
+/// The chain alone cannot show that its newest events were deleted: what
+/// is left is still a valid chain. Each task's current status must be the
+/// status its last event moved it to; `mismatch` is the first task for
+/// which it is not: `(task_id, status, last event's seq and to_status)`.
+pub fn check_task_heads(
+    report: &mut AuditReport,
+    mismatch: Option<(String, String, Option<(i64, String)>)>,
+) {
+    if !report.ok {
+        return;
+    }
+    if let Some((task_id, status, last)) = mismatch {
+        report.ok = false;
+        let (seq, reason) = match last {
+            Some((seq, to)) => (
+                seq,
+                format!(
+                    "task {task_id} is {status} but its last audit event (seq {seq}) moved it to {to}: later events are missing"
+                ),
+            ),
+            None => (
+                0,
+                format!(
+                    "task {task_id} is {status} but has no audit events: its events are missing"
+                ),
+            ),
+        };
+        report.broken = Some(BrokenLink {
+            seq,
+            task_id,
+            reason,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,42 @@ fn audit_verify_detects_a_deleted_row() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("event #3"));
 }
 
+/// Deleting the newest events leaves a valid chain; verify still fails,
+/// because the tasks they moved no longer match their last event.
+#[test]
+fn audit_verify_detects_the_newest_rows_deleted() {
+    let ws = Workspace::new();
+    let (code, summary) =
+        ws.run_file("tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n");
+    assert_eq!(code, 0);
+    assert!(ws.run(&["audit", "verify"]).status.success());
+    let last = ws.sqlite("SELECT task_id FROM audit_events ORDER BY seq DESC LIMIT 1");
+    let last = last.trim().to_string();
+    assert!(
+        summary["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == last.as_str())
+    );
+    ws.sqlite("DELETE FROM audit_events WHERE seq = (SELECT MAX(seq) FROM audit_events)");
+    let bad = ws.run(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains(&last) && err.contains("later events are missing"),
+        "{err}"
+    );
+    // The whole tail from that task's first event on: it has none left.
+    ws.sqlite(&format!(
+        "DELETE FROM audit_events WHERE seq >= (SELECT MIN(seq) FROM audit_events WHERE task_id = '{last}')"
+    ));
+    let bad = ws.run(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("events are missing"), "{err}");
+}
+
 #[test]
 fn a_tampered_spec_is_not_run() {
     let ws = Workspace::new();
