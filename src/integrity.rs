@@ -165,13 +165,17 @@ impl ChainVerifier {
     }
 }
 
+/// A task whose status its last audit event does not explain: its id, its
+/// status, and its last event's seq and `to_status` (none if it has none).
+pub type HeadMismatch = (String, String, Option<(i64, String)>);
+
 /// The chain alone cannot show that its newest events were deleted: what
 /// is left is still a valid chain. Each task's current status must be the
 /// status its last event moved it to; `mismatch` is the first task for
 /// which it is not: `(task_id, status, last event's seq and to_status)`.
 pub fn check_task_heads(
     report: &mut AuditReport,
-    mismatch: Option<(String, String, Option<(i64, String)>)>,
+    mismatch: Option<HeadMismatch>,
 ) {
     if !report.ok {
         return;
