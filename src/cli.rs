@@ -798,7 +798,7 @@ async fn mcp_stdio(queue: &TaskQueue) -> Result<ExitCode> {
     use rmcp::ServiceExt;
     let engine = queue.start();
     let service = crate::mcp::McpServer::new(queue.clone())
-        .serve(rmcp::transport::stdio())
+        .serve(crate::mcp::stdio::checked_stdio())
         .await
         .map_err(|e| Error::Io(std::io::Error::other(format!("MCP handshake failed: {e}"))))?;
     let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -173,10 +173,7 @@ pub type HeadMismatch = (String, String, Option<(i64, String)>);
 /// is left is still a valid chain. Each task's current status must be the
 /// status its last event moved it to; `mismatch` is the first task for
 /// which it is not: `(task_id, status, last event's seq and to_status)`.
-pub fn check_task_heads(
-    report: &mut AuditReport,
-    mismatch: Option<HeadMismatch>,
-) {
+pub fn check_task_heads(report: &mut AuditReport, mismatch: Option<HeadMismatch>) {
     if !report.ok {
         return;
     }

@@ -5,6 +5,7 @@
 //! HTTP+SSE transport at `/sse` + `/messages` (`task-queue serve`).
 
 pub mod sse;
+pub mod stdio;
 pub mod types;
 
 use std::time::{Duration, Instant};

@@ -288,3 +288,70 @@ fn the_stdio_server_exits_on_sigterm_with_stdin_open() {
     assert!(status.success(), "{status:?}");
     drop(stdin);
 }
+
+/// Over stdio every request gets an answer: a line that is not JSON, JSON
+/// nested past the parser's limit, and `tools/call` with `arguments` that
+/// is not an object get JSON-RPC errors; the session goes on after them.
+#[test]
+fn the_stdio_server_answers_unreadable_lines() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .arg("--db")
+        .arg(dir.path().join("q.db"))
+        .arg("mcp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut answer = |stdin: &mut std::process::ChildStdin, line: &str| -> Value {
+        writeln!(stdin, "{line}").unwrap();
+        let mut got = String::new();
+        out.read_line(&mut got).unwrap();
+        serde_json::from_str(&got).unwrap_or_else(|e| panic!("{e}: {got}"))
+    };
+    let init = answer(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#,
+    );
+    assert_eq!(init["id"], 1);
+    writeln!(
+        stdin,
+        r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#
+    )
+    .unwrap();
+    let e = answer(&mut stdin, "garbage");
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"submit_task","arguments":{{"name":"d","command":"true","parameters":{{"x":{}1{}}}}}}}}}"#,
+        "[".repeat(150),
+        "]".repeat(150)
+    );
+    let e = answer(&mut stdin, &deep);
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    let e = answer(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_task","arguments":[1,2]}}"#,
+    );
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (serde_json::json!(3), serde_json::json!(-32602)),
+        "{e}"
+    );
+    let list = answer(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#,
+    );
+    assert_eq!(list["id"], 4);
+    assert!(
+        list["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty()),
+        "{list}"
+    );
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
