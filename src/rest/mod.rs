@@ -142,9 +142,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 ApiError::from(Error::invalid("body", format!("malformed JSON: {e}")))
             })?
         };
+        // Every body is an object: serde would otherwise read an array as
+        // the struct's fields in declaration order.
+        if !v.is_object() {
+            return Err(Error::invalid(
+                "body",
+                format!("expected a JSON object, got {}", json_kind(&v)),
+            )
+            .into());
+        }
         Ok(Body(from_value(v).map_err(ApiError::from)?))
     }
 }
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The body of an action that takes none: empty, or an empty JSON object.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
 
 /// Query parameters parsed with field-naming errors.
 pub struct Q<T>(pub T);
@@ -528,11 +553,19 @@ fn floor_char(s: &str, mut i: usize) -> usize {
     i
 }
 
-async fn cancel_task(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn cancel_task(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Body(NoBody {}): Body<NoBody>,
+) -> ApiResult<Response> {
     Ok(Json(json!({"task": st.queue.cancel(&id).await?})).into_response())
 }
 
-async fn retry_task(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn retry_task(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Body(NoBody {}): Body<NoBody>,
+) -> ApiResult<Response> {
     Ok(Json(json!({"task": st.queue.retry(&id).await?})).into_response())
 }
 
@@ -700,6 +733,7 @@ async fn workflow_graph(
 async fn cancel_workflow(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    Body(NoBody {}): Body<NoBody>,
 ) -> ApiResult<Response> {
     Ok(Json(st.queue.cancel_workflow(&id).await?).into_response())
 }
@@ -744,7 +778,15 @@ async fn search(State(st): State<ApiState>, Q(q): Q<SearchQuery>) -> ApiResult<R
         limit: num("limit", &q.limit)?.unwrap_or(10),
         prefer_project: None,
     };
-    Ok(Json(st.queue.search(req).await?).into_response())
+    // The words are the `q` parameter here.
+    let found = st.queue.search(req).await.map_err(|e| match e {
+        Error::InvalidInput { field, message } if field == "query" => Error::InvalidInput {
+            field: "q".into(),
+            message,
+        },
+        e => e,
+    })?;
+    Ok(Json(found).into_response())
 }
 
 #[derive(Deserialize)]

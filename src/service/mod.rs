@@ -246,7 +246,7 @@ impl TaskQueue {
             ));
         }
         let before_seq = match &opts.cursor {
-            Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            Some(c) => Some(c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
                 Error::invalid("cursor", "is not a cursor returned by a previous page")
             })?),
             None => None,

@@ -118,10 +118,11 @@ fn check_worker_id(worker_id: &str) -> Result<()> {
 
 fn check_lease(lease: Duration) -> Result<()> {
     if lease < Duration::from_secs(1) || lease > MAX_LEASE {
+        // Named as the interfaces take it (MCP and REST: seconds).
         return Err(Error::invalid(
-            "lease",
+            "lease_seconds",
             format!(
-                "must be between 1s and 1h, got {}",
+                "must be between 1 and 3600 seconds, got {}",
                 crate::model::Dur(lease)
             ),
         ));
@@ -210,7 +211,7 @@ impl TaskQueue {
             ));
         }
         let before_seq = match &cursor {
-            Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            Some(c) => Some(c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
                 Error::invalid("cursor", "is not a cursor returned by a previous page")
             })?),
             None => None,
