@@ -273,6 +273,8 @@ pub fn init_tracing(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match cli.log_format {
         LogFormatArg::Text => builder.try_init(),
@@ -683,6 +685,17 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
         .collect();
     let live = !json_out && std::io::stderr().is_terminal();
     let width = names.values().map(|n| n.len()).max().unwrap_or(8).min(40);
+    // `run` executes commands and HTTP calls; external tasks wait for a
+    // worker to claim them, which `run` does not do: say so up front.
+    for t in queue.get_many(&ids).await? {
+        if t.kind == crate::model::TaskKind::External {
+            eprintln!(
+                "note: {} ({}) is an external task: it waits until a worker claims it \
+                 (MCP claim_task, POST /api/v1/workers/claim)",
+                t.name, t.id
+            );
+        }
+    }
     let engine = queue.start();
     let mut open: HashSet<String> = ids.iter().cloned().collect();
     let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -768,7 +781,7 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
                 _ => String::new(),
             };
             println!(
-                "{:width$}  {:10} attempts={}{}",
+                "{:width$}  {:17} attempts={}{}",
                 t.name,
                 t.status.as_str(),
                 t.attempts,
@@ -1028,7 +1041,7 @@ fn print_page(page: &crate::service::TaskPage, json_out: bool) {
         print_json(&serde_json::to_value(page).unwrap_or_default());
     } else {
         for t in &page.tasks {
-            println!("{}  {:10}  {}", t.id, t.status.as_str(), t.name);
+            println!("{}  {:17}  {}", t.id, t.status.as_str(), t.name);
         }
     }
 }

@@ -221,3 +221,53 @@ fn attempts_and_ids_that_do_not_exist_are_refused() {
     assert!(text.contains("#1 succeeded exit=0 "), "{text}");
     assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
 }
+
+/// Logs to a pipe or a file are plain text (no colour codes), and `run`
+/// says up front that an external task waits for a worker to claim it
+/// instead of leaving the user looking at a run that never ends.
+#[test]
+fn plain_logs_off_a_terminal_and_a_note_for_external_tasks_in_run() {
+    use std::io::Read;
+    let ws = Workspace::new();
+    let one = ws.write("one.yml", "tasks:\n  - {name: one, command: 'true'}\n");
+    let out = ws.run(&[
+        "--log-level",
+        "task_queue=debug",
+        "run",
+        one.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.is_empty(), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
+
+    let f = ws.write("ext.yml", "tasks:\n  - {name: by-hand, kind: external}\n");
+    let mut child = ws
+        .cmd(&["run", f.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("is an external task") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let seen = wait_until(std::time::Duration::from_secs(10), || reader.is_finished());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "no note within 10 s");
+    let text = reader.join().unwrap();
+    assert!(
+        text.contains("by-hand") && text.contains("waits until a worker claims it"),
+        "{text}"
+    );
+}
