@@ -62,8 +62,9 @@
 //!   output capture, the crash guard), service tasks with health
 //!   checks, HTTP requests, in-process handlers, result files, validation,
 //!   artifacts.
-//! * [`mcp`] — the MCP server (rmcp): tools, resources, and the legacy
-//!   HTTP+SSE transport.
+//! * [`mcp`] — the MCP server (rmcp): tools, resources, the legacy
+//!   HTTP+SSE transport, and the stdio line checker that answers lines the
+//!   library would drop.
 //! * [`rest`] — the REST API under `/api/v1` (thin handlers, one error
 //!   shape, SSE events from the audit chain, the OpenAPI document built from
 //!   the types), `/health`, `/metrics`.
