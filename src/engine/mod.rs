@@ -326,6 +326,7 @@ async fn run(
     };
     recovery::register_and_recover(&shared).await?;
     let leases = tokio::spawn(lease_loop(shared.clone()));
+    let cancels = tokio::spawn(cancel_watch(shared.clone()));
     let upkeep = tokio::spawn(history::run(shared.clone()));
     let remote = shared
         .store
@@ -454,6 +455,7 @@ async fn run(
     let _ = watcher.await;
     shared.stop_all_services().await;
     leases.abort();
+    cancels.abort();
     upkeep.abort();
     if let Some(r) = remote {
         r.abort();
@@ -777,6 +779,48 @@ async fn remote_wakeups(shared: Arc<Shared>, mut rx: tokio::sync::broadcast::Rec
                 shared.wake.notify_one()
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// How often the engine looks for its running tasks cancelled by another
+/// process (a cancel in this process stops the attempt at once).
+const CANCEL_CHECK: Duration = Duration::from_secs(1);
+
+/// Stops local attempts whose task another process cancelled, within about
+/// [`CANCEL_CHECK`] instead of at the next lease renewal.
+async fn cancel_watch(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(CANCEL_CHECK).await;
+        let running: Vec<(String, u32)> = shared
+            .running()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.attempt))
+            .collect();
+        for chunk in running.chunks(500) {
+            let filter = crate::store::TaskFilter {
+                ids: chunk.iter().map(|(id, _)| id.clone()).collect(),
+                statuses: vec![TaskStatus::Cancelled],
+                limit: chunk.len(),
+                ..Default::default()
+            };
+            let cancelled = match shared.store.list(&filter).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not check for cancelled tasks");
+                    continue;
+                }
+            };
+            for (_, t) in cancelled {
+                let attempt = chunk.iter().find(|(id, _)| *id == t.id).map(|(_, a)| *a);
+                if let Some(r) = shared.running().get(&t.id)
+                    && Some(r.attempt) == attempt
+                    && r.stop.borrow().is_none()
+                {
+                    tracing::info!(task = %t.id, "stopping an attempt whose task was cancelled elsewhere");
+                    let _ = r.stop.send(Some(StopReason::Cancelled));
+                }
+            }
         }
     }
 }

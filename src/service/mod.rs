@@ -312,11 +312,27 @@ impl TaskQueue {
         if self.inner.stop_service(id).await {
             return self.get(id).await;
         }
-        let t = self
+        let t = match self
             .inner
             .store
             .cancel(id, self.inner.clock.now_ms(), None)
-            .await?;
+            .await
+        {
+            // A service that passed its health check keeps running in the
+            // process whose engine started it: only that process can stop it.
+            Err(Error::Conflict(msg)) => {
+                let t = self.get(id).await?;
+                if t.status == TaskStatus::Succeeded && t.spec.health_check.is_some() {
+                    return Err(Error::Conflict(format!(
+                        "task {id} is a service whose process runs under another engine; stop it \
+                         through the server that runs it (task-queue --server URL cancel {id}), or \
+                         cancel its workflow, which every engine stops its services for"
+                    )));
+                }
+                return Err(Error::Conflict(msg));
+            }
+            r => r?,
+        };
         self.inner.stop_local(id, StopReason::Cancelled);
         self.inner.wake.notify_one();
         Ok(t)

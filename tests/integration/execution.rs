@@ -242,6 +242,11 @@ fn cpu_limit_and_output_cap() {
 #[test]
 fn cancel_from_another_process_stops_the_running_task() {
     let ws = Workspace::new();
+    // A long lease: the renewal (every 20 s) cannot be what notices.
+    ws.write(
+        "config.yml",
+        "execution:\n  lease_duration: 60s\n  poll_interval: 100ms\n  kill_grace: 1s\n",
+    );
     let marker = format!("41.{}", std::process::id());
     let ids = ws.submit(&format!(
         "tasks:\n  - {{name: long, command: 'sleep {marker}'}}\n"
@@ -263,12 +268,14 @@ fn cancel_from_another_process_stops_the_running_task() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(ws.status(&ids[0])["status"], "cancelled");
-    // The worker notices at its next lease renewal (lease 3s / 3).
+    // The worker checks its running tasks for cancels every second.
+    let t = std::time::Instant::now();
     assert!(
         wait_until(Duration::from_secs(6), || processes_with(&marker)
             .is_empty()),
         "the cancelled task's process is still running"
     );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let again = ws.run(&["cancel", &ids[0]]);
     assert!(again.status.success(), "cancelling twice is fine");
     let _ = worker.kill();

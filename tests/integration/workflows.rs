@@ -605,3 +605,52 @@ fn every_example_file_checks() {
     }
     assert!(seen >= 5, "the examples are there");
 }
+
+/// A service that passed its health check runs under the worker that
+/// started it: `task-queue cancel` from another process says how to stop
+/// it, and cancelling its workflow from that process does stop it.
+#[test]
+fn a_service_under_another_process_stops_with_its_cancelled_workflow() {
+    let ws = Workspace::new();
+    let port = free_port();
+    let marker = format!("http.server {port}");
+    let ids = ws.submit(&format!(
+        r#"
+name: long-service
+tasks:
+  - name: web
+    argv: [python3, -m, http.server, "{port}", --bind, 127.0.0.1]
+    health_check: {{url: "http://127.0.0.1:{port}/", interval: 100ms, timeout: 20s}}
+  - name: user
+    depends_on: [web]
+    command: sleep 30.{port}
+"#
+    ));
+    let mut worker = ws.spawn(&["worker"]);
+    let web = &ids[0];
+    assert!(
+        wait_until(Duration::from_secs(20), || ws.status(web)["status"]
+            == "succeeded"),
+        "the service never became healthy"
+    );
+    let out = ws.run(&["cancel", web]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cancel its workflow"), "{err}");
+    assert!(!processes_with(&marker).is_empty(), "the service stopped");
+
+    let wf = ws.status(web)["workflow_id"].as_str().unwrap().to_string();
+    let out = ws.run(&["workflow", "cancel", &wf]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_with(&marker)
+            .is_empty()),
+        "the service still runs after its workflow was cancelled"
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
