@@ -65,6 +65,7 @@ pub enum Dependency {
     /// Shorthand for `{task: NAME, condition: success}`.
     Name(String),
     /// A dependency with an explicit condition.
+    #[schemars(extend("additionalProperties" = false))]
     Detailed {
         task: String,
         #[serde(default)]
@@ -246,6 +247,7 @@ pub struct HttpSpec {
 pub struct RetryPolicy {
     /// Total attempts including the first, 1..=100 (1 = no retries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_attempts: Option<u32>,
     /// Delay before the second attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,9 +257,11 @@ pub struct RetryPolicy {
     pub max_delay: Option<Dur>,
     /// Growth factor between attempts, 1.0..=10.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 10.0))]
     pub multiplier: Option<f64>,
     /// Random spread as a fraction of the delay, 0.0..=1.0 (0.2 = ±20 %).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub jitter: Option<f64>,
 }
 
@@ -432,12 +436,15 @@ pub struct TaskSpec {
     pub kind: Option<TaskKind>,
     /// Shell command, run with `/bin/sh -c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub command: Option<String>,
     /// Program and arguments, run without a shell. Exclusive with `command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub argv: Option<Vec<String>>,
     /// Working directory (default: the server's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub cwd: Option<String>,
     /// Extra environment variables for the command.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -445,23 +452,28 @@ pub struct TaskSpec {
     /// The request of a `kind: http` task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSpec>,
-    /// Free-form project name, used for filtering and search.
+    /// Free-form project name (1–128 characters), used for filtering and search.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
     pub project: Option<String>,
-    /// Free-form labels.
+    /// Free-form labels: at most 32, each 1–64 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
     pub tags: Vec<String>,
-    /// What the task does, for people and search.
+    /// What the task does, for people and search (at most 16 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
     pub description: Option<String>,
     /// JSON passed to the command as `TASK_QUEUE_PARAMS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Value>,
-    /// Tasks that must reach a condition first.
+    /// Tasks that must reach a condition first (at most 1000).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
     pub depends_on: Vec<Dependency>,
     /// −100..100, default 0; higher runs first among ready tasks.
     #[serde(default)]
+    #[schemars(range(min = -100, max = 100))]
     pub priority: i64,
     /// Longest an attempt may run (default `execution.default_timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -483,9 +495,11 @@ pub struct TaskSpec {
     pub validation: Option<Value>,
     /// Paths (relative to `cwd`) recorded with size and SHA-256 after success.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
     pub artifacts: Vec<String>,
-    /// A second submit with the same key returns the first task.
+    /// A second submit with the same key returns the first task (1–256 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub idempotency_key: Option<String>,
     /// Resource limits; unset fields take the configured defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]

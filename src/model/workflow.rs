@@ -20,11 +20,14 @@ pub struct WorkflowSpec {
     /// 1–128 characters of `[A-Za-z0-9_.:-]`.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
     pub name: String,
-    /// Project of every task that does not name its own.
+    /// Project of every task that does not name its own (1–128 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
     pub project: Option<String>,
-    /// Labels of the workflow (tasks keep their own).
+    /// Labels of the workflow (tasks keep their own): at most 32, each 1–64
+    /// characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
     pub tags: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -32,7 +35,8 @@ pub struct WorkflowSpec {
     /// firing is a new workflow run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
-    /// The tasks; `depends_on` refers to their names.
+    /// The tasks (1 to 100,000); `depends_on` refers to their names.
+    #[schemars(length(min = 1, max = 100000))]
     pub tasks: Vec<TaskSpec>,
 }
 

@@ -173,7 +173,7 @@ pub fn document() -> Value {
         },
         "/tasks/batch": {
             "post": op("createTasks", "Submit tasks atomically; they may depend on each other by name", vec![],
-                Some(body(json!({"type": "object", "additionalProperties": false, "required": ["tasks"], "properties": {"tasks": {"type": "array", "items": task_spec}}}))),
+                Some(body(json!({"type": "object", "additionalProperties": false, "required": ["tasks"], "properties": {"tasks": {"type": "array", "minItems": 1, "maxItems": 100000, "items": task_spec}}}))),
                 merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", json!({"type": "object", "properties": {"tasks": {"type": "array", "items": submitted}}})))),
         },
         "/tasks/{id}": {"get": op("getTask", "A task with its attempts", vec![path_id("task")], None,
@@ -224,7 +224,7 @@ pub fn document() -> Value {
                  query("tag", "Only tasks with this tag (repeat or comma-separate: all must match).", "string"),
                  query("since", "Finished at or after (RFC 3339).", "string"),
                  query("until", "Finished before (RFC 3339).", "string"),
-                 query("limit", "Most hits, 1..=50 (default 10).", "integer")],
+                 query_int("limit", "Most hits, 1..=50 (default 10).", 1, 50)],
             None, merge(errors(&[]), "200", ok("The hits.", search_results)))},
         "/recommendations": {"get": op("recommend", "Advice from similar past tasks: success rate, durations, timeout, retry policy, neighbours, failures, artifacts",
             vec![query("name", "Task name.", "string"), query("command", "Command.", "string"),
