@@ -87,13 +87,108 @@ pub fn parse_document(text: &str) -> Result<Value> {
     }
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        return serde_json::from_str(text)
+        return json_strict(text.as_bytes())
             .map_err(|e| Error::invalid("file", format!("malformed JSON: {e}")));
     }
     check_flow_depth(text)?;
-    let v: Value = serde_norway::from_str(text)
+    let v = Strict::deserialize(serde_norway::Deserializer::from_str(text))
         .map_err(|e| Error::invalid("file", format!("malformed YAML: {e}")))?;
-    Ok(v)
+    Ok(v.0)
+}
+
+/// Parses JSON like `serde_json::from_slice`, except that a key given twice
+/// in one object is an error instead of the last one silently winning.
+pub fn json_strict(bytes: &[u8]) -> std::result::Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = Strict::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v.0)
+}
+
+/// A JSON value read with duplicate keys refused.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Value, E> {
+        // YAML has .nan and .inf; JSON has no such numbers.
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("{v} is not a number JSON can hold")))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_none<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<Value>()? {
+            let key = match key {
+                Value::String(s) => s,
+                // YAML keys may be numbers or booleans; JSON keys are text.
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "a key must be text, got {other}"
+                    )));
+                }
+            };
+            let Strict(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {key:?} is given twice in one object"
+                )));
+            }
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Deepest nesting of YAML flow collections (`[...]`, `{...}`) accepted;
@@ -273,6 +368,33 @@ fn write_canonical(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_given_twice_or_a_nan_is_refused() {
+        for (text, want) in [
+            (
+                r#"{"tasks":[{"name":"a","name":"b","command":"echo"}]}"#,
+                "given twice",
+            ),
+            (
+                "tasks:\n  - name: a\n    name: b\n    command: echo\n",
+                "name",
+            ),
+            (
+                "tasks:\n  - name: a\n    command: echo\n    retry: {multiplier: .nan}\n",
+                "NaN",
+            ),
+        ] {
+            let e = super::parse_document(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let v =
+            super::parse_document("tasks:\n  - {name: a, command: echo, env: {A: '1'}}\n").unwrap();
+        assert_eq!(v["tasks"][0]["env"]["A"], "1");
+        assert_eq!(
+            super::json_strict(br#"{"a":[1,2.5,{"b":null}],"c":true}"#).unwrap(),
+            serde_json::json!({"a":[1,2.5,{"b":null}],"c":true})
+        );
+    }
     #[test]
     fn deep_flow_collections_are_refused_before_parsing() {
         let deep = format!(

@@ -138,7 +138,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         let v: Value = if bytes.is_empty() {
             json!({})
         } else {
-            serde_json::from_slice(&bytes).map_err(|e| {
+            crate::model::json_strict(&bytes).map_err(|e| {
                 ApiError::from(Error::invalid("body", format!("malformed JSON: {e}")))
             })?
         };
