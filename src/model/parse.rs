@@ -54,6 +54,7 @@ impl Submission {
 
 /// Deserializes `T` from a JSON value; a failure names the path (`tasks[2].priority`).
 pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
+    objects_where_expected(&v)?;
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
@@ -72,6 +73,57 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
         };
         Error::InvalidInput { field, message }
     })
+}
+
+/// The fields of a task (and a workflow) whose value is an object. serde
+/// reads an array as a struct's fields in declaration order (`retry: [5]`
+/// would set `max_attempts`); these are refused instead.
+const OBJECT_FIELDS: [&str; 5] = ["retry", "limits", "http", "health_check", "schedule"];
+
+/// Refuses an array or a scalar where a task or a workflow has an object:
+/// the fields above, at the top level and in each of `tasks`.
+fn objects_where_expected(v: &Value) -> Result<()> {
+    fn check(obj: &serde_json::Map<String, Value>, prefix: &str) -> Result<()> {
+        for key in OBJECT_FIELDS {
+            if let Some(x) = obj.get(key)
+                && !(x.is_object() || x.is_null())
+            {
+                return Err(Error::invalid(
+                    format!("{prefix}{key}"),
+                    format!("expected an object, got {}", kind(x)),
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn kind(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+    let Some(top) = v.as_object() else {
+        return Ok(());
+    };
+    check(top, "")?;
+    if let Some(Value::Array(tasks)) = top.get("tasks") {
+        for (i, t) in tasks.iter().enumerate() {
+            match t {
+                Value::Object(t) => check(t, &format!("tasks[{i}]."))?,
+                other => {
+                    return Err(Error::invalid(
+                        format!("tasks[{i}]"),
+                        format!("expected a task (an object), got {}", kind(other)),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads JSON or YAML text (YAML is a superset; JSON is tried first for exact errors).
@@ -368,6 +420,37 @@ fn write_canonical(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn arrays_are_not_read_as_objects() {
+        use serde_json::json;
+        for (v, field) in [
+            (
+                json!({"name": "r", "kind": "external", "retry": [5]}),
+                "retry",
+            ),
+            (
+                json!({"name": "l", "command": "true", "limits": [1]}),
+                "limits",
+            ),
+            (json!({"name": "w", "tasks": [["x"]]}), "tasks[0]"),
+            (
+                json!({"name": "w", "tasks": [{"name": "a", "command": "true", "schedule": "x"}]}),
+                "tasks[0].schedule",
+            ),
+        ] {
+            match super::from_value::<serde_json::Value>(v.clone()) {
+                Err(crate::error::Error::InvalidInput { field: f, message }) => {
+                    assert_eq!(f, field, "{v}: {message}");
+                    assert!(message.starts_with("expected"), "{message}");
+                }
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+        // Parameters are the user's own JSON: anything goes there.
+        let ok = json!({"name": "p", "command": "true", "parameters": {"retry": [1, 2]}});
+        assert!(super::from_value::<super::TaskSpec>(ok).is_ok());
+    }
+
     #[test]
     fn a_key_given_twice_or_a_nan_is_refused() {
         for (text, want) in [
