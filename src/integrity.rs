@@ -165,6 +165,14 @@ impl ChainVerifier {
     }
 }
 
+/// The first task whose status its last audit event does not explain, as
+/// `(id, status, last event's seq, its to_status)`; the same SQL on SQLite
+/// and PostgreSQL (`audit_events_task` serves the inner lookup).
+pub const HEAD_MISMATCH_SQL: &str = "SELECT t.id, t.status, a.seq, a.to_status FROM tasks t \
+     LEFT JOIN audit_events a ON a.seq = \
+       (SELECT MAX(seq) FROM audit_events WHERE task_id = t.id) \
+     WHERE a.seq IS NULL OR a.to_status != t.status LIMIT 1";
+
 /// A task whose status its last audit event does not explain: its id, its
 /// status, and its last event's seq and `to_status` (none if it has none).
 pub type HeadMismatch = (String, String, Option<(i64, String)>);

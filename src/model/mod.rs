@@ -12,8 +12,8 @@ mod units;
 mod workflow;
 
 pub use parse::{
-    MAX_BATCH_TASKS, MAX_FILE_BYTES, Submission, TaskFile, canonical_json, from_value, json_strict,
-    parse_document, parse_task_file,
+    MAX_BATCH_TASKS, MAX_FILE_BYTES, Submission, TaskFile, canonical_json, from_value, json_kind,
+    json_strict, parse_document, parse_task_file,
 };
 pub use record::{
     Artifact, Attempt, AttemptStatus, LogChunk, TaskEvent, TaskRecord, TaskResult, WorkflowEvent,

@@ -80,6 +80,18 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
 /// would set `max_attempts`); these are refused instead.
 const OBJECT_FIELDS: [&str; 5] = ["retry", "limits", "http", "health_check", "schedule"];
 
+/// What kind of JSON value `v` is, for error messages ("an array").
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Refuses an array or a scalar where a task or a workflow has an object:
 /// the fields above, at the top level and in each of `tasks`.
 fn objects_where_expected(v: &Value) -> Result<()> {
@@ -90,21 +102,11 @@ fn objects_where_expected(v: &Value) -> Result<()> {
             {
                 return Err(Error::invalid(
                     format!("{prefix}{key}"),
-                    format!("expected an object, got {}", kind(x)),
+                    format!("expected an object, got {}", json_kind(x)),
                 ));
             }
         }
         Ok(())
-    }
-    fn kind(v: &Value) -> &'static str {
-        match v {
-            Value::Null => "null",
-            Value::Bool(_) => "a boolean",
-            Value::Number(_) => "a number",
-            Value::String(_) => "a string",
-            Value::Array(_) => "an array",
-            Value::Object(_) => "an object",
-        }
     }
     let Some(top) = v.as_object() else {
         return Ok(());
@@ -117,7 +119,7 @@ fn objects_where_expected(v: &Value) -> Result<()> {
                 other => {
                     return Err(Error::invalid(
                         format!("tasks[{i}]"),
-                        format!("expected a task (an object), got {}", kind(other)),
+                        format!("expected a task (an object), got {}", json_kind(other)),
                     ));
                 }
             }

@@ -147,22 +147,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         if !v.is_object() {
             return Err(Error::invalid(
                 "body",
-                format!("expected a JSON object, got {}", json_kind(&v)),
+                format!(
+                    "expected a JSON object, got {}",
+                    crate::model::json_kind(&v)
+                ),
             )
             .into());
         }
         Ok(Body(from_value(v).map_err(ApiError::from)?))
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -239,12 +239,12 @@ fn inspector_cli_over_stdio_http_and_sse() {
     );
 }
 
-/// SIGTERM ends `task-queue mcp` even while its client keeps stdin open:
-/// the engine stops and the process exits, instead of lingering on a read
-/// of stdin that nothing will answer.
-#[test]
-fn the_stdio_server_exits_on_sigterm_with_stdin_open() {
-    use std::io::{BufRead, Write};
+/// `task-queue mcp` on a new database, its stdin and stdout piped.
+fn stdio_server() -> (
+    tempfile::TempDir,
+    std::process::Child,
+    std::process::ChildStdin,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bin())
         .arg("--db")
@@ -255,7 +255,17 @@ fn the_stdio_server_exits_on_sigterm_with_stdin_open() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    (dir, child, stdin)
+}
+
+/// SIGTERM ends `task-queue mcp` even while its client keeps stdin open:
+/// the engine stops and the process exits, instead of lingering on a read
+/// of stdin that nothing will answer.
+#[test]
+fn the_stdio_server_exits_on_sigterm_with_stdin_open() {
+    use std::io::{BufRead, Write};
+    let (_dir, mut child, mut stdin) = stdio_server();
     writeln!(
         stdin,
         r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"2025-06-18","capabilities":{{}},"clientInfo":{{"name":"t","version":"0"}}}}}}"#
@@ -295,17 +305,7 @@ fn the_stdio_server_exits_on_sigterm_with_stdin_open() {
 #[test]
 fn the_stdio_server_answers_unreadable_lines() {
     use std::io::{BufRead, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin())
-        .arg("--db")
-        .arg(dir.path().join("q.db"))
-        .arg("mcp")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let (_dir, mut child, mut stdin) = stdio_server();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut answer = |stdin: &mut std::process::ChildStdin, line: &str| -> Value {
         writeln!(stdin, "{line}").unwrap();

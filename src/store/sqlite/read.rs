@@ -311,14 +311,10 @@ pub(super) async fn verify_audit(pool: &SqlitePool) -> Result<AuditReport> {
     drop(rows);
     let mut report = verifier.finish();
     if report.ok {
-        let row: Option<(String, String, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT t.id, t.status, a.seq, a.to_status FROM tasks t \
-             LEFT JOIN audit_events a ON a.seq = \
-               (SELECT MAX(seq) FROM audit_events WHERE task_id = t.id) \
-             WHERE a.seq IS NULL OR a.to_status != t.status LIMIT 1",
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
+        let row: Option<(String, String, Option<i64>, Option<String>)> =
+            sqlx::query_as(crate::integrity::HEAD_MISMATCH_SQL)
+                .fetch_optional(&mut *conn)
+                .await?;
         crate::integrity::check_task_heads(
             &mut report,
             row.map(|(id, st, seq, to)| (id, st, seq.zip(to))),
