@@ -120,7 +120,9 @@ async fn pump_out(
     let mut line = Vec::new();
     let mut errors_open = true;
     loop {
-        line.clear();
+        // `read_until` may be cut short by the other branch after reading
+        // part of an answer: the part stays in `line`, and the next turn
+        // reads on from there. `line` is emptied only once written whole.
         tokio::select! {
             n = from_library.read_until(b'\n', &mut line) => match n {
                 Ok(0) | Err(_) => break,
@@ -131,6 +133,7 @@ async fn pump_out(
                     if output.write_all(&line).await.is_err() {
                         return;
                     }
+                    line.clear();
                 }
             },
             e = errors.recv(), if errors_open => match e {
@@ -146,7 +149,11 @@ async fn pump_out(
             return;
         }
     }
-    // The library is done; answer what is still queued.
+    // The library is done; write what it left unfinished, then answer
+    // what is still queued.
+    if !line.is_empty() {
+        let _ = output.write_all(&line).await;
+    }
     while let Ok(e) = errors.try_recv() {
         let _ = output.write_all(&e).await;
     }
@@ -156,6 +163,40 @@ async fn pump_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_answer_read_in_pieces_is_never_cut_by_an_error() {
+        use tokio::io::AsyncReadExt;
+        let (mut library, from_library) = tokio::io::duplex(1024);
+        let (errors, errors_rx) = mpsc::unbounded_channel();
+        let (output, mut client) = tokio::io::duplex(1 << 20);
+        let pump = tokio::spawn(pump_out(from_library, errors_rx, output));
+        let big = format!("{{\"id\":1,\"x\":\"{}\"}}\n", "y".repeat(200_000));
+        let answer = tokio::spawn(async move {
+            for chunk in big.as_bytes().chunks(1000) {
+                library.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        for i in 0..50 {
+            errors
+                .send(format!("{{\"error\":{i}}}\n").into_bytes())
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(errors);
+        answer.await.unwrap();
+        pump.await.unwrap();
+        let mut all = String::new();
+        client.read_to_string(&mut all).await.unwrap();
+        let lines: Vec<&str> = all.lines().collect();
+        assert_eq!(lines.len(), 51);
+        for l in &lines {
+            serde_json::from_str::<Value>(l)
+                .unwrap_or_else(|e| panic!("{e}: {}", &l[..80.min(l.len())]));
+        }
+        assert!(lines.iter().any(|l| l.len() > 200_000));
+    }
 
     #[test]
     fn lines_the_library_would_drop_are_answered() {

@@ -257,9 +257,21 @@ fn check_flow_depth(text: &str) -> Result<()> {
     let (mut depth, mut line) = (0usize, 1usize);
     let mut chars = text.chars().peekable();
     let mut prev = '\n';
+    // The last character on this line that was not a space: a quote only
+    // opens a quoted scalar where a scalar can start (after `:`, `-`, `?`,
+    // `,`, `[`, `{`, or at the start of a line); `it's` or `x"` inside a
+    // plain scalar is text.
+    let mut last = '\n';
     while let Some(c) = chars.next() {
+        let opens = matches!(last, '\n' | ':' | '-' | '?' | ',' | '[' | '{');
+        if !c.is_whitespace() {
+            last = c;
+        }
         match c {
-            '\n' => line += 1,
+            '\n' => {
+                line += 1;
+                last = '\n';
+            }
             '#' if prev.is_whitespace() => {
                 // A comment runs to the end of the line.
                 for c in chars.by_ref() {
@@ -269,9 +281,10 @@ fn check_flow_depth(text: &str) -> Result<()> {
                     }
                 }
                 prev = '\n';
+                last = '\n';
                 continue;
             }
-            '"' => {
+            '"' if opens => {
                 let mut escaped = false;
                 for c in chars.by_ref() {
                     match c {
@@ -286,7 +299,7 @@ fn check_flow_depth(text: &str) -> Result<()> {
                     escaped = false;
                 }
             }
-            '\'' if !prev.is_alphanumeric() => {
+            '\'' if opens => {
                 // Single-quoted: '' is a quote inside, and the loop sees it
                 // as the end and a new start, which is the same.
                 for c in chars.by_ref() {
@@ -491,6 +504,14 @@ mod tests {
         let e = super::parse_document(&deep).unwrap_err().to_string();
         assert!(e.contains("nest deeper than 128 levels (line 4)"), "{e}");
         assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // A quote inside a plain scalar opens nothing.
+        let sneaky = format!(
+            "a: x\"\nb: it's\nc: {}{}\n",
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        let e = super::parse_document(&sneaky).unwrap_err().to_string();
+        assert!(e.contains("nest deeper than 128 levels (line 3)"), "{e}");
         // Brackets in quotes and comments are text; 128 levels are fine.
         let quoted = format!(
             "# {}\na: \"{}\"\nb: '{}'\nc: {}{}\n",

@@ -306,7 +306,7 @@ pub(super) async fn run(
             // One op's failure must not fail the others it was batched
             // with: the batch was rolled back, so apply them again one by
             // one, each in its own transaction.
-            Err(e) if ops.len() > 1 && !closing => {
+            Err(e) if ops.len() > 1 && !closing && fails_alone(&e) => {
                 tracing::warn!(error = %e, ops = ops.len(), "a write batch failed; applying its operations one at a time");
                 for op in ops.drain(..) {
                     let one = std::slice::from_ref(&op);
@@ -340,6 +340,26 @@ pub(super) async fn run(
             return;
         }
     }
+}
+
+/// Whether a batch's error can be one operation's fault, so that applying
+/// the operations one by one isolates it: the server refused a statement
+/// for its data (SQLSTATE class 22), a constraint (23), the statement
+/// itself (42) or a limit (54), or a later statement found the
+/// transaction aborted by such a refusal (25P02). Not for a lost connection or a pool
+/// timeout: each operation would wait out the same failure in turn, and a
+/// connection lost during COMMIT may have committed the batch already.
+fn fails_alone(e: &Error) -> bool {
+    let msg = e.to_string();
+    [
+        "(SQLSTATE 22",
+        "(SQLSTATE 23",
+        "(SQLSTATE 42",
+        "(SQLSTATE 54",
+        "(SQLSTATE 25P02",
+    ]
+    .iter()
+    .any(|class| msg.contains(class))
 }
 
 /// Counts attempts marked for records; once enough are pending, writes

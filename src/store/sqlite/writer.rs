@@ -480,7 +480,7 @@ pub(super) fn run(
             // One op's failure must not fail the others it was batched
             // with: the batch was rolled back, so apply them again one
             // by one, each in its own transaction.
-            Err(e) if ops.len() > 1 && !closing => {
+            Err(e) if ops.len() > 1 && !closing && fails_alone(&e) => {
                 tracing::warn!(error = %e, ops = ops.len(), "a write batch failed; applying its operations one at a time");
                 batch = Batch::default();
                 pending = pending_before;
@@ -602,6 +602,27 @@ fn apply_all(
         tracing::error!(error = %e, "rollback of a failed write batch failed");
     }
     applied
+}
+
+/// Whether a batch's error can be one operation's fault, so that applying
+/// the operations one by one isolates it. Not when the database itself
+/// cannot be written (locked, full, read-only, I/O, corrupt): every
+/// operation would then wait out the same failure in turn.
+fn fails_alone(e: &Error) -> bool {
+    const WHOLE_DATABASE: [&str; 10] = [
+        "database is locked",
+        "database table is locked",
+        "disk I/O error",
+        "database or disk is full",
+        "readonly database",
+        "database disk image is malformed",
+        "unable to open database",
+        "not a database",
+        "interrupted",
+        "out of memory",
+    ];
+    let msg = e.to_string();
+    !WHOLE_DATABASE.iter().any(|m| msg.contains(m))
 }
 
 /// Applies each op in a transaction of its own, after the batch they came
