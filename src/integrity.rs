@@ -13,7 +13,19 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 
 /// Hex SHA-256 of a canonical spec.
 pub fn spec_hash(canonical_spec: &str) -> String {
-    hex::encode(Sha256::digest(canonical_spec.as_bytes()))
+    hex_lower(&Sha256::digest(canonical_spec.as_bytes()))
+}
+
+/// Lowercase hex of `bytes`, as `hex::encode` writes it, through a table
+/// (the writer hashes every audit event it appends, so this is on its path).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0x0f)]);
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// One audit event: a state transition of a task.
@@ -50,11 +62,12 @@ pub struct EventContent<'a> {
 /// Computes the hash of an event from its content and the previous hash.
 pub fn event_hash(prev_hash: &str, e: &EventContent<'_>) -> String {
     let mut h = Sha256::new();
+    let (mut seq, mut at) = (itoa::Buffer::new(), itoa::Buffer::new());
     // Length-prefix every field so no two different events serialize alike.
     for part in [
         prev_hash.as_bytes(),
-        e.seq.to_string().as_bytes(),
-        e.at.to_string().as_bytes(),
+        seq.format(e.seq).as_bytes(),
+        at.format(e.at).as_bytes(),
         e.task_id.as_bytes(),
         e.kind.as_bytes(),
         e.from_status.unwrap_or("").as_bytes(),
@@ -64,7 +77,7 @@ pub fn event_hash(prev_hash: &str, e: &EventContent<'_>) -> String {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    hex::encode(h.finalize())
+    hex_lower(&h.finalize())
 }
 
 impl AuditEvent {
@@ -212,6 +225,17 @@ pub fn check_task_heads(report: &mut AuditReport, mismatch: Option<HeadMismatch>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_lower_writes_what_hex_encode_writes() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_lower(&bytes), hex::encode(&bytes));
+        assert_eq!(hex_lower(&[]), "");
+        assert_eq!(
+            spec_hash("{}"),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
 
     fn chain(n: i64) -> Vec<AuditEvent> {
         let mut prev = GENESIS_HASH.to_string();

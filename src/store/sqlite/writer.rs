@@ -253,8 +253,6 @@ struct Batch {
     /// Finished tasks whose waiting dependents need resolving (terminal
     /// transitions, and already-finished dependencies of new tasks).
     resolve: Vec<(String, TaskStatus, Option<serde_json::Value>)>,
-    /// The latest status of tasks moved after their op answered (submit).
-    latest: HashMap<String, TaskStatus>,
 }
 
 impl Batch {
@@ -307,7 +305,6 @@ impl Batch {
         attempt: u32,
         detail: String,
     ) {
-        self.latest.insert(task_id.to_string(), to);
         self.audit.push(AuditDraft {
             at,
             task_id: task_id.to_string(),
@@ -671,6 +668,8 @@ fn apply_in(
         })
         .collect();
     let mut submitted = submit_all(conn, &subs, batch)?.into_iter();
+    // Events past this one are moves made after the submits answered.
+    let after_submits = batch.events.len();
     // Likewise all finishes: one UPDATE for the whole batch.
     let finishes: Vec<&FinishAttempt> = ops
         .iter()
@@ -749,12 +748,19 @@ fn apply_in(
             *next = replacements.next().expect("one claim answer per finish");
         }
     }
-    // A new task may have been resolved within this transaction.
-    for a in &mut answers {
-        if let Answer::Submit(Ok(list)) = a {
-            for s in list.iter_mut() {
-                if let Some(st) = batch.latest.get(&s.id) {
-                    s.status = *st;
+    // A new task may have been moved again within this transaction (its
+    // dependency resolved, a claim took it): answer its latest status.
+    if !subs.is_empty() && batch.events.len() > after_submits {
+        let latest: HashMap<&str, TaskStatus> = batch.events[after_submits..]
+            .iter()
+            .map(|e| (e.task_id.as_str(), e.status))
+            .collect();
+        for a in &mut answers {
+            if let Answer::Submit(Ok(list)) = a {
+                for s in list.iter_mut() {
+                    if let Some(st) = latest.get(s.id.as_str()) {
+                        s.status = *st;
+                    }
                 }
             }
         }
