@@ -281,7 +281,8 @@ impl McpServer {
     /// condition can no longer hold is skipped. Optional `schedule: {cron}`
     /// repeats the whole workflow. Returns the workflow id and every task's
     /// id; follow with get_workflow (status and a Mermaid graph) or
-    /// wait_for_task on the last step.
+    /// wait_for_task on the last step. Safe to repeat when every task has an
+    /// idempotency_key: submitted again, it returns the first workflow.
     #[tool(
         title = "Submit a workflow",
         output_schema = schema_for_output::<crate::service::WorkflowSubmitted>(),

@@ -657,7 +657,13 @@ async fn create_workflow(
     Body(w): Body<WorkflowSpec>,
 ) -> ApiResult<Response> {
     let out = st.queue.submit_workflow(w).await?;
-    st.metrics.submitted(out.tasks.len());
+    st.metrics
+        .submitted(out.tasks.iter().filter(|s| s.created).count());
+    // Submitted again with every task matched by key: the existing
+    // workflow, as a repeated `POST /tasks` answers its first task.
+    if crate::store::resubmitted_workflow(&out.tasks).is_some() {
+        return Ok((StatusCode::OK, Json(&out)).into_response());
+    }
     Ok(created(
         format!("/api/v1/workflows/{}", out.workflow_id),
         &out,

@@ -149,11 +149,30 @@ impl TaskQueue {
             false,
         )?;
         let tasks = self.inner.store.submit(p.sub).await?;
+        if let Some(existing) = crate::store::resubmitted_workflow(&tasks) {
+            // Every task was already there, in one workflow: that workflow
+            // is the answer (the writer stored nothing new).
+            let w = self.workflow(existing).await?;
+            return Ok(WorkflowSubmitted {
+                workflow_id: w.id,
+                name: w.name,
+                status: w.status,
+                tasks,
+                schedule_id: w.schedule_id,
+            });
+        }
         self.inner.wake.notify_one();
+        // A workflow whose every task was answered by tasks of other
+        // workflows (or by lone tasks) has nothing of its own to run.
+        let status = if tasks.iter().all(|t| !t.created) {
+            WorkflowStatus::Succeeded
+        } else {
+            WorkflowStatus::Running
+        };
         Ok(WorkflowSubmitted {
             workflow_id: p.workflow_id.expect("a workflow has an id"),
             name: w.name,
-            status: WorkflowStatus::Running,
+            status,
             tasks,
             schedule_id: p.schedule_id,
         })

@@ -151,6 +151,22 @@ pub struct Submitted {
     /// The recurring schedule this task is the upcoming run of.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule_id: Option<String>,
+    /// The workflow the task belongs to (for a task returned by its
+    /// idempotency key, the workflow it was first submitted with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+}
+
+/// The existing workflow a workflow submitted again stands for: none of its
+/// tasks is new, and every one is a task of that one workflow (all matched
+/// by idempotency key). The writers then store no new workflow, and the
+/// answer is the existing one.
+pub fn resubmitted_workflow(tasks: &[Submitted]) -> Option<&str> {
+    let first = tasks.first()?.workflow_id.as_deref()?;
+    tasks
+        .iter()
+        .all(|s| !s.created && s.workflow_id.as_deref() == Some(first))
+        .then_some(first)
 }
 
 /// A request to claim ready tasks with a lease.

@@ -141,6 +141,7 @@ conformance!(
     dependencies_resolve_and_skips_cascade,
     workflow_counters_finish_the_workflow,
     idempotency_keys_return_the_first_task,
+    a_workflow_submitted_again_is_the_first_one,
     approvals_cancels_and_retries,
     leases_renew_expire_and_fence_stale_finishes,
     schedules_fire_once_per_slot,
@@ -502,6 +503,90 @@ async fn idempotency_keys_return_the_first_task(b: &Backend) {
         .unwrap()
         .len();
     assert_eq!(n, 2);
+}
+
+/// A workflow submitted again (a client retrying after a lost answer)
+/// whose tasks all match by key is the first workflow, not a new empty one
+/// that would report `succeeded` while the first still runs.
+async fn a_workflow_submitted_again_is_the_first_one(b: &Backend) {
+    let s = b.open().await;
+    let keyed = |name: &str| {
+        let mut t = task(name);
+        t.idempotency_key = Some(format!("deploy-{name}"));
+        t
+    };
+    let build = keyed("build");
+    let ship = after(keyed("ship"), &[&build], Condition::Success);
+    let (w1, sub) = workflow("deploy", vec![build.clone(), ship.clone()]);
+    let first = s.submit(sub).await.unwrap();
+    assert!(first.iter().all(|t| t.created));
+    assert!(
+        first
+            .iter()
+            .all(|t| t.workflow_id.as_deref() == Some(w1.as_str()))
+    );
+
+    // The same workflow again: fresh ids, the same keys.
+    let build2 = keyed("build");
+    let ship2 = after(keyed("ship"), &[&build2], Condition::Success);
+    let (w2, sub) = workflow("deploy", vec![build2, ship2]);
+    let again = s.submit(sub).await.unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|t| (t.id.as_str(), t.created))
+            .collect::<Vec<_>>(),
+        vec![(build.id.as_str(), false), (ship.id.as_str(), false)]
+    );
+    assert!(
+        again
+            .iter()
+            .all(|t| t.workflow_id.as_deref() == Some(w1.as_str()))
+    );
+    assert_eq!(
+        task_queue::store::resubmitted_workflow(&again),
+        Some(w1.as_str())
+    );
+    assert!(
+        s.workflow(&w2).await.unwrap().is_none(),
+        "no second workflow is stored"
+    );
+    let w = s.workflow(&w1).await.unwrap().unwrap();
+    assert_eq!(
+        (w.status, w.tasks_total),
+        (task_queue::WorkflowStatus::Running, 2)
+    );
+
+    // With one task of its own it is a new workflow that uses the earlier
+    // tasks as dependencies.
+    let build3 = keyed("build");
+    let notify = after(task("notify"), &[&build3], Condition::Success);
+    let (w3, sub) = workflow("deploy-and-notify", vec![build3, notify.clone()]);
+    let mixed = s.submit(sub).await.unwrap();
+    assert_eq!(
+        (mixed[0].id.as_str(), mixed[0].created),
+        (build.id.as_str(), false)
+    );
+    assert_eq!(mixed[0].workflow_id.as_deref(), Some(w1.as_str()));
+    assert!(mixed[1].created);
+    assert_eq!(mixed[1].workflow_id.as_deref(), Some(w3.as_str()));
+    let w = s.workflow(&w3).await.unwrap().unwrap();
+    assert_eq!(w.tasks_total, 1);
+    // Running the first workflow's tasks finishes it and releases `notify`.
+    for round in 0..3 {
+        run_ready(&s, T0 + 100 * (round + 1), TaskStatus::Succeeded).await;
+    }
+    for wid in [&w1, &w3] {
+        let w = s.workflow(wid).await.unwrap().unwrap();
+        assert_eq!(
+            w.status,
+            task_queue::WorkflowStatus::Succeeded,
+            "{}",
+            w.name
+        );
+    }
+    assert_eq!(status(&s, &notify.id).await, TaskStatus::Succeeded);
+    assert_chain_ok(&s).await;
 }
 
 async fn approvals_cancels_and_retries(b: &Backend) {

@@ -207,6 +207,18 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
 
+    // A keyed workflow posted twice: 201 with a new workflow, then 200 with it again.
+    let keyed = json!({"name": "keyed", "tasks": [
+        {"name": "k1", "command": "true", "idempotency_key": "keyed-k1"},
+        {"name": "k2", "command": "true", "idempotency_key": "keyed-k2", "depends_on": ["k1"]}]});
+    let (s, k1) = call(&app, "POST", "/api/v1/workflows", Some(keyed.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{k1}");
+    let (s, k2) = call(&app, "POST", "/api/v1/workflows", Some(keyed)).await;
+    assert_eq!(s, StatusCode::OK, "{k2}");
+    assert_eq!(k1["workflow_id"], k2["workflow_id"]);
+    assert_eq!(k2["tasks"][1]["created"], false, "{k2}");
+    assert_eq!(k2["tasks"][1]["id"], k1["tasks"][1]["id"]);
+
     // Reject, retry, cancel.
     let (_, w2) = call(
         &app,

@@ -654,3 +654,48 @@ tasks:
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// A client that submits a keyed workflow again (say, after losing the
+/// answer) gets the first workflow back, and its tasks run once.
+#[test]
+fn a_keyed_workflow_submitted_again_is_the_same_workflow_and_runs_once() {
+    let ws = Workspace::new();
+    let log = ws.path("runs.log");
+    let log = log.to_str().unwrap();
+    let yaml = format!(
+        r#"
+name: release
+tasks:
+  - {{name: build, command: "echo build >> {log}", idempotency_key: release-42-build}}
+  - {{name: ship, command: "echo ship >> {log}", depends_on: [build], idempotency_key: release-42-ship}}
+"#
+    );
+    let first = submit_workflow(&ws, &yaml);
+    let again = submit_workflow(&ws, &yaml);
+    assert_eq!(first["workflow_id"], again["workflow_id"], "{again}");
+    assert_eq!(again["status"], "running", "{again}");
+    for name in ["build", "ship"] {
+        assert_eq!(id_of(&first, name), id_of(&again, name));
+    }
+    let tasks = again["tasks"].as_array().unwrap();
+    assert!(tasks.iter().all(|t| t["created"] == false), "{again}");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t["workflow_id"] == first["workflow_id"]),
+        "{again}"
+    );
+    // `run` of the same file waits for that workflow and runs each task once.
+    let (code, v) = ws.run_file(&yaml);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["workflow_status"], "succeeded", "{v}");
+    let lines = std::fs::read_to_string(log).unwrap();
+    assert_eq!(lines, "build\nship\n");
+    let out = ws.run(&["workflow", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["workflows"].as_array().unwrap().len(), 1, "{list}");
+    // Submitted once more after it finished, it is still that workflow.
+    let done = submit_workflow(&ws, &yaml);
+    assert_eq!(done["workflow_id"], first["workflow_id"]);
+    assert_eq!(done["status"], "succeeded", "{done}");
+}

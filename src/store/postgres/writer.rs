@@ -609,7 +609,7 @@ async fn submit_all(
     if !keyed.is_empty() {
         for chunk in keyed.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "SELECT idempotency_key, id, name, status, schedule_id FROM tasks WHERE idempotency_key IN ({})",
+                "SELECT idempotency_key, id, name, status, schedule_id, workflow_id FROM tasks WHERE idempotency_key IN ({})",
                 placeholders(chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -627,6 +627,7 @@ async fn submit_all(
                             created: false,
                             status: status.parse().unwrap_or(TaskStatus::Queued),
                             schedule_id: row.get(4),
+                            workflow_id: row.get(5),
                         });
                     }
                 }
@@ -656,6 +657,7 @@ async fn submit_all(
             created: true,
             status,
             schedule_id: t.schedule_id.clone(),
+            workflow_id: t.workflow_id.clone(),
         });
     }
     for (i, first) in duplicate_of {
@@ -728,7 +730,12 @@ async fn submit_all(
         let range = offset..offset + sub.tasks.len();
         offset += sub.tasks.len();
         let mut missing = None;
-        'find: for (ti, t) in sub.tasks.iter().enumerate() {
+        'find: for (ti, (t, s)) in sub.tasks.iter().zip(&out[range.clone()]).enumerate() {
+            // A task answered by an existing one is not stored: its
+            // dependencies are that task's, already in place.
+            if !s.created {
+                continue;
+            }
             for (di, d) in t.deps.iter().enumerate() {
                 let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
                 if !inserted.contains(id) && !known.contains_key(id) {
@@ -817,6 +824,13 @@ async fn submit_all(
     // Workflows and schedules first, so the audit chain reads in order.
     for (si, sub) in subs.iter().enumerate() {
         if refused.contains(&si) {
+            continue;
+        }
+        // Submitted again, every task matched in one existing workflow:
+        // the answer is that workflow, and nothing new is stored.
+        if sub.workflow.is_some()
+            && matches!(&answers[si], Ok(list) if crate::store::resubmitted_workflow(list).is_some())
+        {
             continue;
         }
         for sc in &sub.schedules {

@@ -829,18 +829,21 @@ fn submit_all(
     let mut seen_keys: HashMap<&str, usize> = HashMap::new();
     if !keyed.is_empty() {
         for (i, k) in &keyed {
-            let row: Option<(String, String, String, Option<String>)> = opt(
+            // id, name, status, schedule_id, workflow_id
+            type Keyed = (String, String, String, Option<String>, Option<String>);
+            let row: Option<Keyed> = opt(
                 conn,
-                "SELECT id, name, status, schedule_id FROM tasks WHERE idempotency_key = ?1",
+                "SELECT id, name, status, schedule_id, workflow_id FROM tasks WHERE idempotency_key = ?1",
                 params![k],
             )?;
-            if let Some((id, name, status, schedule_id)) = row {
+            if let Some((id, name, status, schedule_id, workflow_id)) = row {
                 out[*i] = Some(Submitted {
                     id,
                     name,
                     created: false,
                     status: status.parse().unwrap_or(TaskStatus::Queued),
                     schedule_id,
+                    workflow_id,
                 });
             }
         }
@@ -868,6 +871,7 @@ fn submit_all(
             created: true,
             status,
             schedule_id: t.schedule_id.clone(),
+            workflow_id: t.workflow_id.clone(),
         });
     }
     for (i, first) in duplicate_of {
@@ -930,7 +934,12 @@ fn submit_all(
         let range = offset..offset + sub.tasks.len();
         offset += sub.tasks.len();
         let mut missing = None;
-        'find: for (ti, t) in sub.tasks.iter().enumerate() {
+        'find: for (ti, (t, s)) in sub.tasks.iter().zip(&out[range.clone()]).enumerate() {
+            // A task answered by an existing one is not stored: its
+            // dependencies are that task's, already in place.
+            if !s.created {
+                continue;
+            }
             for (di, d) in t.deps.iter().enumerate() {
                 let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
                 if !inserted.contains(id) && !known.contains_key(id) {
@@ -1001,6 +1010,13 @@ fn submit_all(
     // Workflows and schedules first, so the audit chain reads in order.
     for (si, sub) in subs.iter().enumerate() {
         if refused.contains(&si) {
+            continue;
+        }
+        // Submitted again, every task matched in one existing workflow:
+        // the answer is that workflow, and nothing new is stored.
+        if sub.workflow.is_some()
+            && matches!(&answers[si], Ok(list) if crate::store::resubmitted_workflow(list).is_some())
+        {
             continue;
         }
         for sc in &sub.schedules {
