@@ -128,6 +128,7 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
             guard(exposure.clone(), req, next)
         }))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::Extension(crate::rest::BodyLimit(body_limit)))
 }
 
 /// Refuses requests a browser could be tricked into sending: a Host the

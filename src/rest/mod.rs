@@ -96,6 +96,11 @@ type ApiResult<T> = Result<T, ApiError>;
 /// A JSON body parsed with field-naming errors (`tasks[2].priority`) and
 /// unknown fields rejected; an unreadable or oversize body is a 4xx in the
 /// API's error shape.
+/// The request body limit (`server.max_body_bytes`), set on the router as
+/// an extension so a refusal can name it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
@@ -120,10 +125,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         if json == Some(false) {
             return Err(unsupported());
         }
+        let limit = req.extensions().get::<BodyLimit>().copied();
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "payload_too_large", "the request body is too large")
+                let message = match limit {
+                    Some(BodyLimit(n)) => format!(
+                        "the request body is too large: at most {n} bytes are accepted (server.max_body_bytes)"
+                    ),
+                    None => "the request body is too large".to_string(),
+                };
+                ApiError::new(status, "payload_too_large", message)
             } else {
                 ApiError::new(
                     status,

@@ -642,6 +642,25 @@ async fn serve_streams_events_and_survives_sigterm() {
         .unwrap();
     assert_eq!(got["task"]["result"]["output"]["n"], 7);
 
+    // A body over `server.max_body_bytes` (16 MiB by default) is refused,
+    // and the refusal says what the limit is.
+    let huge = json!({"name": "huge", "command": "x".repeat(17 << 20)}).to_string();
+    let resp = http
+        .post(format!("{base}/api/v1/tasks"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "payload_too_large", "{e}");
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("16777216 bytes") && m.contains("server.max_body_bytes"),
+        "{e}"
+    );
+
     // SIGTERM in the middle of a run: the server stops; a restart finishes the work.
     let slow: Value = http
         .post(format!("{base}/api/v1/tasks"))
