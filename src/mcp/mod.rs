@@ -281,8 +281,9 @@ impl McpServer {
     /// condition can no longer hold is skipped. Optional `schedule: {cron}`
     /// repeats the whole workflow. Returns the workflow id and every task's
     /// id; follow with get_workflow (status and a Mermaid graph) or
-    /// wait_for_task on the last step. Safe to repeat when every task has an
-    /// idempotency_key: submitted again, it returns the first workflow.
+    /// wait_for_task on the last step. To make a retry safe, give every task
+    /// an idempotency_key: when all of them match tasks of one earlier
+    /// workflow, that workflow is returned and nothing new is stored.
     #[tool(
         title = "Submit a workflow",
         output_schema = schema_for_output::<crate::service::WorkflowSubmitted>(),
@@ -302,10 +303,16 @@ impl McpServer {
             .iter()
             .map(|t| format!("{}={}", t.name, t.id))
             .collect();
+        let what = if crate::store::resubmitted_workflow(&s.tasks).is_some() {
+            "already submitted (every task matched by idempotency key): workflow"
+        } else {
+            "submitted workflow"
+        };
         let text = format!(
-            "submitted workflow {} ({}) with {} tasks: {}",
+            "{what} {} ({}, {}) with {} tasks: {}",
             s.name,
             s.workflow_id,
+            s.status.as_str(),
             s.tasks.len(),
             names.join(", ")
         );

@@ -586,6 +586,53 @@ async fn a_workflow_submitted_again_is_the_first_one(b: &Backend) {
         );
     }
     assert_eq!(status(&s, &notify.id).await, TaskStatus::Succeeded);
+
+    // A schedule's run whose keys all match the first workflow (two
+    // schedules of one keyed template) is still stored: the schedule
+    // records it as its upcoming run.
+    let sid = uuid::Uuid::now_v7().to_string();
+    let mut tick = task("tick");
+    tick.schedule_id = Some(sid.clone());
+    tick.run_at = T0 + 60_000;
+    s.submit(NewSubmission {
+        workflow: None,
+        schedules: vec![NewSchedule {
+            id: sid.clone(),
+            name: "deploy".into(),
+            project: None,
+            cron: "* * * * *".into(),
+            timezone: None,
+            template: "{}".into(),
+            next_fire_at: T0 + 60_000,
+            upcoming_run: tick.id.clone(),
+            now: T0,
+        }],
+        tasks: vec![tick],
+    })
+    .await
+    .unwrap();
+    let build4 = keyed("build");
+    let ship4 = after(keyed("ship"), &[&build4], Condition::Success);
+    let (w4, mut run) = workflow("deploy", vec![build4, ship4]);
+    run.workflow.as_mut().unwrap().schedule_id = Some(sid.clone());
+    let fired = s
+        .fire_schedule(FireSchedule {
+            schedule_id: sid.clone(),
+            expected: T0 + 60_000,
+            next_fire_at: T0 + 120_000,
+            upcoming_run: w4.clone(),
+            run,
+            now: T0 + 60_001,
+        })
+        .await
+        .unwrap();
+    assert!(fired);
+    let rec = s.schedule(&sid).await.unwrap().unwrap();
+    assert_eq!(rec.upcoming_run.as_deref(), Some(w4.as_str()));
+    assert!(
+        s.workflow(&w4).await.unwrap().is_some(),
+        "the run is stored"
+    );
     assert_chain_ok(&s).await;
 }
 
