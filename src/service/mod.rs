@@ -228,7 +228,7 @@ impl TaskQueue {
 
     /// A task by id.
     pub async fn get(&self, id: &str) -> Result<TaskRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         self.inner
             .store
             .get(id)
@@ -237,7 +237,7 @@ impl TaskQueue {
     }
 
     /// Tasks, newest first, with cursor pagination.
-    pub async fn list(&self, opts: ListOptions) -> Result<TaskPage> {
+    pub async fn list(&self, mut opts: ListOptions) -> Result<TaskPage> {
         let limit = opts.limit.unwrap_or(50);
         if limit == 0 || limit > 1000 {
             return Err(Error::invalid(
@@ -252,7 +252,7 @@ impl TaskQueue {
             None => None,
         };
         if let Some(w) = &opts.workflow_id {
-            check_id_as(w, "workflow_id")?;
+            opts.workflow_id = Some(check_id_as(w, "workflow_id")?);
         }
         // Each status is a parameter of the query: one of each is enough.
         let mut statuses: Vec<TaskStatus> = Vec::new();
@@ -308,7 +308,7 @@ impl TaskQueue {
     /// Cancels a task that has not finished; a running one has its process
     /// group stopped. A service task that already succeeded has its process stopped.
     pub async fn cancel(&self, id: &str) -> Result<TaskRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         if self.inner.stop_service(id).await {
             return self.get(id).await;
         }
@@ -340,6 +340,7 @@ impl TaskQueue {
 
     /// Waits until the task is terminal or `timeout` passes; returns its state either way.
     pub async fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<TaskRecord> {
+        let id = &check_id(id)?;
         let mut events = self.inner.store.subscribe();
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
@@ -365,12 +366,14 @@ impl TaskQueue {
 
     /// Every attempt of a task, oldest first.
     pub async fn attempts(&self, id: &str) -> Result<Vec<Attempt>> {
+        let id = &check_id(id)?;
         self.get(id).await?;
         self.inner.store.attempts(id).await
     }
 
     /// Captured output of a task (all attempts, or one).
     pub async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
+        let id = &check_id(id)?;
         let t = self.get(id).await?;
         if let Some(n) = attempt
             && (n == 0 || n > t.attempts)
@@ -393,9 +396,8 @@ impl TaskQueue {
         task_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>> {
-        if let Some(id) = task_id {
-            check_id(id)?;
-        }
+        let task_id = task_id.map(check_id).transpose()?;
+        let task_id = task_id.as_deref();
         if limit == 0 {
             return Err(Error::invalid("limit", "must be at least 1, got 0"));
         }
@@ -420,9 +422,12 @@ impl TaskQueue {
         project: Option<&str>,
         limit: usize,
     ) -> Result<Vec<crate::store::StreamEvent>> {
+        let workflow_id = workflow_id
+            .map(|w| check_id_as(w, "workflow_id"))
+            .transpose()?;
         self.inner
             .store
-            .events_after(after, workflow_id, project, limit)
+            .events_after(after, workflow_id.as_deref(), project, limit)
             .await
     }
 
@@ -554,19 +559,21 @@ async fn wait_for_event(events: &mut broadcast::Receiver<TaskEvent>, id: &str) {
     }
 }
 
-pub(crate) fn check_id(id: &str) -> Result<()> {
+pub(crate) fn check_id(id: &str) -> Result<String> {
     check_id_as(id, "id")
 }
 
 /// [`check_id`] for an id given in the field `field`.
-pub(crate) fn check_id_as(id: &str, field: &str) -> Result<()> {
-    if uuid::Uuid::parse_str(id).is_err() {
-        return Err(Error::invalid(
+pub(crate) fn check_id_as(id: &str, field: &str) -> Result<String> {
+    match uuid::Uuid::parse_str(id) {
+        // Ids are stored as lowercase hyphenated UUIDs; any form a UUID
+        // parser reads (uppercase, braces, no hyphens) means the same id.
+        Ok(u) => Ok(u.hyphenated().to_string()),
+        Err(_) => Err(Error::invalid(
             field,
             format!(
                 "{id:?} is not an id (ids are UUIDs such as 0193b0c2-7a4e-7b2d-9c1a-3f5e6d7c8b9a)"
             ),
-        ));
+        )),
     }
-    Ok(())
 }

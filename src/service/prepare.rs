@@ -332,8 +332,8 @@ pub(crate) fn external_dep_fields(specs: &[TaskSpec]) -> HashMap<String, String>
     let mut out = HashMap::new();
     for (i, s) in specs.iter().enumerate() {
         for (k, d) in s.depends_on.iter().enumerate() {
-            if uuid::Uuid::parse_str(d.target()).is_ok() {
-                out.entry(d.target().to_string())
+            if let Ok(u) = uuid::Uuid::parse_str(d.target()) {
+                out.entry(u.hyphenated().to_string())
                     .or_insert_with(|| format!("tasks[{i}].depends_on[{k}]"));
             }
         }

@@ -196,7 +196,7 @@ impl TaskQueue {
 
     /// A workflow with its tasks and dependency edges.
     pub async fn get_workflow(&self, id: &str) -> Result<WorkflowDetail> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         self.inner
             .store
             .workflow_detail(id)
@@ -206,7 +206,7 @@ impl TaskQueue {
 
     /// A workflow's summary (no task list).
     pub async fn workflow(&self, id: &str) -> Result<WorkflowRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         self.inner
             .store
             .workflow(id)
@@ -261,7 +261,7 @@ impl TaskQueue {
     /// Cancels every unfinished task of a workflow and stops the running
     /// ones (and its services).
     pub async fn cancel_workflow(&self, id: &str) -> Result<WorkflowRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         let ids = self
             .inner
             .store
@@ -281,6 +281,7 @@ impl TaskQueue {
         id: &str,
         timeout: Option<Duration>,
     ) -> Result<WorkflowRecord> {
+        let id = &check_id(id)?;
         let mut events = self.inner.store.subscribe_workflows();
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
@@ -327,7 +328,7 @@ impl TaskQueue {
         comment: Option<String>,
         by: Option<String>,
     ) -> Result<TaskRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         if let Some(c) = &comment
             && c.len() > 4096
         {
@@ -359,7 +360,7 @@ impl TaskQueue {
     /// allowance of attempts; tasks that were skipped because of it are
     /// decided again, and its workflow is running again.
     pub async fn retry(&self, id: &str) -> Result<TaskRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         let t = self
             .inner
             .store
@@ -455,7 +456,7 @@ impl TaskQueue {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Timestamp> {
-        check_id(task_id)?;
+        let task_id = &check_id(task_id)?;
         check_worker_id(worker_id)?;
         check_lease(lease)?;
         let now = self.inner.clock.now_ms();
@@ -544,7 +545,7 @@ impl TaskQueue {
     }
 
     async fn held(&self, task_id: &str, worker_id: &str) -> Result<TaskRecord> {
-        check_id(task_id)?;
+        let task_id = &check_id(task_id)?;
         check_worker_id(worker_id)?;
         let t = self.get(task_id).await?;
         if t.status != TaskStatus::Running || t.lease_owner.as_deref() != Some(worker_id) {
@@ -620,7 +621,7 @@ impl TaskQueue {
 
     /// One schedule.
     pub async fn get_schedule(&self, id: &str) -> Result<ScheduleRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         self.inner
             .store
             .schedule(id)
@@ -630,7 +631,7 @@ impl TaskQueue {
 
     /// Stops a schedule firing; its upcoming run is cancelled if it has not started.
     pub async fn pause_schedule(&self, id: &str) -> Result<ScheduleRecord> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         let r = self
             .inner
             .store
@@ -664,7 +665,7 @@ impl TaskQueue {
 
     /// Deletes a schedule; its upcoming run is cancelled if it has not started.
     pub async fn remove_schedule(&self, id: &str) -> Result<()> {
-        check_id(id)?;
+        let id = &check_id(id)?;
         match self
             .inner
             .store

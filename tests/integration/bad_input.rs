@@ -1,6 +1,7 @@
 //! Bad input gets a clear error naming the field, exit code 2, and stores nothing.
 
 use crate::common::*;
+use serde_json::Value;
 
 fn rejected(ws: &Workspace, yaml: &str) -> String {
     let f = ws.write("bad.yml", yaml);
@@ -165,6 +166,50 @@ fn unknown_ids_are_named() {
     let out = ws.run(&["cancel", "01a21990-b7b0-716b-8a47-009bbaa5872d"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+/// An id is a UUID in any form a UUID parser reads: uppercase, without
+/// hyphens or in braces it names the same task, workflow or dependency.
+#[test]
+fn ids_in_any_uuid_form_name_the_same_task() {
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file(
+        "name: forms\ntasks:\n  - {name: once, command: 'echo hi'}\n  - {name: after, command: 'true', depends_on: [once]}\n",
+    );
+    assert_eq!(code, 0, "{summary}");
+    let id = summary["tasks"][0]["id"].as_str().unwrap().to_string();
+    let wf = summary["workflow_id"].as_str().unwrap().to_string();
+    let upper = id.to_uppercase();
+    let simple = id.replace('-', "");
+    let braced = format!("{{{id}}}");
+    for form in [&upper, &simple, &braced] {
+        let out = ws.run(&["status", form, "--json"]);
+        assert!(
+            out.status.success(),
+            "{form}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["id"], id.as_str(), "{form}: {v}");
+        let out = ws.run(&["logs", form, "--attempt", "1"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("hi"),
+            "{form}"
+        );
+    }
+    let out = ws.run(&["workflow", "show", &wf.to_uppercase(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A dependency on an existing task, by its uppercase id.
+    let ids = ws.submit(&format!(
+        "tasks:\n  - {{name: later, command: 'true', depends_on: ['{upper}']}}\n"
+    ));
+    let out = ws.run(&["status", &ids[0], "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "queued", "{v}");
 }
 
 /// Output into a pipe nobody reads any more (`task-queue status | head`):
