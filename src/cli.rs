@@ -520,7 +520,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
                 TokenCommand::List => print_json(&json!({"tokens": queue.list_tokens().await?})),
                 TokenCommand::Revoke { id } => {
                     queue.revoke_token(&id).await?;
-                    print_json(&json!({"revoked": id}));
+                    print_json(&json!({"revoked": crate::service::canonical_id(&id)}));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -551,7 +551,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
                 ),
                 ScheduleCommand::Remove { id } => {
                     queue.remove_schedule(&id).await?;
-                    print_json(&json!({ "removed": id }));
+                    print_json(&json!({ "removed": crate::service::canonical_id(&id) }));
                 }
             }
             Ok(ExitCode::SUCCESS)

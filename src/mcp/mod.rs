@@ -503,7 +503,7 @@ impl McpServer {
                 );
             }
             // Events cover this process; the poll covers other processes.
-            let id = a.id.clone();
+            let id = crate::service::canonical_id(&a.id);
             tokio::select! {
                 _ = async {
                     loop {
@@ -744,10 +744,11 @@ impl McpServer {
                 )
                 .await
         );
-        let text = format!("lease on {} renewed until {until}", a.id);
+        let task_id = crate::service::canonical_id(&a.id);
+        let text = format!("lease on {task_id} renewed until {until}");
         ok(
             &HeartbeatOut {
-                task_id: a.id,
+                task_id,
                 lease_expires_at: until,
             },
             text,

@@ -93,14 +93,14 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// A JSON body parsed with field-naming errors (`tasks[2].priority`) and
-/// unknown fields rejected; an unreadable or oversize body is a 4xx in the
-/// API's error shape.
 /// The request body limit (`server.max_body_bytes`), set on the router as
 /// an extension so a refusal can name it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// A JSON body parsed with field-naming errors (`tasks[2].priority`) and
+/// unknown fields rejected; an unreadable or oversize body is a 4xx in the
+/// API's error shape.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
@@ -544,7 +544,7 @@ pub async fn logs_slice(
         });
     }
     Ok(LogsOut {
-        task_id: id.to_string(),
+        task_id: crate::service::canonical_id(id),
         logs,
     })
 }
@@ -621,7 +621,8 @@ async fn heartbeat(
             Duration::from_secs(a.lease_seconds.unwrap_or(300)),
         )
         .await?;
-    Ok(Json(json!({"task_id": a.id, "lease_expires_at": until})).into_response())
+    let task_id = crate::service::canonical_id(&a.id);
+    Ok(Json(json!({"task_id": task_id, "lease_expires_at": until})).into_response())
 }
 
 async fn complete(

@@ -478,6 +478,7 @@ impl TaskQueue {
 
     /// Revokes a token by id.
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        let id = &canonical_id(id);
         if self
             .inner
             .store
@@ -561,6 +562,14 @@ async fn wait_for_event(events: &mut broadcast::Receiver<TaskEvent>, id: &str) {
 
 pub(crate) fn check_id(id: &str) -> Result<String> {
     check_id_as(id, "id")
+}
+
+/// The stored form of an id given in any UUID form; anything else as given
+/// (for echoing an id that was already checked, or one that is not a UUID).
+pub(crate) fn canonical_id(id: &str) -> String {
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.hyphenated().to_string())
+        .unwrap_or_else(|_| id.to_string())
 }
 
 /// [`check_id`] for an id given in the field `field`.

@@ -642,6 +642,7 @@ impl TaskQueue {
 
     /// Starts a paused schedule again from its next slot.
     pub async fn resume_schedule(&self, id: &str) -> Result<ScheduleRecord> {
+        let id = &check_id(id)?;
         let s = self.get_schedule(id).await?;
         if !s.paused {
             return Ok(s);

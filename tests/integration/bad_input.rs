@@ -203,6 +203,22 @@ fn ids_in_any_uuid_form_name_the_same_task() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A schedule paused and resumed by its uppercase id.
+    let f = ws.write(
+        "cron.yml",
+        "name: nightly\nschedule: {cron: '0 3 * * *'}\ntasks:\n  - {name: n, command: 'true'}\n",
+    );
+    let out = ws.run(&["submit", f.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sid = v["schedule_id"].as_str().unwrap().to_uppercase();
+    for verb in ["pause", "resume"] {
+        let out = ws.run(&["schedule", verb, &sid]);
+        assert!(
+            out.status.success(),
+            "schedule {verb} {sid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // A dependency on an existing task, by its uppercase id.
     let ids = ws.submit(&format!(
         "tasks:\n  - {{name: later, command: 'true', depends_on: ['{upper}']}}\n"
