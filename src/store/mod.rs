@@ -169,6 +169,19 @@ pub fn resubmitted_workflow(tasks: &[Submitted]) -> Option<&str> {
         .then_some(first)
 }
 
+/// Whether a writer stores nothing of a submission's own (no workflow, no
+/// schedule): a workflow submitted again, every task matched in one
+/// existing workflow, whose answer is that workflow. Not a schedule's run
+/// (it has its schedule and no new one): the schedule records the run it
+/// made, which must exist.
+pub(crate) fn stores_nothing_new(sub: &NewSubmission, answer: &Result<Vec<Submitted>>) -> bool {
+    let Some(w) = &sub.workflow else {
+        return false;
+    };
+    let schedule_run = w.schedule_id.is_some() && sub.schedules.is_empty();
+    !schedule_run && matches!(answer, Ok(list) if resubmitted_workflow(list).is_some())
+}
+
 /// A request to claim ready tasks with a lease.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {

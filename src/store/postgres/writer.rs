@@ -826,18 +826,7 @@ async fn submit_all(
         if refused.contains(&si) {
             continue;
         }
-        // Submitted again, every task matched in one existing workflow:
-        // the answer is that workflow, and nothing new is stored. Not for
-        // a schedule's run (it has its schedule and no new one): the
-        // schedule records the run it made, which must exist.
-        let schedule_run = sub
-            .workflow
-            .as_ref()
-            .is_some_and(|w| w.schedule_id.is_some() && sub.schedules.is_empty());
-        if sub.workflow.is_some()
-            && !schedule_run
-            && matches!(&answers[si], Ok(list) if crate::store::resubmitted_workflow(list).is_some())
-        {
+        if crate::store::stores_nothing_new(sub, &answers[si]) {
             continue;
         }
         for sc in &sub.schedules {
