@@ -97,8 +97,14 @@ fn writer_connection(path: &Path, durability: Durability) -> Result<rusqlite::Co
         Durability::Durable => "PRAGMA synchronous = FULL;",
         Durability::Fast => "PRAGMA synchronous = NORMAL;",
     })?;
+    // A 4 MB page cache: the writer touches the right edges of a few
+    // B-trees and their upper levels, which fit in it many times over.
+    // 16 MB made `bench noop` and `bench submit` no faster, even over a
+    // million finished tasks, and raised the peak RSS by 12-15 MB; SQLite
+    // also walks the whole cache's hash table at most commits (see
+    // docs/PERFORMANCE.md, "The writer's page cache").
     conn.execute_batch(
-        "PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16000; \
+        "PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -4000; \
          PRAGMA wal_autocheckpoint = 10000;",
     )?;
     // Plans never depend on bound values (the claim names its index). Without
