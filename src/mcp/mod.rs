@@ -303,8 +303,8 @@ impl McpServer {
             .iter()
             .map(|t| format!("{}={}", t.name, t.id))
             .collect();
-        let what = if crate::store::resubmitted_workflow(&s.tasks).is_some() {
-            "already submitted (every task matched by idempotency key): workflow"
+        let what = if !s.created {
+            "already submitted (matched by idempotency key): workflow"
         } else {
             "submitted workflow"
         };

@@ -14,7 +14,7 @@ pub const MAX_FILE_BYTES: usize = 64 << 20;
 pub const MAX_BATCH_TASKS: usize = 100_000;
 
 /// A file of tasks: `{tasks: [spec, ...]}`, or a workflow when it has a
-/// `name`: `{name, project, tags, description, schedule, tasks}`.
+/// `name`: `{name, project, tags, description, schedule, idempotency_key, tasks}`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskFile {
@@ -31,6 +31,10 @@ pub struct TaskFile {
     pub schedule: Option<Schedule>,
     /// The tasks to submit.
     pub tasks: Vec<TaskSpec>,
+    /// The workflow's idempotency key: submitting the file again returns
+    /// the first workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// What a file asks to submit.
@@ -364,6 +368,7 @@ pub fn parse_task_file(text: &str) -> Result<Submission> {
             ("tags", !file.tags.is_empty()),
             ("description", file.description.is_some()),
             ("schedule", file.schedule.is_some()),
+            ("idempotency_key", file.idempotency_key.is_some()),
         ] {
             if set {
                 return Err(Error::invalid(
@@ -381,6 +386,7 @@ pub fn parse_task_file(text: &str) -> Result<Submission> {
         description: file.description,
         schedule: file.schedule,
         tasks: file.tasks,
+        idempotency_key: file.idempotency_key,
     };
     w.validate_header()?;
     Ok(Submission::Workflow(w))

@@ -12,7 +12,7 @@ use super::status::TaskStatus;
 use super::units::Timestamp;
 use crate::error::{Error, Result};
 
-/// A workflow as submitted: `{name, project, tags, description, schedule, tasks}`.
+/// A workflow as submitted: `{name, project, tags, description, schedule, idempotency_key, tasks}`.
 /// Build one in code with [`WorkflowSpec::new`] and [`WorkflowSpec::add_task`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +38,12 @@ pub struct WorkflowSpec {
     /// The tasks (1 to 100,000); `depends_on` refers to their names.
     #[schemars(length(min = 1, max = 100000))]
     pub tasks: Vec<TaskSpec>,
+    /// A second submit with the same key returns the first workflow (its id,
+    /// status and tasks) and stores nothing (1–256 characters). A schedule's
+    /// runs do not carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub idempotency_key: Option<String>,
 }
 
 /// The builder name used in examples: `Workflow::new("deploy").add_task(..)`.
@@ -52,6 +58,7 @@ impl WorkflowSpec {
             description: None,
             schedule: None,
             tasks: Vec::new(),
+            idempotency_key: None,
         }
     }
     pub fn with_project(mut self, project: impl Into<String>) -> Self {
@@ -64,6 +71,11 @@ impl WorkflowSpec {
     }
     pub fn with_description(mut self, d: impl Into<String>) -> Self {
         self.description = Some(d.into());
+        self
+    }
+    /// See [`WorkflowSpec::idempotency_key`].
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
     pub fn with_schedule(mut self, s: Schedule) -> Self {
@@ -101,6 +113,14 @@ impl WorkflowSpec {
         }
         if self.tasks.is_empty() {
             return Err(Error::invalid("tasks", "must list at least one task"));
+        }
+        if let Some(k) = &self.idempotency_key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err(Error::invalid(
+                "idempotency_key",
+                "must be 1 to 256 characters",
+            ));
         }
         Ok(())
     }
@@ -177,6 +197,10 @@ pub struct WorkflowRecord {
     pub updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+    /// The key it was submitted with; submitting again with it returns
+    /// this workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Whether a dependency edge's condition held.

@@ -334,26 +334,34 @@ fn created<T: serde::Serialize>(location: String, body: &T) -> Response {
     r
 }
 
+/// Puts the `Idempotency-Key` header, if any, into the body's
+/// `idempotency_key` (the two must agree when both are sent).
+fn header_key(headers: &HeaderMap, key: &mut Option<String>) -> ApiResult<()> {
+    let Some(k) = headers.get("idempotency-key") else {
+        return Ok(());
+    };
+    let k = k
+        .to_str()
+        .map_err(|_| ApiError::from(Error::invalid("Idempotency-Key", "must be visible ASCII")))?;
+    match key {
+        Some(existing) if existing != k => Err(Error::invalid(
+            "idempotency_key",
+            "differs from the Idempotency-Key header; send one of them",
+        )
+        .into()),
+        _ => {
+            *key = Some(k.to_string());
+            Ok(())
+        }
+    }
+}
+
 async fn create_task(
     State(st): State<ApiState>,
     headers: HeaderMap,
     Body(mut spec): Body<TaskSpec>,
 ) -> ApiResult<Response> {
-    if let Some(k) = headers.get("idempotency-key") {
-        let k = k.to_str().map_err(|_| {
-            ApiError::from(Error::invalid("Idempotency-Key", "must be visible ASCII"))
-        })?;
-        match &spec.idempotency_key {
-            Some(existing) if existing != k => {
-                return Err(Error::invalid(
-                    "idempotency_key",
-                    "differs from the Idempotency-Key header; send one of them",
-                )
-                .into());
-            }
-            _ => spec.idempotency_key = Some(k.to_string()),
-        }
-    }
+    header_key(&headers, &mut spec.idempotency_key)?;
     let s = st.queue.submit(spec).await?;
     if s.created {
         st.metrics.submitted(1);
@@ -667,14 +675,17 @@ async fn claim(State(st): State<ApiState>, Body(a): Body<ClaimArgs>) -> ApiResul
 
 async fn create_workflow(
     State(st): State<ApiState>,
-    Body(w): Body<WorkflowSpec>,
+    headers: HeaderMap,
+    Body(mut w): Body<WorkflowSpec>,
 ) -> ApiResult<Response> {
+    header_key(&headers, &mut w.idempotency_key)?;
     let out = st.queue.submit_workflow(w).await?;
     st.metrics
         .submitted(out.tasks.iter().filter(|s| s.created).count());
-    // Submitted again with every task matched by key: the existing
-    // workflow, as a repeated `POST /tasks` answers its first task.
-    if crate::store::resubmitted_workflow(&out.tasks).is_some() {
+    // Submitted again (its key, or every task's, named an existing
+    // workflow): that workflow, as a repeated `POST /tasks` answers its
+    // first task.
+    if !out.created {
         return Ok((StatusCode::OK, Json(&out)).into_response());
     }
     Ok(created(

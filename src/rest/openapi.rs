@@ -203,8 +203,14 @@ pub fn document() -> Value {
         "/workers/claim": {"post": op("claimTasks", "Claim ready external tasks under a lease", vec![], Some(body(claim_args)),
             merge(errors(&[]), "200", ok("The claimed tasks (possibly none).", json!({"type": "object", "properties": {"tasks": {"type": "array", "items": claimed}}}))))},
         "/workflows": {
-            "post": op("createWorkflow", "Submit a workflow (checked as a whole; nothing is stored if it is rejected)", vec![], Some(body(workflow_spec)),
-                merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", wf_submitted))),
+            "post": op("createWorkflow", "Submit a workflow (checked as a whole; nothing is stored if it is rejected; 200 when an idempotency key named an earlier workflow)",
+                vec![json!({"name": "Idempotency-Key", "in": "header", "required": false, "description": "Same as the workflow's idempotency_key: a repeat returns the first workflow.", "schema": {"type": "string"}})],
+                Some(body(workflow_spec)),
+                {
+                    let mut r = merge(errors(&[("413", "Body too large.")]), "201", ok("Created.", wf_submitted.clone()));
+                    r["200"] = ok("The workflow's key (or every task's) named an earlier workflow; that workflow is returned (created: false).", wf_submitted);
+                    r
+                }),
             "get": op("listWorkflows", "List workflows, newest first",
                 vec![query("status", "running, succeeded, failed or cancelled.", "string"), query("project", "Project.", "string"),
                      query_int("limit", "Page size, 1..=1000 (default 50).", 1, 1000), query("cursor", "next_cursor of the previous page.", "string")],

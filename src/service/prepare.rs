@@ -20,6 +20,8 @@ pub(crate) struct Header {
     pub project: Option<String>,
     pub tags: Vec<String>,
     pub description: Option<String>,
+    /// The workflow's idempotency key (never a schedule run's).
+    pub idempotency_key: Option<String>,
 }
 
 impl Header {
@@ -29,6 +31,7 @@ impl Header {
             project: w.project.clone(),
             tags: w.tags.clone(),
             description: w.description.clone(),
+            idempotency_key: w.idempotency_key.clone(),
         }
     }
 }
@@ -145,6 +148,8 @@ pub(crate) fn prepare(
                 description: h.description.clone(),
                 schedule: None,
                 tasks: specs.clone(),
+                // A run is a workflow of its own: the key named the submission.
+                idempotency_key: None,
             };
             schedules.push(NewSchedule {
                 id: id.clone(),
@@ -224,6 +229,7 @@ pub(crate) fn prepare(
                     description: None,
                     schedule: None,
                     tasks: vec![spec.clone()],
+                    idempotency_key: None,
                 };
                 schedules.push(NewSchedule {
                     id: id.clone(),
@@ -267,6 +273,7 @@ pub(crate) fn prepare(
         tags: h.tags.clone(),
         description: h.description.clone(),
         schedule_id: schedule_id.clone(),
+        idempotency_key: h.idempotency_key.clone(),
         now,
     });
     Ok(Prepared {

@@ -27,12 +27,22 @@ pub struct WorkflowSubmitted {
     pub workflow_id: String,
     pub name: String,
     pub status: WorkflowStatus,
-    /// One entry per task, in the order given.
+    /// False when an existing workflow answered: the workflow's
+    /// `idempotency_key` named it, or every task matched one of its tasks
+    /// by key. Nothing new was stored then.
+    #[serde(default = "created_default")]
+    pub created: bool,
+    /// One entry per task, in the order given (for an existing workflow
+    /// named by its key: its own tasks, oldest first).
     pub tasks: Vec<Submitted>,
     /// The recurring schedule, when the workflow has a cron schedule (this
     /// submission is its first, upcoming run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule_id: Option<String>,
+}
+
+fn created_default() -> bool {
+    true
 }
 
 /// A page of workflows, newest first.
@@ -148,15 +158,29 @@ impl TaskQueue {
             now,
             false,
         )?;
+        let key = header.idempotency_key.clone();
         let tasks = self.inner.store.submit(p.sub).await?;
-        if let Some(existing) = crate::store::resubmitted_workflow(&tasks) {
-            // Every task was already there, in one workflow: that workflow
-            // is the answer (the writer stored nothing new).
-            let w = self.workflow(existing).await?;
+        let existing = match crate::store::resubmitted_workflow(&tasks) {
+            Some(id) => Some(self.workflow(id).await?),
+            // A submission has tasks, so no answer at all means its key
+            // named a workflow without tasks of its own (each was answered
+            // by an earlier task of another workflow).
+            None if tasks.is_empty() => {
+                let k = key.as_deref().unwrap_or_default();
+                Some(self.inner.store.workflow_by_key(k).await?.ok_or_else(|| {
+                    Error::Store(format!("no workflow has idempotency key {k:?}"))
+                })?)
+            }
+            None => None,
+        };
+        if let Some(w) = existing {
+            // The key, or every task, named a workflow that is already
+            // there: it is the answer (the writer stored nothing new).
             return Ok(WorkflowSubmitted {
                 workflow_id: w.id,
                 name: w.name,
                 status: w.status,
+                created: false,
                 tasks,
                 schedule_id: w.schedule_id,
             });
@@ -173,6 +197,7 @@ impl TaskQueue {
             workflow_id: p.workflow_id.expect("a workflow has an id"),
             name: w.name,
             status,
+            created: true,
             tasks,
             schedule_id: p.schedule_id,
         })
@@ -698,6 +723,7 @@ impl TaskQueue {
             project: file.project.clone(),
             tags: file.tags.clone(),
             description: file.description.clone(),
+            idempotency_key: None,
         });
         let run = RunOf {
             schedule_id: Some(s.id.clone()),

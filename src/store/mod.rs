@@ -65,6 +65,8 @@ pub struct NewWorkflow {
     pub tags: Vec<String>,
     pub description: Option<String>,
     pub schedule_id: Option<String>,
+    /// A second submission with this key is answered by this workflow.
+    pub idempotency_key: Option<String>,
     pub now: i64,
 }
 
@@ -180,6 +182,79 @@ pub(crate) fn stores_nothing_new(sub: &NewSubmission, answer: &Result<Vec<Submit
     };
     let schedule_run = w.schedule_id.is_some() && sub.schedules.is_empty();
     !schedule_run && matches!(answer, Ok(list) if resubmitted_workflow(list).is_some())
+}
+
+/// How a writer answers a submission, given its workflow's idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeyedAs {
+    /// Stored as usual (no key, or a key nothing has yet).
+    Fresh,
+    /// The key names this stored workflow: its tasks are the answer.
+    Existing(String),
+    /// An earlier submission of the same batch has the key: its answer is
+    /// this one's too.
+    SameAs(usize),
+}
+
+/// The workflow idempotency key of a submission, if any.
+pub(crate) fn workflow_key(sub: &NewSubmission) -> Option<&str> {
+    sub.workflow.as_ref()?.idempotency_key.as_deref()
+}
+
+/// Sorts a batch's submissions by their workflow keys; `existing` maps the
+/// keys already stored to their workflows.
+pub(crate) fn keyed_as(
+    subs: &[&NewSubmission],
+    existing: &std::collections::HashMap<String, String>,
+) -> Vec<KeyedAs> {
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    subs.iter()
+        .enumerate()
+        .map(|(i, s)| match workflow_key(s) {
+            None => KeyedAs::Fresh,
+            Some(k) => {
+                if let Some(id) = existing.get(k) {
+                    KeyedAs::Existing(id.clone())
+                } else if let Some(&j) = first.get(k) {
+                    KeyedAs::SameAs(j)
+                } else {
+                    first.insert(k, i);
+                    KeyedAs::Fresh
+                }
+            }
+        })
+        .collect()
+}
+
+/// Puts a batch's answers together: `fresh` has one answer per
+/// [`KeyedAs::Fresh`] submission, in order; `existing` the tasks of each
+/// existing workflow, oldest first. Every task of an answer by key is an
+/// earlier one (`created: false`).
+pub(crate) fn answer_keyed(
+    plan: &[KeyedAs],
+    fresh: Vec<Result<Vec<Submitted>>>,
+    existing: &std::collections::HashMap<String, Vec<Submitted>>,
+) -> Vec<Result<Vec<Submitted>>> {
+    let mut fresh = fresh.into_iter();
+    let mut out: Vec<Result<Vec<Submitted>>> = Vec::with_capacity(plan.len());
+    for p in plan {
+        let answer = match p {
+            KeyedAs::Fresh => fresh.next().expect("one answer per fresh submission"),
+            KeyedAs::Existing(id) => Ok(existing.get(id).cloned().unwrap_or_default()),
+            KeyedAs::SameAs(j) => match &out[*j] {
+                Ok(list) => Ok(list
+                    .iter()
+                    .map(|s| Submitted {
+                        created: false,
+                        ..s.clone()
+                    })
+                    .collect()),
+                Err(e) => Err(e.same()),
+            },
+        };
+        out.push(answer);
+    }
+    out
 }
 
 /// A request to claim ready tasks with a lease.
@@ -603,6 +678,8 @@ pub trait Store: Send + Sync + 'static {
     /// The dependency edges of a task: what it waits for and what waits for it.
     async fn dependencies(&self, id: &str) -> Result<Vec<DependencyEdge>>;
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowRecord>>;
+    /// The workflow submitted with this idempotency key.
+    async fn workflow_by_key(&self, key: &str) -> Result<Option<WorkflowRecord>>;
     /// A workflow with its tasks and edges.
     async fn workflow_detail(&self, id: &str) -> Result<Option<WorkflowDetail>>;
     async fn list_workflows(&self, f: &WorkflowFilter) -> Result<Vec<(i64, WorkflowRecord)>>;
@@ -669,6 +746,90 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
+    use std::collections::HashMap;
+
+    fn keyed_sub(key: Option<&str>) -> NewSubmission {
+        NewSubmission {
+            workflow: Some(NewWorkflow {
+                id: uuid::Uuid::now_v7().to_string(),
+                name: "w".into(),
+                project: None,
+                tags: Vec::new(),
+                description: None,
+                schedule_id: None,
+                idempotency_key: key.map(str::to_string),
+                now: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn answered(id: &str, created: bool) -> Submitted {
+        Submitted {
+            id: id.into(),
+            name: id.into(),
+            created,
+            status: TaskStatus::Queued,
+            schedule_id: None,
+            workflow_id: Some("w1".into()),
+        }
+    }
+
+    #[test]
+    fn a_workflow_key_is_answered_by_the_stored_workflow_or_the_first_in_the_batch() {
+        let subs = [
+            keyed_sub(Some("a")),
+            keyed_sub(None),
+            keyed_sub(Some("b")),
+            keyed_sub(Some("a")),
+            keyed_sub(Some("b")),
+            keyed_sub(Some("c")),
+            keyed_sub(Some("c")),
+        ];
+        let refs: Vec<&NewSubmission> = subs.iter().collect();
+        let existing = HashMap::from([("b".to_string(), "wb".to_string())]);
+        let plan = keyed_as(&refs, &existing);
+        assert_eq!(
+            plan,
+            vec![
+                KeyedAs::Fresh,
+                KeyedAs::Fresh,
+                KeyedAs::Existing("wb".into()),
+                KeyedAs::SameAs(0),
+                KeyedAs::Existing("wb".into()),
+                KeyedAs::Fresh,
+                KeyedAs::SameAs(5),
+            ]
+        );
+        // The fresh ones: "a" stored, the unkeyed one stored, "c" refused.
+        let fresh = vec![
+            Ok(vec![answered("t1", true)]),
+            Ok(vec![answered("t2", true)]),
+            Err(Error::invalid("tasks[0].depends_on[0]", "no task has id x")),
+        ];
+        let stored = HashMap::from([("wb".to_string(), vec![answered("t0", false)])]);
+        let out = answer_keyed(&plan, fresh, &stored);
+        let ids = |r: &Result<Vec<Submitted>>| {
+            r.as_ref()
+                .map(|l| {
+                    l.iter()
+                        .map(|s| (s.id.clone(), s.created))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(ids(&out[0]), Ok(vec![("t1".into(), true)]));
+        assert_eq!(ids(&out[1]), Ok(vec![("t2".into(), true)]));
+        assert_eq!(ids(&out[2]), Ok(vec![("t0".into(), false)]));
+        assert_eq!(ids(&out[3]), Ok(vec![("t1".into(), false)]));
+        assert_eq!(ids(&out[4]), Ok(vec![("t0".into(), false)]));
+        for refused in &out[5..] {
+            assert!(
+                matches!(refused, Err(Error::InvalidInput { field, .. }) if field == "tasks[0].depends_on[0]")
+            );
+        }
+    }
 
     fn req(worker: &str, limit: usize, now: i64, external: Option<ExternalFilter>) -> ClaimRequest {
         ClaimRequest {

@@ -43,7 +43,20 @@ async fn call(
     uri: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    call_with(app, method, uri, &[], body).await
+}
+
+async fn call_with(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     let body = match body {
         Some(v) => {
             req = req.header("content-type", "application/json");
@@ -218,6 +231,51 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
     assert_eq!(k1["workflow_id"], k2["workflow_id"]);
     assert_eq!(k2["tasks"][1]["created"], false, "{k2}");
     assert_eq!(k2["tasks"][1]["id"], k1["tasks"][1]["id"]);
+    assert_eq!(
+        (&k1["created"], &k2["created"]),
+        (&json!(true), &json!(false))
+    );
+
+    // A workflow's own key, in the body or the Idempotency-Key header: the
+    // repeat answers 200 with the first workflow and its tasks, whatever
+    // tasks it lists; a header that differs from the body is refused.
+    let body =
+        |task: &str| json!({"name": "release", "tasks": [{"name": task, "command": "true"}]});
+    let mut first = body("build");
+    first["idempotency_key"] = json!("release-7");
+    let (s, r1) = call(&app, "POST", "/api/v1/workflows", Some(first)).await;
+    assert_eq!(s, StatusCode::CREATED, "{r1}");
+    assert_eq!(r1["created"], true);
+    let key = [("idempotency-key", "release-7")];
+    let (s, r2) = call_with(&app, "POST", "/api/v1/workflows", &key, Some(body("other"))).await;
+    assert_eq!(s, StatusCode::OK, "{r2}");
+    assert_eq!(r2["workflow_id"], r1["workflow_id"]);
+    assert_eq!(r2["created"], false);
+    assert_eq!(r2["tasks"][0]["id"], r1["tasks"][0]["id"]);
+    assert_eq!(r2["tasks"][0]["name"], "build");
+    let (s, detail) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/workflows/{}", r1["workflow_id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(detail["idempotency_key"], "release-7", "{detail}");
+    let mut clash = body("build");
+    clash["idempotency_key"] = json!("release-8");
+    let (s, e) = call_with(&app, "POST", "/api/v1/workflows", &key, Some(clash)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_error(
+        &e,
+        "invalid_input",
+        "differs from the Idempotency-Key header",
+    );
+    let mut long = body("build");
+    long["idempotency_key"] = json!("k".repeat(257));
+    let (s, e) = call(&app, "POST", "/api/v1/workflows", Some(long)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_error(&e, "invalid_input", "idempotency_key");
 
     // Reject, retry, cancel.
     let (_, w2) = call(

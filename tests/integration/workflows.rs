@@ -699,3 +699,55 @@ tasks:
     assert_eq!(done["workflow_id"], first["workflow_id"]);
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+#[test]
+fn a_workflow_key_runs_the_workflow_once_whatever_is_submitted_again() {
+    let ws = Workspace::new();
+    let log = ws.path("runs.log");
+    let log = log.to_str().unwrap();
+    let file = |step: &str| {
+        format!(
+            r#"
+name: nightly
+idempotency_key: nightly-2026-11-28
+tasks:
+  - {{name: {step}, command: "echo {step} >> {log}"}}
+  - {{name: report, command: "echo report >> {log}", depends_on: [{step}]}}
+"#
+        )
+    };
+    let first = submit_workflow(&ws, &file("build"));
+    // Tasks without keys, and other tasks this time: the key alone names
+    // the first workflow.
+    let again = submit_workflow(&ws, &file("compile"));
+    assert_eq!(first["workflow_id"], again["workflow_id"], "{again}");
+    assert_eq!(
+        (&first["created"], &again["created"]),
+        (&Value::Bool(true), &Value::Bool(false))
+    );
+    assert_eq!(id_of(&first, "build"), id_of(&again, "build"));
+    assert_eq!(again["tasks"].as_array().unwrap().len(), 2, "{again}");
+    let (code, v) = ws.run_file(&file("compile"));
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["workflow_status"], "succeeded", "{v}");
+    assert_eq!(std::fs::read_to_string(log).unwrap(), "build\nreport\n");
+    let out = ws.run(&["workflow", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let workflows = list["workflows"].as_array().unwrap();
+    assert_eq!(workflows.len(), 1, "{list}");
+    assert_eq!(workflows[0]["idempotency_key"], "nightly-2026-11-28");
+    // A file of lone tasks has no workflow to key.
+    let p = ws.path("tasks.yaml");
+    std::fs::write(
+        &p,
+        "idempotency_key: x\ntasks:\n  - {name: a, command: \"true\"}\n",
+    )
+    .unwrap();
+    let out = ws.run(&["submit", p.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("idempotency_key") && err.contains("belongs to a workflow"),
+        "{err}"
+    );
+}

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 
 from mcp import Client, StdioServerParameters
 
@@ -51,9 +52,11 @@ async def scenario(c, tools_schema_path, transport):
     check(uris == ["task://{id}", "workflow://{id}"], f"resource templates {uris}")
 
     # A workflow with an approval gate and an external review step.
-    r = await call(c, "submit_workflow", {
+    release = {
         "name": "mcp-release",
         "project": "mcp-e2e",
+        # One key per run: the scenario runs once per transport on one server.
+        "idempotency_key": f"mcp-release-{uuid.uuid4()}",
         "tasks": [
             {"name": "build", "command": "echo building the release; sleep 1; "
                                          "echo '{\"version\": \"2.0.0\"}' > \"$TASK_QUEUE_RESULT\""},
@@ -63,11 +66,23 @@ async def scenario(c, tools_schema_path, transport):
             {"name": "review", "kind": "external", "description": "review the release notes",
              "depends_on": ["build"], "validation": {"type": "object", "required": ["verdict"]}},
         ],
-    })
+    }
+    r = await call(c, "submit_workflow", release)
     check(not r.is_error, f"submit_workflow: {text_of(r)}")
     wf = r.structured_content
     ids = {t["name"]: t["id"] for t in wf["tasks"]}
     check(len(ids) == 4, f"four tasks: {wf}")
+    check(wf["created"] is True, f"created: {wf}")
+
+    # Submitted again with its key (an agent retrying a lost answer): the
+    # same workflow and tasks, nothing new.
+    r = await call(c, "submit_workflow", release)
+    check(not r.is_error, f"submit_workflow again: {text_of(r)}")
+    again = r.structured_content
+    check(again["workflow_id"] == wf["workflow_id"] and again["created"] is False,
+          f"the first workflow answers: {again}")
+    check({t["name"]: t["id"] for t in again["tasks"]} == ids, f"the same tasks: {again}")
+    check("already submitted" in text_of(r), f"text says so: {text_of(r)}")
 
     # Wait for the build with progress notifications.
     progress = []

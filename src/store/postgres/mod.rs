@@ -81,7 +81,8 @@ fn retryable(e: &Error) -> bool {
     };
     msg.contains("SQLSTATE 40P01")
         || msg.contains("SQLSTATE 40001")
-        || (msg.contains("SQLSTATE 23505") && msg.contains("tasks_idempotency"))
+        || (msg.contains("SQLSTATE 23505")
+            && (msg.contains("tasks_idempotency") || msg.contains("workflows_idempotency")))
 }
 
 impl PgStore {
@@ -449,6 +450,10 @@ impl Store for PgStore {
 
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowRecord>> {
         read::workflow(&self.pool, id).await
+    }
+
+    async fn workflow_by_key(&self, key: &str) -> Result<Option<WorkflowRecord>> {
+        read::workflow_by_key(&self.pool, key).await
     }
 
     async fn workflow_detail(&self, id: &str) -> Result<Option<WorkflowDetail>> {

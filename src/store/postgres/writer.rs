@@ -584,7 +584,67 @@ fn ready_status(needs_approval: bool, run_at: i64, now: i64) -> TaskStatus {
 
 /// Inserts the submissions of a batch. A submission whose dependency on an
 /// existing task cannot be satisfied is answered with an error and stores nothing.
+/// Stores a batch's submissions and answers each: a workflow whose
+/// idempotency key is taken is answered by the workflow that has it (or by
+/// the earlier submission of this batch with the same key) and stores
+/// nothing. Two nodes storing the same new key at once: the unique index
+/// fails the later batch, which is applied again and then finds the first.
 async fn submit_all(
+    conn: &mut PgConnection,
+    subs: &[&NewSubmission],
+    batch: &mut Batch,
+) -> Result<Vec<Result<Vec<Submitted>>>> {
+    let keys: Vec<&str> = subs
+        .iter()
+        .filter_map(|s| crate::store::workflow_key(s))
+        .collect();
+    if keys.is_empty() {
+        return submit_fresh(conn, subs, batch).await;
+    }
+    let mut existing: HashMap<String, String> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT idempotency_key, id FROM workflows WHERE idempotency_key = ANY($1::text[])",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        existing.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    let plan = crate::store::keyed_as(subs, &existing);
+    let fresh: Vec<&NewSubmission> = subs
+        .iter()
+        .zip(&plan)
+        .filter(|(_, p)| **p == crate::store::KeyedAs::Fresh)
+        .map(|(s, _)| *s)
+        .collect();
+    let answers = submit_fresh(conn, &fresh, batch).await?;
+    let mut tasks: HashMap<String, Vec<Submitted>> = HashMap::new();
+    for id in existing.values() {
+        let rows = sqlx::query(
+            "SELECT id, name, status, schedule_id FROM tasks WHERE workflow_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut list = Vec::with_capacity(rows.len());
+        for row in rows {
+            let status: String = row.try_get(2)?;
+            list.push(Submitted {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                created: false,
+                status: status.parse().unwrap_or(TaskStatus::Queued),
+                schedule_id: row.try_get(3)?,
+                workflow_id: Some(id.clone()),
+            });
+        }
+        tasks.insert(id.clone(), list);
+    }
+    Ok(crate::store::answer_keyed(&plan, answers, &tasks))
+}
+
+async fn submit_fresh(
     conn: &mut PgConnection,
     subs: &[&NewSubmission],
     batch: &mut Batch,
@@ -843,8 +903,8 @@ async fn submit_all(
             };
             sqlx::query(
                 "INSERT INTO workflows (id, name, project, tags, description, status, schedule_id, \
-                 tasks_total, created_at, updated_at, finished_at) \
-                 VALUES ($1, $2, $3, $4, $5, $9, $6, $7, $8, $8, CASE WHEN $7 = 0 THEN $8 END)",
+                 tasks_total, created_at, updated_at, finished_at, idempotency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $9, $6, $7, $8, $8, CASE WHEN $7 = 0 THEN $8 END, $10)",
             )
             .bind(&w.id)
             .bind(&w.name)
@@ -855,6 +915,7 @@ async fn submit_all(
             .bind(total)
             .bind(w.now)
             .bind(status.as_str())
+            .bind(&w.idempotency_key)
             .execute(&mut *conn)
             .await?;
             batch.audit_other(

@@ -482,6 +482,10 @@ impl Store for SqliteStore {
         read::workflow(&self.read, id).await
     }
 
+    async fn workflow_by_key(&self, key: &str) -> Result<Option<WorkflowRecord>> {
+        read::workflow_by_key(&self.read, key).await
+    }
+
     async fn workflow_detail(&self, id: &str) -> Result<Option<WorkflowDetail>> {
         read::workflow_detail(&self.read, id).await
     }

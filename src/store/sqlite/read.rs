@@ -451,7 +451,7 @@ fn edge_from(
 }
 
 const WORKFLOW_COLUMNS: &str = "seq, id, name, project, tags, description, status, schedule_id, \
-    tasks_total, tasks_done, created_at, updated_at, finished_at";
+    tasks_total, tasks_done, created_at, updated_at, finished_at, idempotency_key";
 
 fn workflow_from_row(r: &SqliteRow) -> Result<(i64, WorkflowRecord)> {
     let tags: String = r.get(4);
@@ -473,8 +473,22 @@ fn workflow_from_row(r: &SqliteRow) -> Result<(i64, WorkflowRecord)> {
             created_at: Timestamp(r.get(10)),
             updated_at: Timestamp(r.get(11)),
             finished_at: r.get::<Option<i64>, _>(12).map(Timestamp),
+            idempotency_key: r.get(13),
         },
     ))
+}
+
+pub(super) async fn workflow_by_key(
+    pool: &SqlitePool,
+    key: &str,
+) -> Result<Option<WorkflowRecord>> {
+    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE idempotency_key = ?1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
+        .transpose()
 }
 
 pub(super) async fn workflow(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowRecord>> {

@@ -805,7 +805,62 @@ fn ready_status(needs_approval: bool, run_at: i64, now: i64) -> TaskStatus {
 
 /// Inserts the submissions of a batch. A submission whose dependency on an
 /// existing task cannot be satisfied is answered with an error and stores nothing.
+/// Stores a batch's submissions and answers each: a workflow whose
+/// idempotency key is taken is answered by the workflow that has it (or by
+/// the earlier submission of this batch with the same key) and stores
+/// nothing.
 fn submit_all(
+    conn: &Conn,
+    subs: &[&NewSubmission],
+    batch: &mut Batch,
+) -> Result<Vec<Result<Vec<Submitted>>>> {
+    if subs.iter().all(|s| crate::store::workflow_key(s).is_none()) {
+        return submit_fresh(conn, subs, batch);
+    }
+    let mut existing: HashMap<String, String> = HashMap::new();
+    for key in subs.iter().filter_map(|s| crate::store::workflow_key(s)) {
+        if let Some(id) = scalar_opt::<String>(
+            conn,
+            "SELECT id FROM workflows WHERE idempotency_key = ?1",
+            params![key],
+        )? {
+            existing.insert(key.to_string(), id);
+        }
+    }
+    let plan = crate::store::keyed_as(subs, &existing);
+    let fresh: Vec<&NewSubmission> = subs
+        .iter()
+        .zip(&plan)
+        .filter(|(_, p)| **p == crate::store::KeyedAs::Fresh)
+        .map(|(s, _)| *s)
+        .collect();
+    let answers = submit_fresh(conn, &fresh, batch)?;
+    let mut tasks: HashMap<String, Vec<Submitted>> = HashMap::new();
+    for id in existing.values() {
+        // id, name, status, schedule_id
+        type Row = (String, String, String, Option<String>);
+        let rows: Vec<Row> = all(
+            conn,
+            "SELECT id, name, status, schedule_id FROM tasks WHERE workflow_id = ?1 ORDER BY seq",
+            params![id],
+        )?;
+        let list = rows
+            .into_iter()
+            .map(|(tid, name, status, schedule_id)| Submitted {
+                id: tid,
+                name,
+                created: false,
+                status: status.parse().unwrap_or(TaskStatus::Queued),
+                schedule_id,
+                workflow_id: Some(id.clone()),
+            })
+            .collect();
+        tasks.insert(id.clone(), list);
+    }
+    Ok(crate::store::answer_keyed(&plan, answers, &tasks))
+}
+
+fn submit_fresh(
     conn: &Conn,
     subs: &[&NewSubmission],
     batch: &mut Batch,
@@ -1030,8 +1085,8 @@ fn submit_all(
             exec(
                 conn,
                 "INSERT INTO workflows (id, name, project, tags, description, status, schedule_id, \
-                 tasks_total, created_at, updated_at, finished_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?6, ?7, ?8, ?8, CASE WHEN ?7 = 0 THEN ?8 END)",
+                 tasks_total, created_at, updated_at, finished_at, idempotency_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?6, ?7, ?8, ?8, CASE WHEN ?7 = 0 THEN ?8 END, ?10)",
                 params![
                     &w.id,
                     &w.name,
@@ -1041,7 +1096,8 @@ fn submit_all(
                     &w.schedule_id,
                     total,
                     w.now,
-                    status.as_str()
+                    status.as_str(),
+                    &w.idempotency_key
                 ],
             )?;
             batch.audit_other(
