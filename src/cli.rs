@@ -1012,8 +1012,15 @@ fn print_workflow(d: &crate::model::WorkflowDetail, json_out: bool) {
         return;
     }
     println!(
-        "{}  {}  {}",
-        d.workflow.id, d.workflow.name, d.workflow.status
+        "{}  {}  {}{}",
+        d.workflow.id,
+        d.workflow.name,
+        d.workflow.status,
+        d.workflow
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("  (idempotency key {k})"))
+            .unwrap_or_default()
     );
     let width = d
         .tasks

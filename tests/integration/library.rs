@@ -431,3 +431,51 @@ async fn an_oversize_external_output_is_refused_and_the_task_stays_yours() {
         .unwrap();
     assert_eq!(done.status, TaskStatus::Succeeded);
 }
+
+/// A keyed workflow with a cron schedule, submitted twice through the
+/// library: one workflow, one schedule; the schedule's runs carry no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_scheduled_workflow_is_stored_once() {
+    use task_queue::model::{Schedule, WorkflowSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let spec = || {
+        WorkflowSpec::new("hourly-report")
+            .with_idempotency_key("hourly-report-v1")
+            .with_schedule(Schedule {
+                at: None,
+                cron: Some("0 0 * * * *".into()),
+                timezone: None,
+            })
+            .add_task(Task::new("report").with_command("true"))
+    };
+    let first = q.submit_workflow(spec()).await.unwrap();
+    assert!(first.created);
+    let sid = first
+        .schedule_id
+        .clone()
+        .expect("a cron workflow has a schedule");
+    let again = q.submit_workflow(spec()).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.workflow_id, first.workflow_id);
+    assert_eq!(again.schedule_id.as_deref(), Some(sid.as_str()));
+    assert_eq!(again.tasks[0].id, first.tasks[0].id);
+    let schedules = q.list_schedules().await.unwrap();
+    assert_eq!(schedules.len(), 1, "{schedules:?}");
+    assert!(
+        !schedules[0]
+            .template
+            .to_string()
+            .contains("hourly-report-v1"),
+        "the runs' template carries no key: {}",
+        schedules[0].template
+    );
+    let w = q.workflow(&first.workflow_id).await.unwrap();
+    assert_eq!(w.idempotency_key.as_deref(), Some("hourly-report-v1"));
+    // A key of the wrong length is refused, naming the field.
+    let err = q
+        .submit_workflow(spec().with_idempotency_key(""))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("idempotency_key"), "{err}");
+}

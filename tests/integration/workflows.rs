@@ -736,6 +736,12 @@ tasks:
     let workflows = list["workflows"].as_array().unwrap();
     assert_eq!(workflows.len(), 1, "{list}");
     assert_eq!(workflows[0]["idempotency_key"], "nightly-2026-11-28");
+    let out = ws.run(&["workflow", "show", first["workflow_id"].as_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(idempotency key nightly-2026-11-28)"),
+        "{text}"
+    );
     // A file of lone tasks has no workflow to key.
     let p = ws.path("tasks.yaml");
     std::fs::write(
