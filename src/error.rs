@@ -77,40 +77,6 @@ impl Error {
         }
     }
 
-    /// The same error again, for a second caller that gets the first's
-    /// answer (an error from the OS or a server becomes its message).
-    pub(crate) fn same(&self) -> Error {
-        match self {
-            Error::InvalidInput { field, message } => Error::InvalidInput {
-                field: field.clone(),
-                message: message.clone(),
-            },
-            Error::Unsupported { field, message } => Error::Unsupported {
-                field: field.clone(),
-                message: message.clone(),
-            },
-            Error::NotFound { what, id } => Error::NotFound {
-                what,
-                id: id.clone(),
-            },
-            Error::Conflict(m) => Error::Conflict(m.clone()),
-            Error::Integrity(m) => Error::Integrity(m.clone()),
-            Error::Store(m) => Error::Store(m.clone()),
-            Error::ShuttingDown => Error::ShuttingDown,
-            Error::Config(m) => Error::Config(m.clone()),
-            Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
-            Error::Remote {
-                status,
-                code,
-                message,
-            } => Error::Remote {
-                status: *status,
-                code: code.clone(),
-                message: message.clone(),
-            },
-        }
-    }
-
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(field: impl Into<String>, message: impl fmt::Display) -> Self {
         Error::InvalidInput {

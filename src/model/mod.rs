@@ -18,6 +18,7 @@ pub use parse::{
 pub use record::{
     Artifact, Attempt, AttemptStatus, LogChunk, TaskEvent, TaskRecord, TaskResult, WorkflowEvent,
 };
+pub(crate) use spec::check_text;
 pub use spec::{
     Condition, Dependency, HealthCheck, HttpSpec, Limits, MAX_SPEC_BYTES, RetryPolicy, Schedule,
     TaskKind, TaskSpec, validate_name,

@@ -517,6 +517,26 @@ fn check_no_nul(field: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
+/// A short text field (project, tag, idempotency key): 1 to `max`
+/// characters, without NUL (PostgreSQL cannot store one in text).
+pub(crate) fn check_text(field: &str, s: &str, max: usize) -> Result<()> {
+    if s.is_empty() || s.chars().count() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be 1 to {max} characters"),
+        ));
+    }
+    check_no_nul(field, s)
+}
+
+/// A description: at most 16 KiB, without NUL.
+pub(crate) fn check_description(d: &str) -> Result<()> {
+    if d.len() > 16 * 1024 {
+        return Err(too_long("description", 16 * 1024, d.len()));
+    }
+    check_no_nul("description", d)
+}
+
 /// Checks a task name: 1–128 characters of `[A-Za-z0-9_.:-]`.
 pub fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 128 {
@@ -775,10 +795,8 @@ impl TaskSpec {
                 return Err(too_long(&format!("env.{k}"), MAX_COMMAND_BYTES, v.len()));
             }
         }
-        if let Some(p) = &self.project
-            && (p.is_empty() || p.len() > 128)
-        {
-            return Err(Error::invalid("project", "must be 1 to 128 characters"));
+        if let Some(p) = &self.project {
+            check_text("project", p, 128)?;
         }
         if self.tags.len() > MAX_TAGS {
             return Err(Error::invalid(
@@ -787,17 +805,10 @@ impl TaskSpec {
             ));
         }
         for (i, t) in self.tags.iter().enumerate() {
-            if t.is_empty() || t.len() > 64 {
-                return Err(Error::invalid(
-                    format!("tags[{i}]"),
-                    "must be 1 to 64 characters",
-                ));
-            }
+            check_text(&format!("tags[{i}]"), t, 64)?;
         }
-        if let Some(d) = &self.description
-            && d.len() > 16 * 1024
-        {
-            return Err(too_long("description", 16 * 1024, d.len()));
+        if let Some(d) = &self.description {
+            check_description(d)?;
         }
         if let Some(p) = &self.parameters {
             let n = serde_json::to_string(p)
@@ -875,13 +886,8 @@ impl TaskSpec {
             }
             check_no_nul(&format!("artifacts[{i}]"), a)?;
         }
-        if let Some(k) = &self.idempotency_key
-            && (k.is_empty() || k.len() > 256)
-        {
-            return Err(Error::invalid(
-                "idempotency_key",
-                "must be 1 to 256 characters",
-            ));
+        if let Some(k) = &self.idempotency_key {
+            check_text("idempotency_key", k, 256)?;
         }
         if let Some(l) = &self.limits {
             l.validate().map_err(|e| e.in_field("limits"))?;

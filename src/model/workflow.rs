@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::record::TaskRecord;
-use super::spec::{Condition, Schedule, TaskSpec, validate_name};
+use super::spec::{Condition, Schedule, TaskSpec, check_description, check_text, validate_name};
 use super::status::TaskStatus;
 use super::units::Timestamp;
 use crate::error::{Error, Result};
@@ -90,37 +90,23 @@ impl WorkflowSpec {
     /// Checks the workflow's own fields (the tasks are checked by the submit).
     pub fn validate_header(&self) -> Result<()> {
         validate_name(&self.name)?;
-        if let Some(p) = &self.project
-            && (p.is_empty() || p.len() > 128)
-        {
-            return Err(Error::invalid("project", "must be 1 to 128 characters"));
+        if let Some(p) = &self.project {
+            check_text("project", p, 128)?;
         }
         if self.tags.len() > 32 {
             return Err(Error::invalid("tags", "at most 32 tags"));
         }
         for (i, t) in self.tags.iter().enumerate() {
-            if t.is_empty() || t.len() > 64 {
-                return Err(Error::invalid(
-                    format!("tags[{i}]"),
-                    "must be 1 to 64 characters",
-                ));
-            }
+            check_text(&format!("tags[{i}]"), t, 64)?;
         }
-        if let Some(d) = &self.description
-            && d.len() > 16 * 1024
-        {
-            return Err(Error::invalid("description", "must be at most 16384 bytes"));
+        if let Some(d) = &self.description {
+            check_description(d)?;
         }
         if self.tasks.is_empty() {
             return Err(Error::invalid("tasks", "must list at least one task"));
         }
-        if let Some(k) = &self.idempotency_key
-            && (k.is_empty() || k.len() > 256)
-        {
-            return Err(Error::invalid(
-                "idempotency_key",
-                "must be 1 to 256 characters",
-            ));
+        if let Some(k) = &self.idempotency_key {
+            check_text("idempotency_key", k, 256)?;
         }
         Ok(())
     }

@@ -343,6 +343,7 @@ fn header_key(headers: &HeaderMap, key: &mut Option<String>) -> ApiResult<()> {
     let k = k
         .to_str()
         .map_err(|_| ApiError::from(Error::invalid("Idempotency-Key", "must be visible ASCII")))?;
+    crate::model::check_text("Idempotency-Key", k, 256)?;
     match key {
         Some(existing) if existing != k => Err(Error::invalid(
             "idempotency_key",

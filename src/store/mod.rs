@@ -226,30 +226,54 @@ pub(crate) fn keyed_as(
         .collect()
 }
 
-/// Puts a batch's answers together: `fresh` has one answer per
+/// The submissions of `subs` that a writer stores as usual in this round.
+pub(crate) fn fresh_of<'a>(subs: &[&'a NewSubmission], plan: &[KeyedAs]) -> Vec<&'a NewSubmission> {
+    subs.iter()
+        .zip(plan)
+        .filter(|(_, p)| **p == KeyedAs::Fresh)
+        .map(|(s, _)| *s)
+        .collect()
+}
+
+/// Puts a round's answers together: `fresh` has one answer per
 /// [`KeyedAs::Fresh`] submission, in order; `existing` the tasks of each
 /// existing workflow, oldest first. Every task of an answer by key is an
 /// earlier one (`created: false`).
+///
+/// A submission with the key of an earlier one of its batch gets the
+/// tasks of the workflow that earlier one stored (none when all its tasks
+/// were answered by tasks of other workflows: the caller looks the key up),
+/// or, when an existing workflow answered it (every task matched that
+/// workflow's), the same answer. When the earlier one was refused, `None`:
+/// the writer stores it in another round, where it comes first.
 pub(crate) fn answer_keyed(
+    subs: &[&NewSubmission],
     plan: &[KeyedAs],
     fresh: Vec<Result<Vec<Submitted>>>,
     existing: &std::collections::HashMap<String, Vec<Submitted>>,
-) -> Vec<Result<Vec<Submitted>>> {
+) -> Vec<Option<Result<Vec<Submitted>>>> {
     let mut fresh = fresh.into_iter();
-    let mut out: Vec<Result<Vec<Submitted>>> = Vec::with_capacity(plan.len());
+    let mut out: Vec<Option<Result<Vec<Submitted>>>> = Vec::with_capacity(plan.len());
     for p in plan {
         let answer = match p {
-            KeyedAs::Fresh => fresh.next().expect("one answer per fresh submission"),
-            KeyedAs::Existing(id) => Ok(existing.get(id).cloned().unwrap_or_default()),
+            KeyedAs::Fresh => Some(fresh.next().expect("one answer per fresh submission")),
+            KeyedAs::Existing(id) => Some(Ok(existing.get(id).cloned().unwrap_or_default())),
             KeyedAs::SameAs(j) => match &out[*j] {
-                Ok(list) => Ok(list
-                    .iter()
-                    .map(|s| Submitted {
-                        created: false,
-                        ..s.clone()
-                    })
-                    .collect()),
-                Err(e) => Err(e.same()),
+                Some(Ok(list)) => {
+                    let own = match resubmitted_workflow(list) {
+                        Some(_) => None,
+                        None => subs[*j].workflow.as_ref().map(|w| w.id.as_str()),
+                    };
+                    Some(Ok(list
+                        .iter()
+                        .filter(|s| own.is_none() || s.workflow_id.as_deref() == own)
+                        .map(|s| Submitted {
+                            created: false,
+                            ..s.clone()
+                        })
+                        .collect()))
+                }
+                Some(Err(_)) | None => None,
             },
         };
         out.push(answer);
@@ -765,15 +789,19 @@ mod tests {
         }
     }
 
-    fn answered(id: &str, created: bool) -> Submitted {
+    fn answered(id: &str, created: bool, workflow: &str) -> Submitted {
         Submitted {
             id: id.into(),
             name: id.into(),
             created,
             status: TaskStatus::Queued,
             schedule_id: None,
-            workflow_id: Some("w1".into()),
+            workflow_id: Some(workflow.into()),
         }
+    }
+
+    fn wf(s: &NewSubmission) -> &str {
+        &s.workflow.as_ref().unwrap().id
     }
 
     #[test]
@@ -786,6 +814,8 @@ mod tests {
             keyed_sub(Some("b")),
             keyed_sub(Some("c")),
             keyed_sub(Some("c")),
+            keyed_sub(Some("d")),
+            keyed_sub(Some("d")),
         ];
         let refs: Vec<&NewSubmission> = subs.iter().collect();
         let existing = HashMap::from([("b".to_string(), "wb".to_string())]);
@@ -800,35 +830,54 @@ mod tests {
                 KeyedAs::Existing("wb".into()),
                 KeyedAs::Fresh,
                 KeyedAs::SameAs(5),
+                KeyedAs::Fresh,
+                KeyedAs::SameAs(7),
             ]
         );
-        // The fresh ones: "a" stored, the unkeyed one stored, "c" refused.
+        assert_eq!(fresh_of(&refs, &plan).len(), 4);
+        // The fresh ones: "a" stored with one new task and one answered by
+        // another workflow's; the unkeyed one stored; "c" refused; "d"
+        // answered whole by an existing workflow (nothing stored).
         let fresh = vec![
-            Ok(vec![answered("t1", true)]),
-            Ok(vec![answered("t2", true)]),
+            Ok(vec![
+                answered("t1", true, wf(&subs[0])),
+                answered("tx", false, "wx"),
+            ]),
+            Ok(vec![answered("t2", true, wf(&subs[1]))]),
             Err(Error::invalid("tasks[0].depends_on[0]", "no task has id x")),
+            Ok(vec![answered("ty", false, "wy")]),
         ];
-        let stored = HashMap::from([("wb".to_string(), vec![answered("t0", false)])]);
-        let out = answer_keyed(&plan, fresh, &stored);
-        let ids = |r: &Result<Vec<Submitted>>| {
-            r.as_ref()
-                .map(|l| {
-                    l.iter()
-                        .map(|s| (s.id.clone(), s.created))
-                        .collect::<Vec<_>>()
-                })
-                .map_err(|e| e.to_string())
+        let stored = HashMap::from([("wb".to_string(), vec![answered("t0", false, "wb")])]);
+        let out = answer_keyed(&refs, &plan, fresh, &stored);
+        let ids = |r: &Option<Result<Vec<Submitted>>>| {
+            r.as_ref().map(|r| {
+                r.as_ref()
+                    .map(|l| {
+                        l.iter()
+                            .map(|s| (s.id.clone(), s.created))
+                            .collect::<Vec<_>>()
+                    })
+                    .map_err(|e| e.to_string())
+            })
         };
-        assert_eq!(ids(&out[0]), Ok(vec![("t1".into(), true)]));
-        assert_eq!(ids(&out[1]), Ok(vec![("t2".into(), true)]));
-        assert_eq!(ids(&out[2]), Ok(vec![("t0".into(), false)]));
-        assert_eq!(ids(&out[3]), Ok(vec![("t1".into(), false)]));
-        assert_eq!(ids(&out[4]), Ok(vec![("t0".into(), false)]));
-        for refused in &out[5..] {
-            assert!(
-                matches!(refused, Err(Error::InvalidInput { field, .. }) if field == "tasks[0].depends_on[0]")
-            );
-        }
+        let one = |id: &str, created: bool| Some(Ok(vec![(id.to_string(), created)]));
+        assert_eq!(
+            ids(&out[0]),
+            Some(Ok(vec![("t1".into(), true), ("tx".into(), false)]))
+        );
+        assert_eq!(ids(&out[1]), one("t2", true));
+        assert_eq!(ids(&out[2]), one("t0", false));
+        // The repeat of "a": the workflow "a" stored, its own task only.
+        assert_eq!(ids(&out[3]), one("t1", false));
+        assert_eq!(ids(&out[4]), one("t0", false));
+        assert!(
+            matches!(&out[5], Some(Err(Error::InvalidInput { field, .. })) if field == "tasks[0].depends_on[0]")
+        );
+        // The repeat of the refused "c" is left for another round.
+        assert!(out[6].is_none());
+        // The repeat of "d": the workflow that answered it.
+        assert_eq!(ids(&out[7]), one("ty", false));
+        assert_eq!(ids(&out[8]), one("ty", false));
     }
 
     fn req(worker: &str, limit: usize, now: i64, external: Option<ExternalFilter>) -> ClaimRequest {

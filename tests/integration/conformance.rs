@@ -143,6 +143,7 @@ conformance!(
     idempotency_keys_return_the_first_task,
     a_workflow_submitted_again_is_the_first_one,
     a_workflow_key_names_the_first_workflow,
+    a_refused_keyed_submission_does_not_fail_another_with_its_key,
     approvals_cancels_and_retries,
     leases_renew_expire_and_fence_stale_finishes,
     schedules_fire_once_per_slot,
@@ -1854,4 +1855,45 @@ async fn a_write_the_database_refuses_fails_alone(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(page.len(), submitted);
+}
+
+/// A keyed submission the writer refuses (a dependency that does not
+/// exist) and a valid one with the same key, sent at once, often land in
+/// one write batch: the valid one is stored either way.
+async fn a_refused_keyed_submission_does_not_fail_another_with_its_key(b: &Backend) {
+    let s = b.open().await;
+    for round in 0..20 {
+        let key = format!("k-{round}");
+        let ghost = task("ghost");
+        let (_, bad) = keyed_workflow(
+            "w",
+            &key,
+            vec![after(task("x"), &[&ghost], Condition::Success)],
+        );
+        let (good_id, good) = keyed_workflow("w", &key, vec![task("y")]);
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let (s1, s2, b1, b2) = (s.clone(), s.clone(), barrier.clone(), barrier.clone());
+        let h1 = tokio::spawn(async move {
+            b1.wait().await;
+            s1.submit(bad).await
+        });
+        let h2 = tokio::spawn(async move {
+            b2.wait().await;
+            s2.submit(good).await
+        });
+        // The bad one is refused, or, when the good one was stored before
+        // it, answered by the key like any repeat.
+        match h1.await.unwrap() {
+            Err(e) => assert!(e.to_string().contains("depends_on[0]"), "{e}"),
+            Ok(a) => assert_eq!(a[0].workflow_id.as_deref(), Some(good_id.as_str())),
+        }
+        let stored = h2.await.unwrap().unwrap();
+        assert!(stored[0].created, "round {round}: {stored:?}");
+        assert_eq!(
+            s.workflow_by_key(&key).await.unwrap().unwrap().id,
+            good_id,
+            "round {round}"
+        );
+    }
+    assert_chain_ok(&s).await;
 }

@@ -478,4 +478,100 @@ async fn a_keyed_scheduled_workflow_is_stored_once() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("idempotency_key"), "{err}");
+    // Keys count characters, not bytes; NUL is refused (PostgreSQL cannot
+    // store it in text), for a workflow's fields and a task's alike.
+    let wide = "é".repeat(256);
+    let w = q
+        .submit_workflow(spec().with_idempotency_key(wide.clone()))
+        .await
+        .unwrap();
+    assert!(w.created);
+    for (field, bad) in [
+        ("idempotency_key", spec().with_idempotency_key("a\0b")),
+        ("project", spec().with_project("a\0b")),
+        ("tags[0]", spec().with_tag("a\0b")),
+        ("description", spec().with_description("a\0b")),
+    ] {
+        let err = q.submit_workflow(bad).await.unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains("NUL"), "{field}: {err}");
+    }
+    let err = q
+        .submit(
+            Task::new("t")
+                .with_command("true")
+                .with_idempotency_key("a\0b"),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("idempotency_key") && err.contains("NUL"),
+        "{err}"
+    );
+    let err = q
+        .submit(Task::new("t").with_command("true").with_project("a\0b"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("project") && err.contains("NUL"), "{err}");
+}
+
+/// One key submitted many times at once (so some land in one write batch),
+/// with a task whose own key matches a task of another workflow: every
+/// answer names the one workflow stored, and only one says it was created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_workflow_key_submitted_at_once_stores_one_workflow() {
+    use task_queue::model::WorkflowSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    q.submit_workflow(
+        WorkflowSpec::new("base").add_task(
+            Task::new("shared")
+                .with_command("true")
+                .with_idempotency_key("shared"),
+        ),
+    )
+    .await
+    .unwrap();
+    for round in 0..20 {
+        let spec = move || {
+            WorkflowSpec::new("release")
+                .with_idempotency_key(format!("rel-{round}"))
+                .add_task(
+                    Task::new("shared")
+                        .with_command("true")
+                        .with_idempotency_key("shared"),
+                )
+                .add_task(Task::new("own").with_command("true"))
+        };
+        let barrier = Arc::new(tokio::sync::Barrier::new(16));
+        let mut handles = Vec::new();
+        for _ in 0..16 {
+            let (q, s, b) = (q.clone(), spec(), barrier.clone());
+            handles.push(tokio::spawn(async move {
+                b.wait().await;
+                q.submit_workflow(s).await.unwrap()
+            }));
+        }
+        let mut outs = Vec::new();
+        for h in handles {
+            outs.push(h.await.unwrap());
+        }
+        assert_eq!(
+            outs.iter().filter(|o| o.created).count(),
+            1,
+            "round {round}"
+        );
+        let first = outs.iter().find(|o| o.created).unwrap();
+        let w = q.workflow(&first.workflow_id).await.unwrap();
+        assert_eq!(w.tasks_total, 1);
+        for o in &outs {
+            assert_eq!(o.workflow_id, first.workflow_id, "round {round}");
+            if !o.created {
+                // The repeat lists the workflow's own task.
+                assert_eq!(o.tasks.len(), 1, "{o:?}");
+                assert_eq!(o.tasks[0].name, "own");
+            }
+        }
+    }
 }

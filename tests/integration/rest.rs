@@ -271,6 +271,19 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
         "invalid_input",
         "differs from the Idempotency-Key header",
     );
+    let too_long = "k".repeat(257);
+    for bad in ["", too_long.as_str()] {
+        let (s, e) = call_with(
+            &app,
+            "POST",
+            "/api/v1/workflows",
+            &[("idempotency-key", bad)],
+            Some(body("build")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert_error(&e, "invalid_input", "Idempotency-Key");
+    }
     let mut long = body("build");
     long["idempotency_key"] = json!("k".repeat(257));
     let (s, e) = call(&app, "POST", "/api/v1/workflows", Some(long)).await;

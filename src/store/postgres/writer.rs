@@ -611,14 +611,6 @@ async fn submit_all(
     {
         existing.insert(row.try_get(0)?, row.try_get(1)?);
     }
-    let plan = crate::store::keyed_as(subs, &existing);
-    let fresh: Vec<&NewSubmission> = subs
-        .iter()
-        .zip(&plan)
-        .filter(|(_, p)| **p == crate::store::KeyedAs::Fresh)
-        .map(|(s, _)| *s)
-        .collect();
-    let answers = submit_fresh(conn, &fresh, batch).await?;
     let mut tasks: HashMap<String, Vec<Submitted>> = HashMap::new();
     for id in existing.values() {
         let rows = sqlx::query(
@@ -641,7 +633,30 @@ async fn submit_all(
         }
         tasks.insert(id.clone(), list);
     }
-    Ok(crate::store::answer_keyed(&plan, answers, &tasks))
+    // Rounds: each stores the first submission of every new key; a
+    // submission whose first was refused waits for the next round.
+    let mut answers: Vec<Option<Result<Vec<Submitted>>>> = subs.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..subs.len()).collect();
+    while !pending.is_empty() {
+        let round: Vec<&NewSubmission> = pending.iter().map(|&i| subs[i]).collect();
+        let plan = crate::store::keyed_as(&round, &existing);
+        let fresh = submit_fresh(conn, &crate::store::fresh_of(&round, &plan), batch).await?;
+        let mut next = Vec::new();
+        for (&i, a) in pending
+            .iter()
+            .zip(crate::store::answer_keyed(&round, &plan, fresh, &tasks))
+        {
+            match a {
+                Some(a) => answers[i] = Some(a),
+                None => next.push(i),
+            }
+        }
+        pending = next;
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.expect("every submission answered"))
+        .collect())
 }
 
 async fn submit_fresh(
