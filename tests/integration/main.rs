@@ -16,5 +16,6 @@ mod mcp;
 mod multinode;
 mod orchestration;
 mod rest;
+mod sdk;
 mod search;
 mod workflows;
