@@ -74,8 +74,8 @@
 //!   graceful shutdown.
 //! * [`client`] — a reqwest client of the REST API, used by the CLI's
 //!   `--server` commands; server errors map back to [`Error`] variants.
-//!   (`clients/python`, outside the crate, is the Python client of the
-//!   same API.)
+//!   (`clients/python` and `clients/typescript`, outside the crate, are
+//!   the Python and TypeScript clients of the same API.)
 //! * [`integrity`] — spec hashing and the audit hash chain.
 //! * [`config`] — `config.yml` sections, defaults, and
 //!   `TASK_QUEUE_<SECTION>__<KEY>` overrides.

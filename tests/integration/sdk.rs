@@ -1,6 +1,7 @@
 //! The SDKs under `clients/` against the real server: each one's own test
-//! suite runs against `task-queue serve` on a free loopback port, with API
-//! tokens so that roles are checked too.
+//! suite (Python's unittest, Node's test runner) runs against
+//! `task-queue serve` on a free loopback port, with API tokens so that
+//! roles are checked too.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,6 +42,53 @@ fn python_client_against_the_server() {
     assert!(stderr.contains("Ran 10 tests"), "{stderr}");
     assert!(!stderr.contains("skipped"), "{stderr}");
     // What the tests did left the audit chain intact.
+    let out = ws.run(&["audit", "verify"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn typescript_client_against_the_server() {
+    let dir = repo("clients/typescript");
+    // The compiler is the package's one dev dependency; `.ci/run` installs
+    // it, and so does this test when it is missing.
+    if !dir.join("node_modules/typescript").exists() {
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .expect("npm (Node.js) is needed for the TypeScript client's tests");
+        assert!(
+            out.status.success(),
+            "npm ci in clients/typescript failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ws = Workspace::new();
+    let token = |role: &str| {
+        let out = ws.run(&["token", "create", "--role", role]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (admin, viewer) = (token("admin"), token("viewer"));
+    let (base, _server) = ws.serve();
+    let out = Command::new("npm")
+        .args(["test"])
+        .current_dir(&dir)
+        .env("TASK_QUEUE_URL", &base)
+        .env("TASK_QUEUE_TOKEN", &admin)
+        .env("TASK_QUEUE_VIEWER_TOKEN", &viewer)
+        .output()
+        .expect("npm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the TypeScript client's tests failed:\n{stdout}\n{stderr}"
+    );
+    // Every test ran, none was skipped.
+    assert!(stdout.contains("# pass 9"), "{stdout}");
+    assert!(stdout.contains("# skipped 0"), "{stdout}");
     let out = ws.run(&["audit", "verify"]);
     assert!(out.status.success());
 }
