@@ -4,7 +4,8 @@
 //! roles are checked too.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -12,6 +13,51 @@ use crate::common::Workspace;
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Runs a client's test suite; kills it (and fails) if it runs past
+/// `limit`, so a suite that hangs cannot hang `cargo test`.
+fn run_suite(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the client's tests");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let so = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let se = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the client's tests ran past {limit:?}:\n{}\n{}",
+                String::from_utf8_lossy(&so.join().unwrap()),
+                String::from_utf8_lossy(&se.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: so.join().unwrap(),
+        stderr: se.join().unwrap(),
+    }
 }
 
 #[test]
@@ -25,14 +71,15 @@ fn python_client_against_the_server() {
     };
     let (admin, viewer) = (token("admin"), token("viewer"));
     let (base, _server) = ws.serve();
-    let out = Command::new("python3")
-        .args(["-m", "unittest", "discover", "-v", "-s", "tests"])
-        .current_dir(repo("clients/python"))
-        .env("TASK_QUEUE_URL", &base)
-        .env("TASK_QUEUE_TOKEN", &admin)
-        .env("TASK_QUEUE_VIEWER_TOKEN", &viewer)
-        .output()
-        .expect("python3");
+    let out = run_suite(
+        Command::new("python3")
+            .args(["-m", "unittest", "discover", "-v", "-s", "tests"])
+            .current_dir(repo("clients/python"))
+            .env("TASK_QUEUE_URL", &base)
+            .env("TASK_QUEUE_TOKEN", &admin)
+            .env("TASK_QUEUE_VIEWER_TOKEN", &viewer),
+        Duration::from_secs(300),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -72,14 +119,15 @@ fn typescript_client_against_the_server() {
     };
     let (admin, viewer) = (token("admin"), token("viewer"));
     let (base, _server) = ws.serve();
-    let out = Command::new("npm")
-        .args(["test"])
-        .current_dir(&dir)
-        .env("TASK_QUEUE_URL", &base)
-        .env("TASK_QUEUE_TOKEN", &admin)
-        .env("TASK_QUEUE_VIEWER_TOKEN", &viewer)
-        .output()
-        .expect("npm");
+    let out = run_suite(
+        Command::new("npm")
+            .args(["test"])
+            .current_dir(&dir)
+            .env("TASK_QUEUE_URL", &base)
+            .env("TASK_QUEUE_TOKEN", &admin)
+            .env("TASK_QUEUE_VIEWER_TOKEN", &viewer),
+        Duration::from_secs(300),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

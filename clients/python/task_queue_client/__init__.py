@@ -16,7 +16,9 @@ server's ``code``, ``message`` and ``details``::
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -87,12 +89,26 @@ class Unavailable(TaskQueueError):
     """503 (or no answer): the server or its store cannot serve now; retry."""
 
 
-_BY_STATUS = {400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable}
+_BY_STATUS = {
+    400: InvalidInput,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    502: Unavailable,
+    503: Unavailable,
+    504: Unavailable,
+}
+
+# What a request that got no usable answer raises below the HTTP layer.
+_NO_ANSWER = (OSError, http.client.HTTPException)
 
 
 def _seg(s: str) -> str:
-    """One path segment, percent-encoded so an id cannot change the route."""
-    return urllib.parse.quote(str(s), safe="")
+    """One path segment, percent-encoded so an id cannot change the route
+    (``.`` and ``..`` included)."""
+    out = urllib.parse.quote(str(s), safe="")
+    return out.replace(".", "%2E") if out in (".", "..") else out
 
 
 class Client:
@@ -155,7 +171,14 @@ class Client:
         except urllib.error.HTTPError as e:
             raise self._error(e.code, e.read()) from None
         except urllib.error.URLError as e:
-            raise Unavailable(0, "unreachable", f"cannot reach {self.base_url}: {e.reason}") from None
+            raise self._no_answer(e.reason) from None
+        except _NO_ANSWER as e:
+            raise self._no_answer(e) from None
+
+    def _no_answer(self, why) -> "Unavailable":
+        if isinstance(why, (socket.timeout, TimeoutError)):
+            return Unavailable(0, "timeout", f"{self.base_url} did not answer within the timeout")
+        return Unavailable(0, "unreachable", f"cannot reach {self.base_url}: {why}")
 
     @staticmethod
     def _error(status: int, raw: bytes) -> TaskQueueError:
@@ -171,9 +194,15 @@ class Client:
 
     def _json(self, method: str, path: str, query=None, body=None, headers=None):
         with self._request(method, path, query, body, headers) as resp:
-            raw = resp.read()
             status = resp.status
-        value = json.loads(raw.decode("utf-8")) if raw else None
+            try:
+                raw = resp.read()
+            except _NO_ANSWER as e:
+                raise self._no_answer(e) from None
+        try:
+            value = json.loads(raw.decode("utf-8")) if raw else None
+        except ValueError:
+            raise TaskQueueError(status, "bad_response", f"the answer to {method} {path} is not JSON") from None
         return status, value
 
     def _get(self, path: str, query=None):
@@ -359,7 +388,10 @@ class Client:
         with self._request(
             "GET", f"/api/v1/workflows/{_seg(workflow_id)}/graph", {"format": format}
         ) as resp:
-            return resp.read().decode("utf-8")
+            try:
+                return resp.read().decode("utf-8")
+            except _NO_ANSWER as e:
+                raise self._no_answer(e) from None
 
     def cancel_workflow(self, workflow_id: str) -> Dict[str, Any]:
         """Cancels every unfinished task of a workflow."""
@@ -416,8 +448,10 @@ class Client:
         """Task and workflow events as they happen (``GET /events``, SSE).
         Each item is ``{"id", "event", "data"}`` with ``data`` decoded from
         JSON; ``id`` can be passed as ``after`` to resume. Stops when the
-        server closes the stream; ``timeout`` bounds the wait for each
-        event (``socket.timeout`` is raised when it passes)."""
+        server closes the stream. ``timeout`` bounds each wait for data;
+        the server sends a keep-alive comment every 15 s, so it should be
+        longer than that. A stream that breaks or goes quiet for longer
+        raises :class:`Unavailable`."""
         resp = self._request(
             "GET",
             "/api/v1/events",
@@ -426,28 +460,39 @@ class Client:
             timeout=timeout,
         )
         with resp:
-            event: Dict[str, Any] = {}
-            data: List[str] = []
-            for raw in resp:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line:
-                    if data:
-                        text = "\n".join(data)
-                        try:
-                            event["data"] = json.loads(text)
-                        except ValueError:
-                            event["data"] = text
-                        event.setdefault("event", "message")
-                        yield event
-                    event, data = {}, []
-                    continue
-                if line.startswith(":"):
-                    continue
-                key, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if key == "data":
-                    data.append(value)
-                elif key == "id":
-                    event["id"] = int(value) if value.isdigit() else value
-                elif key == "event":
-                    event["event"] = value
+            yield from self._parse_events(resp)
+
+    def _parse_events(self, resp) -> Iterator[Dict[str, Any]]:
+        try:
+            yield from _sse(resp)
+        except _NO_ANSWER as e:
+            raise self._no_answer(e) from None
+
+
+def _sse(resp) -> Iterator[Dict[str, Any]]:
+    """Server-sent events from a response, one dict per event."""
+    event: Dict[str, Any] = {}
+    data: List[str] = []
+    for raw in resp:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                text = "\n".join(data)
+                try:
+                    event["data"] = json.loads(text)
+                except ValueError:
+                    event["data"] = text
+                event.setdefault("event", "message")
+                yield event
+            event, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "data":
+            data.append(value)
+        elif key == "id":
+            event["id"] = int(value) if value.isdigit() else value
+        elif key == "event":
+            event["event"] = value

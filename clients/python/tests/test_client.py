@@ -9,6 +9,7 @@ is optional (a viewer token, to check that roles hold). The Rust test
 """
 
 import os
+import socket
 import sys
 import threading
 import unittest
@@ -224,6 +225,22 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(tq.Unavailable) as e:
             tq.Client("http://127.0.0.1:9", timeout=2).stats()
         self.assertEqual(e.exception.status, 0)
+        # A server that accepts the connection and never answers: a timeout.
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        try:
+            port = silent.getsockname()[1]
+            with self.assertRaises(tq.Unavailable) as e:
+                tq.Client(f"http://127.0.0.1:{port}", timeout=0.5).stats()
+            self.assertEqual((e.exception.status, e.exception.code), (0, "timeout"))
+        finally:
+            silent.close()
+        # `.` and `..` are ids like any other, not path steps.
+        for odd in (".", ".."):
+            with self.assertRaises(tq.TaskQueueError) as e:
+                self.q.get_task(odd)
+            self.assertIn(e.exception.status, (400, 404), e.exception)
 
 
 @unittest.skipUnless(TOKEN and VIEWER, "needs TASK_QUEUE_TOKEN and TASK_QUEUE_VIEWER_TOKEN")

@@ -111,7 +111,9 @@ const BY_STATUS: Record<number, new (s: number, c: string, m: string, d?: Json) 
   403: Forbidden,
   404: NotFound,
   409: Conflict,
+  502: Unavailable,
   503: Unavailable,
+  504: Unavailable,
 };
 
 type Query = Record<string, string | number | boolean | string[] | undefined | null>;
@@ -131,9 +133,20 @@ export interface TaskFilter {
   name?: string;
 }
 
-/** One path segment, percent-encoded so an id cannot change the route. */
+/** One path segment, percent-encoded so an id cannot change the route
+ * (`.` and `..` included, which URL parsing would otherwise resolve). */
 function seg(s: string): string {
-  return encodeURIComponent(String(s));
+  const out = encodeURIComponent(String(s));
+  return out === "." || out === ".." ? out.replace(/\./g, "%2E") : out;
+}
+
+/** Headers must be Latin-1 text; say which one is not before `fetch` does. */
+function checkHeaders(headers: Record<string, string>): void {
+  for (const [k, v] of Object.entries(headers)) {
+    if (!/^[\t\x20-\x7e\x80-\xff]*$/.test(v)) {
+      throw new InvalidInput(0, "invalid_input", `the ${k} header must be visible ASCII`, { field: k });
+    }
+  }
 }
 
 /** A connection to one task-queue server. */
@@ -180,6 +193,7 @@ export class Client {
       headers["Content-Type"] = "application/json";
     }
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    checkHeaders(headers);
     const timeout = opts.timeout === undefined ? this.timeout : opts.timeout;
     let resp: Response;
     try {
@@ -190,16 +204,38 @@ export class Client {
         signal: timeout === null ? undefined : AbortSignal.timeout(timeout * 1000),
       });
     } catch (e) {
-      throw new Unavailable(0, "unreachable", `cannot reach ${this.baseUrl}: ${(e as Error).message}`);
+      throw this.noAnswer(e);
     }
     if (!resp.ok) throw await errorOf(resp);
     return resp;
   }
 
+  /** A request that got no usable answer: a timeout or a lost connection. */
+  private noAnswer(e: unknown): Unavailable {
+    const name = (e as Error)?.name;
+    if (name === "TimeoutError") {
+      return new Unavailable(0, "timeout", `${this.baseUrl} did not answer within ${this.timeout} s`);
+    }
+    return new Unavailable(0, "unreachable", `cannot reach ${this.baseUrl}: ${(e as Error)?.message ?? e}`);
+  }
+
+  /** The body's text, with a broken or slow body reported like no answer. */
+  private async text(resp: Response): Promise<string> {
+    try {
+      return await resp.text();
+    } catch (e) {
+      throw this.noAnswer(e);
+    }
+  }
+
   private async json<T>(method: string, path: string, opts: Parameters<Client["request"]>[2] = {}): Promise<T> {
     const resp = await this.request(method, path, opts);
-    const text = await resp.text();
-    return (text ? JSON.parse(text) : null) as T;
+    const text = await this.text(resp);
+    try {
+      return (text ? JSON.parse(text) : null) as T;
+    } catch {
+      throw new TaskQueueError(resp.status, "bad_response", `the answer to ${method} ${path} is not JSON`);
+    }
   }
 
   private get<T>(path: string, query?: Query): Promise<T> {
@@ -357,7 +393,7 @@ export class Client {
   /** The workflow's graph as Mermaid or DOT text. */
   async workflowGraph(id: string, format: "mermaid" | "dot" = "mermaid"): Promise<string> {
     const resp = await this.request("GET", `/api/v1/workflows/${seg(id)}/graph`, { query: { format } });
-    return resp.text();
+    return this.text(resp);
   }
 
   /** Cancels every unfinished task of a workflow. */
@@ -391,7 +427,8 @@ export class Client {
   }
 
   /** Task and workflow events as they happen (`GET /events`, SSE). Ends
-   * when the server closes the stream or `signal` aborts it. */
+   * when the server closes the stream or `signal` aborts it; a stream that
+   * breaks rejects with {@link Unavailable}. */
   async *events(
     opts: { after?: number; workflowId?: string; project?: string; signal?: AbortSignal } = {},
   ): AsyncGenerator<QueueEvent> {
@@ -405,7 +442,8 @@ export class Client {
     try {
       resp = await fetch(url, { headers, signal: opts.signal });
     } catch (e) {
-      throw new Unavailable(0, "unreachable", `cannot reach ${this.baseUrl}: ${(e as Error).message}`);
+      if (opts.signal?.aborted) return;
+      throw this.noAnswer(e);
     }
     if (!resp.ok) throw await errorOf(resp);
     if (!resp.body) return;
@@ -416,7 +454,14 @@ export class Client {
     const reader = resp.body.getReader();
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        let chunk: ReadableStreamReadResult<Uint8Array>;
+        try {
+          chunk = await reader.read();
+        } catch (e) {
+          if (opts.signal?.aborted) return;
+          throw this.noAnswer(e);
+        }
+        const { value, done } = chunk;
         if (done) return;
         buffer += decoder.decode(value, { stream: true });
         let nl: number;
@@ -464,6 +509,6 @@ async function errorOf(resp: Response): Promise<TaskQueueError> {
     // not JSON: keep the status
   }
   const Cls = BY_STATUS[resp.status] ?? TaskQueueError;
-  const details = typeof err.details === "object" && err.details !== null ? err.details : {};
+  const details: Json = typeof err.details === "object" && err.details !== null ? err.details : {};
   return new Cls(resp.status, String(err.code ?? "http"), String(err.message ?? `HTTP ${resp.status}`), details);
 }

@@ -10,6 +10,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
+import net from "node:net";
 
 import {
   Client,
@@ -130,14 +131,19 @@ test("a workflow with an approval, a key, its graph and its events", async () =>
     }
   })();
 
-  await untilStatus(ids.gate, "awaiting_approval");
-  const gate = await q.approveTask(ids.gate, { comment: "ok from typescript", by: "sdk-test" });
-  assert.equal(gate.approval.comment, "ok from typescript");
-  await assert.rejects(q.approveTask(ids.gate), Conflict);
-  assert.equal((await q.waitForTask(ids.ship, 30)).status, "succeeded");
-  const timer = setTimeout(() => abort.abort(), 30_000);
-  await listening;
-  clearTimeout(timer);
+  // The stream is closed whatever happens, so a failure cannot hang the run.
+  const timer = setTimeout(() => abort.abort(), 60_000);
+  try {
+    await untilStatus(ids.gate, "awaiting_approval");
+    const gate = await q.approveTask(ids.gate, { comment: "ok from typescript", by: "sdk-test" });
+    assert.equal(gate.approval.comment, "ok from typescript");
+    await assert.rejects(q.approveTask(ids.gate), Conflict);
+    assert.equal((await q.waitForTask(ids.ship, 30)).status, "succeeded");
+    await listening;
+  } finally {
+    clearTimeout(timer);
+    abort.abort();
+  }
   assert.ok(
     seen.some((e) => e.event === "workflow" && e.data.to === "succeeded"),
     JSON.stringify(seen),
@@ -226,6 +232,28 @@ test("base URLs and an unreachable server", async () => {
   const e = await new Client("http://127.0.0.1:9", { timeout: 2 }).stats().catch((e) => e);
   assert.ok(e instanceof Unavailable, String(e));
   assert.equal(e.status, 0);
+  // A server that accepts the connection and never answers: a timeout.
+  const held = [];
+  const silent = net.createServer((sock) => held.push(sock));
+  await new Promise((r) => silent.listen(0, "127.0.0.1", r));
+  try {
+    const port = silent.address().port;
+    const t = await new Client(`http://127.0.0.1:${port}`, { timeout: 0.5 }).stats().catch((e) => e);
+    assert.ok(t instanceof Unavailable, String(t));
+    assert.equal(t.code, "timeout");
+  } finally {
+    held.forEach((sock) => sock.destroy());
+    silent.close();
+  }
+  // `.` and `..` are ids like any other, not path steps.
+  for (const odd of [".", ".."]) {
+    const r = await q.getTask(odd).catch((e) => e);
+    assert.ok(r instanceof TaskQueueError && [400, 404].includes(r.status), String(r));
+  }
+  // A header that is not ASCII is named before anything is sent.
+  const h = await q.submitTask({ name: "h", command: "true" }, "clé").catch((e) => e);
+  assert.ok(h instanceof InvalidInput, String(h));
+  assert.equal(h.field, "Idempotency-Key");
 });
 
 test("roles hold", { skip: !(TOKEN && VIEWER) && "needs TASK_QUEUE_TOKEN and TASK_QUEUE_VIEWER_TOKEN" }, async () => {
