@@ -281,6 +281,72 @@ pub(crate) fn answer_keyed(
     out
 }
 
+/// A writer's rounds over a batch with workflow keys: each round stores
+/// the first submission of every new key ([`KeyedRounds::fresh`]), and a
+/// submission whose first was refused waits for the next one.
+pub(crate) struct KeyedRounds<'a> {
+    subs: &'a [&'a NewSubmission],
+    existing: &'a std::collections::HashMap<String, String>,
+    answers: Vec<Option<Result<Vec<Submitted>>>>,
+    pending: Vec<usize>,
+    round: Vec<&'a NewSubmission>,
+    plan: Vec<KeyedAs>,
+}
+
+impl<'a> KeyedRounds<'a> {
+    /// `existing` maps the keys already stored to their workflows.
+    pub(crate) fn new(
+        subs: &'a [&'a NewSubmission],
+        existing: &'a std::collections::HashMap<String, String>,
+    ) -> Self {
+        KeyedRounds {
+            subs,
+            existing,
+            answers: subs.iter().map(|_| None).collect(),
+            pending: (0..subs.len()).collect(),
+            round: Vec::new(),
+            plan: Vec::new(),
+        }
+    }
+
+    /// The submissions to store as usual in the next round, or `None` when
+    /// every one is answered.
+    pub(crate) fn fresh(&mut self) -> Option<Vec<&'a NewSubmission>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        self.round = self.pending.iter().map(|&i| self.subs[i]).collect();
+        self.plan = keyed_as(&self.round, self.existing);
+        Some(fresh_of(&self.round, &self.plan))
+    }
+
+    /// Takes the round's answers (`fresh`: one per submission that
+    /// [`KeyedRounds::fresh`] returned; `tasks`: each existing workflow's).
+    pub(crate) fn answer(
+        &mut self,
+        fresh: Vec<Result<Vec<Submitted>>>,
+        tasks: &std::collections::HashMap<String, Vec<Submitted>>,
+    ) {
+        let got = answer_keyed(&self.round, &self.plan, fresh, tasks);
+        let mut next = Vec::new();
+        for (&i, a) in self.pending.iter().zip(got) {
+            match a {
+                Some(a) => self.answers[i] = Some(a),
+                None => next.push(i),
+            }
+        }
+        self.pending = next;
+    }
+
+    /// One answer per submission, in order.
+    pub(crate) fn finish(self) -> Vec<Result<Vec<Submitted>>> {
+        self.answers
+            .into_iter()
+            .map(|a| a.expect("every submission answered"))
+            .collect()
+    }
+}
+
 /// A request to claim ready tasks with a lease.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {

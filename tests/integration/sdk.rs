@@ -60,9 +60,9 @@ fn run_suite(cmd: &mut Command, limit: Duration) -> Output {
     }
 }
 
-#[test]
-fn python_client_against_the_server() {
-    let ws = Workspace::new();
+/// `task-queue serve` with an admin and a viewer token: base URL, child,
+/// admin token, viewer token.
+fn serve_with_tokens(ws: &Workspace) -> (String, std::process::Child, String, String) {
     let token = |role: &str| {
         let out = ws.run(&["token", "create", "--role", role]);
         assert!(out.status.success());
@@ -70,7 +70,14 @@ fn python_client_against_the_server() {
         v["token"].as_str().unwrap().to_string()
     };
     let (admin, viewer) = (token("admin"), token("viewer"));
-    let (base, _server) = ws.serve();
+    let (base, child) = ws.serve();
+    (base, child, admin, viewer)
+}
+
+#[test]
+fn python_client_against_the_server() {
+    let ws = Workspace::new();
+    let (base, _server, admin, viewer) = serve_with_tokens(&ws);
     let out = run_suite(
         Command::new("python3")
             .args(["-m", "unittest", "discover", "-v", "-s", "tests"])
@@ -111,14 +118,7 @@ fn typescript_client_against_the_server() {
         );
     }
     let ws = Workspace::new();
-    let token = |role: &str| {
-        let out = ws.run(&["token", "create", "--role", role]);
-        assert!(out.status.success());
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["token"].as_str().unwrap().to_string()
-    };
-    let (admin, viewer) = (token("admin"), token("viewer"));
-    let (base, _server) = ws.serve();
+    let (base, _server, admin, viewer) = serve_with_tokens(&ws);
     let out = run_suite(
         Command::new("npm")
             .args(["test"])

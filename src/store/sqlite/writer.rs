@@ -849,30 +849,12 @@ fn submit_all(
             .collect();
         tasks.insert(id.clone(), list);
     }
-    // Rounds: each stores the first submission of every new key; a
-    // submission whose first was refused waits for the next round.
-    let mut answers: Vec<Option<Result<Vec<Submitted>>>> = subs.iter().map(|_| None).collect();
-    let mut pending: Vec<usize> = (0..subs.len()).collect();
-    while !pending.is_empty() {
-        let round: Vec<&NewSubmission> = pending.iter().map(|&i| subs[i]).collect();
-        let plan = crate::store::keyed_as(&round, &existing);
-        let fresh = submit_fresh(conn, &crate::store::fresh_of(&round, &plan), batch)?;
-        let mut next = Vec::new();
-        for (&i, a) in pending
-            .iter()
-            .zip(crate::store::answer_keyed(&round, &plan, fresh, &tasks))
-        {
-            match a {
-                Some(a) => answers[i] = Some(a),
-                None => next.push(i),
-            }
-        }
-        pending = next;
+    let mut rounds = crate::store::KeyedRounds::new(subs, &existing);
+    while let Some(fresh) = rounds.fresh() {
+        let answers = submit_fresh(conn, &fresh, batch)?;
+        rounds.answer(answers, &tasks);
     }
-    Ok(answers
-        .into_iter()
-        .map(|a| a.expect("every submission answered"))
-        .collect())
+    Ok(rounds.finish())
 }
 
 fn submit_fresh(
