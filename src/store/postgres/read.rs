@@ -464,24 +464,28 @@ fn workflow_from_row(r: &PgRow) -> Result<(i64, WorkflowRecord)> {
     ))
 }
 
-pub(super) async fn workflow_by_key(pool: &PgPool, key: &str) -> Result<Option<WorkflowRecord>> {
-    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE idempotency_key = $1");
+/// The workflow whose `column` (a unique one: `id` or `idempotency_key`)
+/// is `value`.
+async fn workflow_where(
+    pool: &PgPool,
+    column: &'static str,
+    value: &str,
+) -> Result<Option<WorkflowRecord>> {
+    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE {column} = $1");
     let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(key)
+        .bind(value)
         .fetch_optional(pool)
         .await?;
     row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
         .transpose()
 }
 
+pub(super) async fn workflow_by_key(pool: &PgPool, key: &str) -> Result<Option<WorkflowRecord>> {
+    workflow_where(pool, "idempotency_key", key).await
+}
+
 pub(super) async fn workflow(pool: &PgPool, id: &str) -> Result<Option<WorkflowRecord>> {
-    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = $1");
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
-        .transpose()
+    workflow_where(pool, "id", id).await
 }
 
 pub(super) async fn workflow_detail(pool: &PgPool, id: &str) -> Result<Option<WorkflowDetail>> {

@@ -478,27 +478,31 @@ fn workflow_from_row(r: &SqliteRow) -> Result<(i64, WorkflowRecord)> {
     ))
 }
 
-pub(super) async fn workflow_by_key(
+/// The workflow whose `column` (a unique one: `id` or `idempotency_key`)
+/// is `value`.
+async fn workflow_where(
     pool: &SqlitePool,
-    key: &str,
+    column: &'static str,
+    value: &str,
 ) -> Result<Option<WorkflowRecord>> {
-    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE idempotency_key = ?1");
+    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE {column} = ?1");
     let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(key)
+        .bind(value)
         .fetch_optional(pool)
         .await?;
     row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
         .transpose()
 }
 
+pub(super) async fn workflow_by_key(
+    pool: &SqlitePool,
+    key: &str,
+) -> Result<Option<WorkflowRecord>> {
+    workflow_where(pool, "idempotency_key", key).await
+}
+
 pub(super) async fn workflow(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowRecord>> {
-    let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?1");
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
-        .transpose()
+    workflow_where(pool, "id", id).await
 }
 
 pub(super) async fn workflow_detail(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowDetail>> {
