@@ -52,11 +52,12 @@
 //!   `recommend`, the `Embedder` tier (`embed`; the in-process model behind
 //!   the `local-embeddings` feature in `local`), the Vectorizer client and
 //!   outbox delivery (`vectorizer`), the labelled evaluation (`eval`).
-//! * [`engine`] — the scheduler loop (coalesced claims, runs, finishes
-//!   that claim their slot's next task where the store supports it, fires
-//!   due schedules), lease renewal and reclaim, retry decisions, crash
-//!   recovery, service-task lifetimes, history upkeep (retention,
-//!   embedding backfill, Vectorizer delivery), the injected clock.
+//! * [`engine`] — the scheduler loop (coalesced claims, two in flight,
+//!   runs, finishes that claim their slot's next task where the store
+//!   supports it, fires due schedules), lease renewal and reclaim, retry
+//!   decisions, crash recovery, service-task lifetimes, history upkeep
+//!   (retention, embedding backfill, Vectorizer delivery), the injected
+//!   clock.
 //! * [`executor`] — one attempt: child processes (started with
 //!   `clone(CLONE_VM)`, not fork; process groups, rlimits, timeouts,
 //!   output capture, the crash guard), service tasks with health

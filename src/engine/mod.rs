@@ -249,6 +249,13 @@ fn claim_threshold(max: usize) -> usize {
     (max / 4).max(1)
 }
 
+/// Claims the scheduler has in flight at once. A claim is a write, and a
+/// write waits for the batch before it to commit: with one claim at a
+/// time, slots freed meanwhile wait a whole write for theirs, however
+/// many writers the store has (four per PostgreSQL node). The second
+/// claim takes the slots freed while the first is out.
+const CLAIMS_IN_FLIGHT: usize = 2;
+
 /// Shutdown phases sent to the engine loop.
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -343,13 +350,16 @@ async fn run(
     let max = shared.config.execution.max_concurrent_tasks;
     let poll = shared.config.execution.poll_interval.0;
     let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut store_errors = 0u32;
     // When the first slot of the current claim window became free.
     let mut free_since: Option<tokio::time::Instant> = None;
+    let mut claims = Claims::default();
     shared.stats().running = true;
     loop {
         shared.stats().last_tick_ms = Instant::now_ms();
         while tasks.try_join_next().is_some() {}
+        while let Some(done) = claims.set.try_join_next_with_id() {
+            claims.landed(&shared, done, &mut tasks, &reaper, &shutdown);
+        }
         if *shutdown.borrow() != RUNNING {
             break;
         }
@@ -374,7 +384,8 @@ async fn run(
         }
         // A slot frees when an attempt's execution ends and its finish
         // does not claim the slot's next task (see `run_attempt`).
-        let free = max.saturating_sub(shared.busy_slots());
+        let asked: usize = claims.asked.values().sum();
+        let free = max.saturating_sub(shared.busy_slots() + asked);
         if free == 0 {
             free_since = None;
         }
@@ -390,39 +401,19 @@ async fn run(
                 hold = Some(CLAIM_WINDOW - waited);
             }
         }
-        if free > 0 && hold.is_none() {
+        if free > 0 && hold.is_none() && claims.may_claim() {
             free_since = None;
-            let t = std::time::Instant::now();
-            let result = shared.store.claim(shared.claim_request(free)).await;
-            shared.stats().claim_latency.observe(t.elapsed());
-            match result {
-                Ok(claimed) => {
-                    store_errors = 0;
-                    let full = claimed.len() == free;
-                    for c in claimed {
-                        let stop = register_running(&shared, &c);
-                        tasks.spawn(run_slot(
-                            shared.clone(),
-                            c,
-                            reaper.clone(),
-                            stop,
-                            shutdown.clone(),
-                        ));
-                    }
-                    if full {
-                        continue;
-                    }
-                }
-                Err(e) => {
-                    store_errors += 1;
-                    tracing::warn!(error = %e, "claim failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * store_errors.min(50) as u64))
-                        .await;
-                    continue;
-                }
-            }
+            let store = shared.store.clone();
+            let req = shared.claim_request(free);
+            let handle = claims.set.spawn(async move {
+                let t = std::time::Instant::now();
+                let result = store.claim(req).await;
+                (result, t.elapsed())
+            });
+            claims.asked.insert(handle.id(), free);
+            continue;
         }
-        if until_idle && tasks.is_empty() {
+        if until_idle && tasks.is_empty() && claims.set.is_empty() {
             let req = shared.claim_request(1);
             if shared.store.runnable_count(&req).await? == 0 {
                 break;
@@ -440,12 +431,21 @@ async fn run(
         if let Some(at) = next_schedule {
             sleep = sleep.min(Duration::from_millis((at - now).max(1) as u64));
         }
+        if let Some(t) = claims.after {
+            sleep = sleep.min(t.saturating_duration_since(tokio::time::Instant::now()));
+        }
         tokio::select! {
-            _ = shared.wake.notified() => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = tokio::time::sleep(sleep) => {}
+            _ = shared.wake.notified() => claims.dry = false,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => claims.dry = false,
+            Some(done) = claims.set.join_next_with_id(), if !claims.set.is_empty() => claims.landed(&shared, done, &mut tasks, &reaper, &shutdown),
+            _ = tokio::time::sleep(sleep) => claims.dry = false,
             _ = shutdown.changed() => {}
         }
+    }
+    // Tasks claimed by claims still in flight are this engine's: run them
+    // with the others (or stop them, if the handle says stop).
+    while let Some(done) = claims.set.join_next_with_id().await {
+        claims.landed(&shared, done, &mut tasks, &reaper, &shutdown);
     }
     // Graceful stop: wait for running attempts until the handle says stop.
     drain(&shared, &mut tasks, &mut shutdown).await;
@@ -476,6 +476,83 @@ async fn drain(shared: &Shared, tasks: &mut JoinSet<()>, shutdown: &mut watch::R
         let _ = r.stop.send(Some(StopReason::Shutdown));
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// What a claim answers, and how long it took.
+type ClaimAnswer = (Result<Vec<ClaimedTask>>, Duration);
+
+/// The scheduler's claims in flight (at most [`CLAIMS_IN_FLIGHT`]).
+#[derive(Default)]
+struct Claims {
+    set: JoinSet<ClaimAnswer>,
+    /// The slots each claim in flight asked for.
+    asked: HashMap<tokio::task::Id, usize>,
+    /// A claim came back short (the queue ran dry): claim again when
+    /// something happens (a wake-up, an ended attempt, the poll
+    /// interval), not on the next turn of the loop.
+    dry: bool,
+    /// After a failed claim, the next waits until then.
+    after: Option<tokio::time::Instant>,
+    /// Claims failed in a row.
+    errors: u32,
+}
+
+impl Claims {
+    fn may_claim(&self) -> bool {
+        !self.dry
+            && self.set.len() < CLAIMS_IN_FLIGHT
+            && self.after.is_none_or(|t| t <= tokio::time::Instant::now())
+    }
+
+    /// Starts the tasks a claim brought, and notes whether the queue ran
+    /// dry or the claim failed (the next waits longer after each failure).
+    fn landed(
+        &mut self,
+        shared: &Arc<Shared>,
+        done: std::result::Result<(tokio::task::Id, ClaimAnswer), tokio::task::JoinError>,
+        tasks: &mut JoinSet<()>,
+        reaper: &Option<Arc<Reaper>>,
+        shutdown: &watch::Receiver<u8>,
+    ) {
+        let result = match done {
+            Ok((id, (result, latency))) => {
+                shared.stats().claim_latency.observe(latency);
+                let asked = self.asked.remove(&id).unwrap_or(0);
+                result.map(|claimed| (asked, claimed))
+            }
+            Err(e) => {
+                self.asked.remove(&e.id());
+                Err(Error::Store(format!("claim task failed: {e}")))
+            }
+        };
+        match result {
+            Ok((asked, claimed)) => {
+                self.errors = 0;
+                self.after = None;
+                if claimed.len() < asked {
+                    self.dry = true;
+                }
+                for c in claimed {
+                    let stop = register_running(shared, &c);
+                    tasks.spawn(run_slot(
+                        shared.clone(),
+                        c,
+                        reaper.clone(),
+                        stop,
+                        shutdown.clone(),
+                    ));
+                }
+            }
+            Err(e) => {
+                self.errors += 1;
+                tracing::warn!(error = %e, "claim failed; retrying");
+                self.after = Some(
+                    tokio::time::Instant::now()
+                        + Duration::from_millis(100 * u64::from(self.errors.min(50))),
+                );
+            }
+        }
+    }
 }
 
 fn register_running(shared: &Shared, c: &ClaimedTask) -> watch::Receiver<Option<StopReason>> {

@@ -1804,6 +1804,84 @@ async fn postgres_records_write_plan_does_not_depend_on_stale_statistics() {
     b.cleanup().await;
 }
 
+/// PostgreSQL: finishing a batch looks each task up by its id, whatever
+/// the statistics say about running tasks. Fenced with the constant
+/// `status = 'running'`, the statement matched the partial indexes of
+/// running tasks, and with statistics taken while many tasks ran the
+/// planner walked one of them, where the entries of every task that ever
+/// ran stay until vacuum: each finish got slower the more tasks had run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_finish_plan_looks_tasks_up_by_id() {
+    let Some(b) = Backend::postgres("finish_plan").await else {
+        return;
+    };
+    let Backend::Postgres { url, .. } = &b else {
+        unreachable!()
+    };
+    let store = PgStore::open(url, 2).await.unwrap();
+    let pool = connect_test_server(url).await;
+    let s: Arc<dyn Store> = Arc::new(store);
+    s.submit(tasks(
+        (0..600).map(|i| task(&format!("plan-{i}"))).collect(),
+    ))
+    .await
+    .unwrap();
+    // 500 tasks ran and finished (their entries stay in the indexes of
+    // running tasks), 100 are running now.
+    let claimed = s.claim(claim_req("w1", T0, 600)).await.unwrap();
+    assert_eq!(claimed.len(), 600);
+    let (done, running) = claimed.split_at(500);
+    for c in done {
+        let mut f = finish(&c.id, c.attempt, "w1", T0 + 1, TaskStatus::Succeeded);
+        f.logs.clear();
+        s.finish(f).await.unwrap();
+    }
+    sqlx::query("ANALYZE tasks").execute(&pool).await.unwrap();
+    let attempts: Vec<(String, String, u32)> = running
+        .iter()
+        .map(|c| (c.id.clone(), "w1".to_string(), c.attempt))
+        .collect();
+    let plan = task_queue::store::postgres::explain_finish(&pool, &attempts)
+        .await
+        .unwrap()
+        .join("\n");
+    // On a table this small a scan of all of it may win; never an index
+    // of running tasks.
+    assert!(
+        plan.contains("tasks_id_key") || plan.contains("Seq Scan on tasks"),
+        "{plan}"
+    );
+    assert!(!plan.contains("tasks_running"), "{plan}");
+    assert!(!plan.contains("tasks_lease_owner"), "{plan}");
+    // And the fence still holds: a finish by another worker is stale.
+    let mut stale = finish(
+        &running[0].id,
+        running[0].attempt,
+        "w2",
+        T0 + 2,
+        TaskStatus::Succeeded,
+    );
+    stale.logs.clear();
+    assert_eq!(
+        s.finish(stale).await.unwrap(),
+        FinishOutcome::Stale(TaskStatus::Running)
+    );
+    let mut ok = finish(
+        &running[0].id,
+        running[0].attempt,
+        "w1",
+        T0 + 2,
+        TaskStatus::Succeeded,
+    );
+    ok.logs.clear();
+    assert_eq!(
+        s.finish(ok).await.unwrap(),
+        FinishOutcome::Applied(TaskStatus::Succeeded)
+    );
+    pool.close().await;
+    b.cleanup().await;
+}
+
 /// A write the database refuses (here a claim whose names are more
 /// parameters than SQLite takes, and text PostgreSQL cannot store) fails
 /// alone: the submits that were committed in the same batch as it are

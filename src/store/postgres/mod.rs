@@ -17,6 +17,7 @@ mod read;
 mod writer;
 
 pub use history::explain_records_write;
+pub use writer::explain_finish;
 
 use std::time::Duration;
 

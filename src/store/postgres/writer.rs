@@ -1535,6 +1535,57 @@ async fn claim_for_finishes(
     Ok(out)
 }
 
+/// The fenced UPDATE of every finish in a batch; `$1` is a JSON array of
+/// rows `[id, status, run_at, finished_at, now, result, error, worker,
+/// attempt, "running"]`.
+///
+/// The fence compares the status with the one carried in each row, not
+/// with the constant `'running'`: a constant matches the condition of the
+/// partial indexes of running tasks, and the planner then walked one of
+/// them (for every row, or all of it into a bitmap), where entries of
+/// every task that ever ran pile up until vacuum, so each finish got
+/// slower the more tasks had run. The only index left for the join is
+/// the unique `id`: one probe per finished attempt.
+pub(super) const FINISH_SQL: &str = "UPDATE tasks SET status = v ->> 1, \
+     run_at = COALESCE((v ->> 2)::bigint, tasks.run_at), \
+     finished_at = (v ->> 3)::bigint, updated_at = (v ->> 4)::bigint, lease_owner = NULL, \
+     lease_expires_at = NULL, result = v ->> 5, error = v ->> 6 \
+     FROM jsonb_array_elements($1::jsonb) AS e(v) \
+     WHERE tasks.id = v ->> 0 AND tasks.status = v ->> 9 \
+     AND tasks.lease_owner = v ->> 7 AND tasks.attempts = (v ->> 8)::bigint \
+     RETURNING tasks.id, tasks.name, tasks.workflow_id";
+
+/// The plan (`EXPLAIN`, nothing is run) of the finish statement for these
+/// attempts (`(task id, worker, attempt)`), for diagnostics.
+pub async fn explain_finish(
+    pool: &PgPool,
+    attempts: &[(String, String, u32)],
+) -> Result<Vec<String>> {
+    let rows: Vec<serde_json::Value> = attempts
+        .iter()
+        .map(|(id, worker, attempt)| {
+            serde_json::json!([
+                id,
+                "succeeded",
+                null,
+                1,
+                1,
+                "{}",
+                null,
+                worker,
+                attempt,
+                "running"
+            ])
+        })
+        .collect();
+    Ok(
+        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {FINISH_SQL}")))
+            .bind(serde_json::Value::Array(rows).to_string())
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 /// Applies every finish of the batch with one fenced UPDATE: a finish
 /// counts only if the task is still `running` under the same worker and
 /// attempt. Every attempt is recorded either way.
@@ -1564,7 +1615,8 @@ async fn finish_all(
             result_json,
             f.error,
             f.worker_id,
-            f.attempt
+            f.attempt,
+            TaskStatus::Running.as_str()
         ]));
         planned.push((status, run_at));
         batch.attempts.push(AttemptRow::finished(f, result_json));
@@ -1586,18 +1638,10 @@ async fn finish_all(
             .await?;
         }
     }
-    let applied: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE tasks SET status = v ->> 1, run_at = COALESCE((v ->> 2)::bigint, tasks.run_at), \
-         finished_at = (v ->> 3)::bigint, updated_at = (v ->> 4)::bigint, lease_owner = NULL, \
-         lease_expires_at = NULL, result = v ->> 5, error = v ->> 6 \
-         FROM jsonb_array_elements($1::jsonb) AS e(v) \
-         WHERE tasks.id = v ->> 0 AND tasks.status = 'running' \
-         AND tasks.lease_owner = v ->> 7 AND tasks.attempts = (v ->> 8)::bigint \
-         RETURNING tasks.id, tasks.name, tasks.workflow_id",
-    )
-    .bind(serde_json::Value::Array(rows).to_string())
-    .fetch_all(&mut *conn)
-    .await?;
+    let applied: Vec<(String, String, Option<String>)> = sqlx::query_as(FINISH_SQL)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *conn)
+        .await?;
     let applied: HashMap<String, (String, Option<String>)> = applied
         .into_iter()
         .map(|(id, name, wf)| (id, (name, wf)))
