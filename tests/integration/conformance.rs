@@ -1831,10 +1831,13 @@ async fn postgres_finish_plan_looks_tasks_up_by_id() {
     let claimed = s.claim(claim_req("w1", T0, 600)).await.unwrap();
     assert_eq!(claimed.len(), 600);
     let (done, running) = claimed.split_at(500);
-    for c in done {
-        let mut f = finish(&c.id, c.attempt, "w1", T0 + 1, TaskStatus::Succeeded);
+    let quiet = |c: &task_queue::store::ClaimedTask, worker: &str, now: i64| {
+        let mut f = finish(&c.id, c.attempt, worker, now, TaskStatus::Succeeded);
         f.logs.clear();
-        s.finish(f).await.unwrap();
+        f
+    };
+    for c in done {
+        s.finish(quiet(c, "w1", T0 + 1)).await.unwrap();
     }
     sqlx::query("ANALYZE tasks").execute(&pool).await.unwrap();
     let attempts: Vec<(String, String, u32)> = running
@@ -1854,28 +1857,12 @@ async fn postgres_finish_plan_looks_tasks_up_by_id() {
     assert!(!plan.contains("tasks_running"), "{plan}");
     assert!(!plan.contains("tasks_lease_owner"), "{plan}");
     // And the fence still holds: a finish by another worker is stale.
-    let mut stale = finish(
-        &running[0].id,
-        running[0].attempt,
-        "w2",
-        T0 + 2,
-        TaskStatus::Succeeded,
-    );
-    stale.logs.clear();
     assert_eq!(
-        s.finish(stale).await.unwrap(),
+        s.finish(quiet(&running[0], "w2", T0 + 2)).await.unwrap(),
         FinishOutcome::Stale(TaskStatus::Running)
     );
-    let mut ok = finish(
-        &running[0].id,
-        running[0].attempt,
-        "w1",
-        T0 + 2,
-        TaskStatus::Succeeded,
-    );
-    ok.logs.clear();
     assert_eq!(
-        s.finish(ok).await.unwrap(),
+        s.finish(quiet(&running[0], "w1", T0 + 2)).await.unwrap(),
         FinishOutcome::Applied(TaskStatus::Succeeded)
     );
     pool.close().await;
