@@ -113,6 +113,42 @@ fn scalar_one<T: FromSql>(conn: &Conn, sql: &str, p: impl rusqlite::Params) -> R
 /// Most operations committed together.
 const MAX_BATCH: usize = 2048;
 
+/// Task rows past which a batch takes no further operation. Batched
+/// submits of 1000 tasks from 64 callers would otherwise make one
+/// transaction of 64,000 tasks: more dirty pages than the writer's cache
+/// holds (SQLite then spills them into the WAL mid-transaction, and writes
+/// them again at the commit), a WAL that outgrows its checkpoints, and
+/// every caller waiting for the largest commit. Single operations are not
+/// held up by this: they count one row each.
+const MAX_BATCH_ROWS: usize = 4096;
+
+impl Op {
+    /// The task rows the operation writes, for [`MAX_BATCH_ROWS`]: a
+    /// submit's tasks, one for any other operation.
+    fn rows(&self) -> usize {
+        match self {
+            Op::Submit { sub, .. } => sub.tasks.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// Adds to `ops` (which holds `first`'s batch so far) what else is waiting,
+/// up to [`MAX_BATCH`] operations or [`MAX_BATCH_ROWS`] rows.
+fn gather(first: Op, rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
+    let mut rows = first.rows();
+    ops.push(first);
+    while ops.len() < MAX_BATCH && rows < MAX_BATCH_ROWS {
+        match rx.try_recv() {
+            Ok(op) => {
+                rows += op.rows();
+                ops.push(op);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 pub(super) enum Op {
     Submit {
         sub: Box<NewSubmission>,
@@ -455,13 +491,7 @@ pub(super) fn run(
     let mut pending = 0usize;
     let hand_over = |completed: Completed| hand_over(&done, &announce, completed);
     while let Some(op) = rx.blocking_recv() {
-        ops.push(op);
-        while ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
-            }
-        }
+        gather(op, &mut rx, &mut ops);
         let closing = ops.iter().any(|o| matches!(o, Op::Close { .. }));
         let mut batch = Batch::default();
         let started = std::time::Instant::now();
@@ -2558,4 +2588,93 @@ fn placeholders(n: usize) -> String {
 
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit(tasks: usize) -> (Op, oneshot::Receiver<Result<Vec<Submitted>>>) {
+        let task = |i: usize| NewTask {
+            id: format!("t{i}"),
+            name: "t".into(),
+            kind: TaskKind::Command,
+            project: None,
+            tags: Vec::new(),
+            priority: 0,
+            max_attempts: 1,
+            idempotency_key: None,
+            spec_json: "{}".into(),
+            spec_hash: String::new(),
+            now: 0,
+            workflow_id: None,
+            schedule_id: None,
+            deps: Vec::new(),
+            run_at: 0,
+            needs_approval: false,
+        };
+        let (reply, rx) = oneshot::channel();
+        let sub = NewSubmission {
+            workflow: None,
+            schedules: Vec::new(),
+            tasks: (0..tasks).map(task).collect(),
+        };
+        (
+            Op::Submit {
+                sub: Box::new(sub),
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn heartbeat() -> Op {
+        Op::Heartbeat {
+            task_id: "t".into(),
+            worker_id: "w".into(),
+            lease_until: 0,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// Large submits are split over batches by their rows; small
+    /// operations still go together, up to the count limit.
+    #[test]
+    fn a_batch_stops_at_its_row_limit() {
+        let (tx, mut rx) = mpsc::channel(4 * MAX_BATCH);
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            let (op, answer) = submit(1000);
+            answers.push(answer);
+            tx.try_send(op).ok().unwrap();
+        }
+        let mut sizes = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let mut ops = Vec::new();
+            gather(first, &mut rx, &mut ops);
+            sizes.push(ops.iter().map(Op::rows).sum::<usize>());
+        }
+        // The fifth submit is taken at 4,000 rows, short of the limit.
+        assert_eq!(sizes, [5000, 5000]);
+
+        for _ in 0..MAX_BATCH + 10 {
+            tx.try_send(heartbeat()).ok().unwrap();
+        }
+        let mut counts = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let mut ops = Vec::new();
+            gather(first, &mut rx, &mut ops);
+            counts.push(ops.len());
+        }
+        assert_eq!(counts, [MAX_BATCH, 10]);
+
+        // A submit larger than the limit is one batch of its own.
+        let (big, _answer) = submit(MAX_BATCH_ROWS + 1);
+        tx.try_send(big).ok().unwrap();
+        tx.try_send(heartbeat()).ok().unwrap();
+        let first = rx.try_recv().unwrap();
+        let mut ops = Vec::new();
+        gather(first, &mut rx, &mut ops);
+        assert_eq!(ops.len(), 1);
+    }
 }
