@@ -416,6 +416,123 @@ async fn retention_prunes_old_records_and_logs() {
     assert_eq!(q.prune_history().await.unwrap(), 0, "nothing left to prune");
 }
 
+/// A database whose search indexes still copy the text (migrations up to
+/// 0008) is moved to contentless indexes when opened: its records are
+/// indexed again and found by words and by pieces of words, new records
+/// join them, and pruning removes both from the indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_indexes_of_an_older_database_are_rebuilt() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("migrations-0008");
+    std::fs::create_dir(&old).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.as_str() < "0009" {
+            std::fs::copy(&path, old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("search.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    let now = Timestamp::now().0;
+    for (i, (name, command, tags)) in [
+        ("deploy-api", "kubectl rollout restart api", r#"["prod"]"#),
+        ("nightly-backup", "pg_dump shop", r#"["ops"]"#),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO interactions (task_id, attempt, name, kind, tags, outcome, task_status, \
+             duration_ms, started_at, finished_at, command) \
+             VALUES (?, 1, ?, 'command', ?, 'succeeded', 'succeeded', 5, ?, ?, ?)",
+        )
+        .bind(format!("old-{i}"))
+        .bind(name)
+        .bind(tags)
+        .bind(now - 30 * 86_400_000)
+        .bind(now - 30 * 86_400_000 + 5)
+        .bind(command)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE name IN ('interactions_fts_content', 'interactions_trigram_content')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(copies, 2, "the old indexes keep copies of the text");
+    conn.close().await.unwrap();
+
+    let q = TaskQueue::open_with(config(&dir)).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'interactions_%_content'").await,
+        0,
+        "the new indexes keep no copy"
+    );
+    for (query, name, source) in [
+        ("rollout", "deploy-api", "words"),
+        ("backup", "nightly-backup", "words"),
+        ("ploy", "deploy-api", "trigram"),
+        ("dump", "nightly-backup", "trigram"),
+    ] {
+        let r = q.search(req(query)).await.unwrap();
+        let hit = r
+            .hits
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("{query}: {r:?}"));
+        assert!(
+            hit.sources.contains(&source.to_string()),
+            "{query}: {hit:?}"
+        );
+    }
+    let t = q
+        .submit(Task::new("deploy-web").with_command("echo rollout of the web tier"))
+        .await
+        .unwrap();
+    q.run_until_idle().await.unwrap();
+    let r = q.search(req("rollout")).await.unwrap();
+    let names: Vec<&str> = r.hits.iter().map(|h| h.name.as_str()).collect();
+    assert!(
+        names.contains(&"deploy-web") && names.contains(&"deploy-api"),
+        "{names:?}"
+    );
+    assert!(r.hits.iter().any(|h| h.task_id == t.id));
+
+    // Deleting records (as pruning does) takes them out of the indexes.
+    sqlx::query("DELETE FROM interactions WHERE task_id LIKE 'old-%'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM interactions_fts").await, 1);
+    assert_eq!(count("SELECT count(*) FROM interactions_trigram").await, 1);
+    let r = q.search(req("ploy")).await.unwrap();
+    let names: Vec<&str> = r.hits.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["deploy-web"]);
+}
+
 /// A deterministic embedding: words hashed into 64 buckets, with a few
 /// words sharing a bucket so that meaning, not spelling, matches.
 fn embed_text(text: &str) -> Vec<f32> {

@@ -1,6 +1,7 @@
 //! History in SQLite: interaction records written by the writer, the FTS5
 //! word and trigram indexes (kept in step by triggers, see
-//! `migrations/0004_search.sql`), vectors and the Vectorizer outbox.
+//! `migrations/sqlite/0004_search.sql`; contentless since
+//! `0009_contentless_search.sql`), vectors and the Vectorizer outbox.
 
 use async_trait::async_trait;
 use rusqlite::params;
