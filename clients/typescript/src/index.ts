@@ -428,9 +428,19 @@ export class Client {
 
   /** Task and workflow events as they happen (`GET /events`, SSE). Ends
    * when the server closes the stream or `signal` aborts it; a stream that
-   * breaks rejects with {@link Unavailable}. */
+   * breaks rejects with {@link Unavailable}. `timeout` (seconds, default
+   * the client's) bounds the connection and each wait for data, as the
+   * Python client's does: the server sends a keep-alive every 15 s, so a
+   * stream quiet for longer than that is broken (code `timeout`). `null`
+   * waits for data without a bound. */
   async *events(
-    opts: { after?: number; workflowId?: string; project?: string; signal?: AbortSignal } = {},
+    opts: {
+      after?: number;
+      workflowId?: string;
+      project?: string;
+      signal?: AbortSignal;
+      timeout?: number | null;
+    } = {},
   ): AsyncGenerator<QueueEvent> {
     const url = new URL(this.baseUrl + "/api/v1/events");
     if (opts.after !== undefined) url.searchParams.set("after", String(opts.after));
@@ -438,15 +448,39 @@ export class Client {
     if (opts.project) url.searchParams.set("project", opts.project);
     const headers: Record<string, string> = { Accept: "text/event-stream" };
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    const limit = opts.timeout === undefined ? this.timeout : opts.timeout;
+    if (opts.signal?.aborted) return;
+    // One controller for the request and its body: the caller's signal
+    // aborts it, and so does a wait that outlasts `limit`.
+    const ctl = new AbortController();
+    const onAbort = () => ctl.abort();
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    let timedOut = false;
+    const bounded = <T>(p: Promise<T>): Promise<T> => {
+      if (limit === null) return p;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        ctl.abort();
+      }, limit * 1000);
+      return p.finally(() => clearTimeout(timer));
+    };
+    const failure = (e: unknown, what: string): Unavailable =>
+      timedOut
+        ? new Unavailable(0, "timeout", `${this.baseUrl} ${what} within ${limit} s`)
+        : this.noAnswer(e);
     let resp: Response;
     try {
-      resp = await fetch(url, { headers, signal: opts.signal });
+      resp = await bounded(fetch(url, { headers, signal: ctl.signal }));
     } catch (e) {
+      opts.signal?.removeEventListener("abort", onAbort);
       if (opts.signal?.aborted) return;
-      throw this.noAnswer(e);
+      throw failure(e, "did not answer");
     }
-    if (!resp.ok) throw await errorOf(resp);
-    if (!resp.body) return;
+    if (!resp.ok || !resp.body) {
+      opts.signal?.removeEventListener("abort", onAbort);
+      if (!resp.ok) throw await errorOf(resp);
+      return;
+    }
     const decoder = new TextDecoder();
     let buffer = "";
     let event: Partial<QueueEvent> = {};
@@ -456,10 +490,10 @@ export class Client {
       for (;;) {
         let chunk: ReadableStreamReadResult<Uint8Array>;
         try {
-          chunk = await reader.read();
+          chunk = await bounded(reader.read());
         } catch (e) {
           if (opts.signal?.aborted) return;
-          throw this.noAnswer(e);
+          throw failure(e, "sent nothing on the event stream");
         }
         const { value, done } = chunk;
         if (done) return;
@@ -494,6 +528,7 @@ export class Client {
         }
       }
     } finally {
+      opts.signal?.removeEventListener("abort", onAbort);
       await reader.cancel().catch(() => undefined);
     }
   }

@@ -10,6 +10,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
+import http from "node:http";
 import net from "node:net";
 
 import {
@@ -226,7 +227,7 @@ test("search, recommend, stats and health", async () => {
   assert.ok(["ok", "degraded"].includes((await q.health()).status));
 });
 
-test("base URLs and an unreachable server", async () => {
+test("base URLs and an unreachable server", { timeout: 60_000 }, async () => {
   assert.equal(new Client(URL_ + "/api/v1/").baseUrl, URL_);
   assert.throws(() => new Client("127.0.0.1:8080"), TypeError);
   const e = await new Client("http://127.0.0.1:9", { timeout: 2 }).stats().catch((e) => e);
@@ -241,9 +242,44 @@ test("base URLs and an unreachable server", async () => {
     const t = await new Client(`http://127.0.0.1:${port}`, { timeout: 0.5 }).stats().catch((e) => e);
     assert.ok(t instanceof Unavailable, String(t));
     assert.equal(t.code, "timeout");
+    // The event stream is bounded the same way while it connects.
+    const quiet = new Client(`http://127.0.0.1:${port}`, { timeout: 0.5 });
+    const started = Date.now();
+    const ev = await (async () => {
+      for await (const _ of quiet.events()) assert.fail("no event can come");
+    })().catch((e) => e);
+    assert.ok(ev instanceof Unavailable, String(ev));
+    assert.equal(ev.code, "timeout");
+    assert.ok(Date.now() - started < 10_000);
   } finally {
     held.forEach((sock) => sock.destroy());
     silent.close();
+  }
+  // A stream that answers and then goes quiet past the bound is broken;
+  // without a bound it is waited for until the caller aborts it.
+  const mute = http.createServer((req, res) => {
+    res.writeHead(200, { "content-type": "text/event-stream" });
+    res.write(": connected\n\n");
+  });
+  await new Promise((r) => mute.listen(0, "127.0.0.1", r));
+  try {
+    const base = `http://127.0.0.1:${mute.address().port}`;
+    const m = await (async () => {
+      for await (const _ of new Client(base).events({ timeout: 0.5 })) assert.fail("no event");
+    })().catch((e) => e);
+    assert.ok(m instanceof Unavailable, String(m));
+    assert.equal(m.code, "timeout");
+    assert.match(m.message, /sent nothing on the event stream within 0.5 s/);
+    const abort = new AbortController();
+    setTimeout(() => abort.abort(), 700);
+    const seen = [];
+    for await (const e of new Client(base, { timeout: 0.2 }).events({ timeout: null, signal: abort.signal })) {
+      seen.push(e);
+    }
+    assert.deepEqual(seen, [], "ended quietly by the signal, after the client's timeout had passed");
+  } finally {
+    mute.closeAllConnections();
+    mute.close();
   }
   // `.` and `..` are ids like any other, not path steps.
   for (const odd of [".", ".."]) {
