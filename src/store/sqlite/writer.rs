@@ -117,9 +117,9 @@ const MAX_BATCH: usize = 2048;
 /// submits of 1000 tasks from 64 callers would otherwise make one
 /// transaction of 64,000 tasks: more dirty pages than the writer's cache
 /// holds (SQLite then spills them into the WAL mid-transaction, and writes
-/// them again at the commit), a WAL that outgrows its checkpoints, and
-/// every caller waiting for the largest commit. Single operations are not
-/// held up by this: they count one row each.
+/// them again at the commit), and every caller waiting for the largest
+/// commit. Single operations are not held up by this: they count one row
+/// each.
 const MAX_BATCH_ROWS: usize = 4096;
 
 impl Op {
