@@ -7,9 +7,9 @@
 -- (SQLite 3.43) still delete by rowid, as the delete trigger does.
 --
 -- Existing records are indexed again from `interactions`, with the same
--- expressions as the insert trigger.
-DROP TRIGGER interactions_ai;
-DROP TRIGGER interactions_ad;
+-- expressions as the insert trigger (`interactions_ai`). The triggers of
+-- 0004 name the tables and stay as they are: they write to the new
+-- tables from now on.
 DROP TABLE interactions_fts;
 DROP TABLE interactions_trigram;
 
@@ -48,36 +48,3 @@ SELECT
     coalesce(i.command, ''),
     (SELECT coalesce(group_concat(value, ' '), '') FROM json_each(i.tags))
 FROM interactions i ORDER BY i.id;
-
-CREATE TRIGGER interactions_ai AFTER INSERT ON interactions BEGIN
-    INSERT INTO interactions_fts (rowid, name, description, command, tags, project,
-                                  dependencies, parameters, results)
-    VALUES (
-        new.id,
-        replace(replace(replace(new.name, '-', ' '), '_', ' '), '.', ' '),
-        coalesce(new.description, ''),
-        coalesce(new.command, ''),
-        (SELECT coalesce(group_concat(value, ' '), '') FROM json_each(new.tags)),
-        coalesce(new.project, ''),
-        (SELECT coalesce(group_concat(value, ' '), '') FROM json_each(new.dependencies)),
-        coalesce(new.parameters, ''),
-        concat_ws(' ', new.error, new.output,
-                  (SELECT group_concat(value ->> 'path', ' ') FROM json_each(new.artifacts)),
-                  substr(new.stdout_tail, -2000), substr(new.stderr_tail, -2000))
-    );
-    INSERT INTO interactions_trigram (rowid, name, command, tags)
-    VALUES (
-        new.id,
-        new.name,
-        coalesce(new.command, ''),
-        (SELECT coalesce(group_concat(value, ' '), '') FROM json_each(new.tags))
-    );
-    INSERT INTO vectorizer_outbox (interaction_id, attempts, next_at) VALUES (new.id, 0, 0);
-END;
-
-CREATE TRIGGER interactions_ad AFTER DELETE ON interactions BEGIN
-    DELETE FROM interactions_fts WHERE rowid = old.id;
-    DELETE FROM interactions_trigram WHERE rowid = old.id;
-    DELETE FROM interaction_vectors WHERE interaction_id = old.id;
-    DELETE FROM vectorizer_outbox WHERE interaction_id = old.id;
-END;

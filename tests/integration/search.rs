@@ -34,6 +34,11 @@ async fn eval_queue(dir: &tempfile::TempDir) -> (TaskQueue, usize) {
     (q, n)
 }
 
+/// `sql`'s single number, read beside the queue.
+async fn count(pool: &sqlx::SqlitePool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
 fn req(query: &str) -> SearchRequest {
     SearchRequest {
         query: query.into(),
@@ -367,19 +372,10 @@ async fn retention_prunes_old_records_and_logs() {
     ))
     .await
     .unwrap();
-    let count = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
     // The tables read directly below hold a finished attempt's record once
     // the writer wrote it: in bulk, or when the history is read, as here.
     q.search(req("deploy")).await.unwrap();
-    let before = count("SELECT count(*) FROM interactions").await;
+    let before = count(&pool, "SELECT count(*) FROM interactions").await;
     let pruned = q.prune_history().await.unwrap();
     assert!(pruned > 0);
     // A fresh task with captured output: kept (the engine prunes too, in the background).
@@ -395,10 +391,10 @@ async fn retention_prunes_old_records_and_logs() {
     // writer still holds pending, so the table below has them too).
     let found = q.search(req("fresh")).await.unwrap();
     assert!(found.hits.iter().any(|h| h.task_id == t.id), "{found:?}");
-    let after = count("SELECT count(*) FROM interactions").await;
+    let after = count(&pool, "SELECT count(*) FROM interactions").await;
     assert!(after > 1 && after < before, "{before} -> {after}");
     let cutoff = now - 10 * 86_400_000;
-    let after = count("SELECT count(*) FROM interactions").await;
+    let after = count(&pool, "SELECT count(*) FROM interactions").await;
     assert!(after > 0 && after < before, "{before} -> {after}");
     let old: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions WHERE finished_at < ?")
         .bind(cutoff)
@@ -407,9 +403,12 @@ async fn retention_prunes_old_records_and_logs() {
         .unwrap();
     assert_eq!(old, 0);
     // The indexes follow the records.
-    assert_eq!(count("SELECT count(*) FROM interactions_fts").await, after);
     assert_eq!(
-        count("SELECT count(*) FROM interactions_trigram").await,
+        count(&pool, "SELECT count(*) FROM interactions_fts").await,
+        after
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM interactions_trigram").await,
         after
     );
     assert!(!q.logs(&t.id, None).await.unwrap().is_empty());
@@ -477,17 +476,12 @@ async fn search_indexes_of_an_older_database_are_rebuilt() {
 
     let q = TaskQueue::open_with(config(&dir)).await.unwrap();
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let count = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
     assert_eq!(
-        count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'interactions_%_content'").await,
+        count(
+            &pool,
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'interactions_%_content'"
+        )
+        .await,
         0,
         "the new indexes keep no copy"
     );
@@ -526,8 +520,14 @@ async fn search_indexes_of_an_older_database_are_rebuilt() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(count("SELECT count(*) FROM interactions_fts").await, 1);
-    assert_eq!(count("SELECT count(*) FROM interactions_trigram").await, 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM interactions_fts").await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM interactions_trigram").await,
+        1
+    );
     let r = q.search(req("ploy")).await.unwrap();
     let names: Vec<&str> = r.hits.iter().map(|h| h.name.as_str()).collect();
     assert_eq!(names, ["deploy-web"]);
