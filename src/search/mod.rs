@@ -283,12 +283,20 @@ impl Search {
             async {
                 match words.is_empty() {
                     true => Ok(Vec::new()),
-                    false => store.words(&words, &filter, CANDIDATES).await,
+                    false => {
+                        store
+                            .words(&words, words.len() > 1, &filter, CANDIDATES)
+                            .await
+                    }
                 }
             },
             async {
                 match synonyms_differ {
-                    true => store.words(&with_synonyms, &filter, CANDIDATES).await,
+                    true => {
+                        store
+                            .words(&with_synonyms, false, &filter, CANDIDATES)
+                            .await
+                    }
                     false => Ok(Vec::new()),
                 }
             },

@@ -149,6 +149,16 @@ pub fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Literals AND-ed into one FTS5 MATCH expression: `"deploy" AND "api"`.
+/// Every literal is quoted, as in [`fts5_any`].
+pub fn fts5_all(literals: &[String]) -> String {
+    literals
+        .iter()
+        .map(|l| quote(l))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// Literals OR-ed into one FTS5 MATCH expression: `"deploy" OR "api"`.
 /// Every literal is quoted, so no input can change the query's structure.
 pub fn fts5_any(literals: &[String]) -> String {

@@ -155,10 +155,15 @@ pub enum HistoryChange {
 pub trait HistoryStore: Send + Sync {
     /// Applies a change; returns how many rows (tasks for `Prune`) it touched.
     async fn change_history(&self, change: HistoryChange) -> Result<u64>;
-    /// Records matching any of `words` (stemmed, weighted by field) best first.
+    /// Records matching any of `words` (stemmed, weighted by field) best
+    /// first, ranked among the newest [`MATCH_WINDOW`] of them. With
+    /// `every`, the newest [`MATCH_WINDOW`] records that match all of the
+    /// words are candidates too, so such a record is found however many
+    /// newer records match only some of them.
     async fn words(
         &self,
         words: &[String],
+        every: bool,
         filter: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>>;

@@ -409,18 +409,36 @@ impl HistoryStore for PgStore {
     async fn words(
         &self,
         words: &[String],
+        every: bool,
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
         self.records_current().await?;
         // Any of the words: each one's tsquery OR-ed; words that are
         // stopwords to the parser become empty queries and are left out.
-        // Ranked among the newest MATCH_WINDOW matches, as on SQLite.
+        // Ranked among the newest MATCH_WINDOW matches, as on SQLite; with
+        // `every`, also among the newest that match all the words (the
+        // words joined, as plainto_tsquery ANDs them). Every record is
+        // ranked against the OR-ed query, so scores compare.
+        let newest_any = format!(
+            "SELECT i.id FROM interactions i, q \
+             WHERE q.q IS NOT NULL AND i.words @@ q.q AND {FILTER} \
+             ORDER BY i.id DESC LIMIT $8"
+        );
+        let ids = if every && words.len() > 1 {
+            format!(
+                "({newest_any}) UNION (SELECT i.id FROM interactions i, \
+                 (SELECT plainto_tsquery('english', array_to_string($1::text[], ' ')) AS q) AS qa \
+                 WHERE numnode(qa.q) > 0 AND i.words @@ qa.q AND {FILTER} \
+                 ORDER BY i.id DESC LIMIT $8)"
+            )
+        } else {
+            newest_any
+        };
         let sql = format!(
-            "WITH q AS ({TSQUERY}), \
-             recent AS (SELECT i.id, i.words, i.project, i.name FROM interactions i, q \
-                 WHERE q.q IS NOT NULL AND i.words @@ q.q AND {FILTER} \
-                 ORDER BY i.id DESC LIMIT $8) {}",
+            "WITH q AS ({TSQUERY}), ids AS ({ids}), \
+             recent AS (SELECT i.id, i.words, i.project, i.name FROM interactions i \
+                 WHERE i.id IN (SELECT id FROM ids)) {}",
             best_run_per_task(
                 &format!(
                     "SELECT w.id, -ts_rank({WEIGHTS}, w.words, q.q)::float8 AS r, w.project, w.name \

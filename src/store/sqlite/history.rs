@@ -229,14 +229,18 @@ fn interaction_from(row: &SqliteRow) -> Interaction {
 }
 
 impl SqliteStore {
+    /// Runs a candidate query: `?1` the MATCH expression, `?2`–`?6` the
+    /// filter, `?7` the limit, `?8` the window and, when given, `?9` a
+    /// second MATCH expression.
     async fn candidates(
         &self,
         sql: &str,
         expr: &str,
+        second: Option<&str>,
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
-        let rows = sqlx::query(AssertSqlSafe(sql.to_string()))
+        let mut q = sqlx::query(AssertSqlSafe(sql.to_string()))
             .bind(expr)
             .bind(f.project.as_deref())
             .bind(serde_json::to_string(&f.outcomes).unwrap_or_default())
@@ -244,9 +248,11 @@ impl SqliteStore {
             .bind(f.since)
             .bind(f.until)
             .bind(limit as i64)
-            .bind(MATCH_WINDOW as i64)
-            .fetch_all(&self.read)
-            .await?;
+            .bind(MATCH_WINDOW as i64);
+        if let Some(second) = second {
+            q = q.bind(second);
+        }
+        let rows = q.fetch_all(&self.read).await?;
         Ok(rows
             .iter()
             .map(|r| Candidate {
@@ -284,6 +290,7 @@ impl HistoryStore for SqliteStore {
     async fn words(
         &self,
         words: &[String],
+        every: bool,
         f: &HistoryFilter,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
@@ -292,18 +299,31 @@ impl HistoryStore for SqliteStore {
         // is for and how it runs; output and logs least.
         // Ranked among the newest MATCH_WINDOW matches (FTS5 walks its
         // doclists in descending rowid order, so the cost is bounded).
-        let sql = best_run_per_task(
-            &format!(
-                "SELECT interactions_fts.rowid AS id, \
+        let newest = |expr: &str| {
+            format!(
+                "SELECT * FROM (SELECT interactions_fts.rowid AS id, \
                  bm25(interactions_fts, 8.0, 4.0, 2.0, 3.0, 1.0, 1.0, 0.5, 0.5) AS r, \
                  i.project, i.name \
                  FROM interactions_fts JOIN interactions i ON i.id = interactions_fts.rowid \
-                 WHERE interactions_fts MATCH ?1 AND {FILTER} \
-                 ORDER BY interactions_fts.rowid DESC LIMIT ?8"
-            ),
-            "?7",
-        );
-        self.candidates(&sql, &query::fts5_any(words), f, limit)
+                 WHERE interactions_fts MATCH {expr} AND {FILTER} \
+                 ORDER BY interactions_fts.rowid DESC LIMIT ?8)"
+            )
+        };
+        let every = every && words.len() > 1;
+        // BM25 sums over the query's words, whichever operator joins them,
+        // so a record has the same score in both windows.
+        let window = if every {
+            format!(
+                "SELECT id, MIN(r) AS r, project, name FROM ({} UNION ALL {}) GROUP BY id",
+                newest("?1"),
+                newest("?9")
+            )
+        } else {
+            newest("?1")
+        };
+        let sql = best_run_per_task(&window, "?7");
+        let all = every.then(|| query::fts5_all(words));
+        self.candidates(&sql, &query::fts5_any(words), all.as_deref(), f, limit)
             .await
     }
 
@@ -324,7 +344,7 @@ impl HistoryStore for SqliteStore {
             ),
             "?7",
         );
-        self.candidates(&sql, &query::fts5_any(parts), f, limit)
+        self.candidates(&sql, &query::fts5_any(parts), None, f, limit)
             .await
     }
 
