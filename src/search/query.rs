@@ -150,23 +150,23 @@ pub fn quote(s: &str) -> String {
 }
 
 /// Literals AND-ed into one FTS5 MATCH expression: `"deploy" AND "api"`.
-/// Every literal is quoted, as in [`fts5_any`].
 pub fn fts5_all(literals: &[String]) -> String {
-    literals
-        .iter()
-        .map(|l| quote(l))
-        .collect::<Vec<_>>()
-        .join(" AND ")
+    fts5_joined(literals, " AND ")
 }
 
 /// Literals OR-ed into one FTS5 MATCH expression: `"deploy" OR "api"`.
-/// Every literal is quoted, so no input can change the query's structure.
 pub fn fts5_any(literals: &[String]) -> String {
+    fts5_joined(literals, " OR ")
+}
+
+/// Every literal quoted, so no input can change the query's structure,
+/// and joined by `op`.
+fn fts5_joined(literals: &[String], op: &str) -> String {
     literals
         .iter()
         .map(|l| quote(l))
         .collect::<Vec<_>>()
-        .join(" OR ")
+        .join(op)
 }
 
 /// The words a document may match, any of them: the terms, each with its
@@ -233,6 +233,11 @@ mod tests {
     fn every_term_is_quoted() {
         let words = word_alternatives(&terms("a\"b OR c*"), true);
         assert_eq!(fts5_any(&words), "\"b\" OR \"c\"");
+        assert_eq!(fts5_all(&words), "\"b\" AND \"c\"");
+        assert_eq!(
+            fts5_all(&["x\" OR y".to_string(), "z".to_string()]),
+            "\"x\"\" OR y\" AND \"z\""
+        );
         assert_eq!(quote("x\"y"), "\"x\"\"y\"");
         assert_eq!(fts5_any(&substrings("ploy", &terms("ploy"))), "\"ploy\"");
         assert_eq!(
