@@ -283,11 +283,7 @@ impl Search {
             async {
                 match words.is_empty() {
                     true => Ok(Vec::new()),
-                    false => {
-                        store
-                            .words(&words, words.len() > 1, &filter, CANDIDATES)
-                            .await
-                    }
+                    false => store.words(&words, true, &filter, CANDIDATES).await,
                 }
             },
             async {

@@ -159,7 +159,8 @@ pub trait HistoryStore: Send + Sync {
     /// first, ranked among the newest [`MATCH_WINDOW`] of them. With
     /// `every`, the newest [`MATCH_WINDOW`] records that match all of the
     /// words are candidates too, so such a record is found however many
-    /// newer records match only some of them.
+    /// newer records match only some of them (a one-word query has
+    /// nothing more to add).
     async fn words(
         &self,
         words: &[String],
