@@ -272,7 +272,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
         config.validate()?;
         let out = postgres::bench_noop(url, &config, args.tasks, concurrency, nodes).await?;
         if args.json {
-            println!("{out}");
+            outln!("{out}");
         } else {
             postgres::print_summary(&out);
         }
@@ -396,7 +396,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<ExitCode> {
     drop(dir);
 
     if args.json {
-        println!("{out}");
+        outln!("{out}");
     } else {
         print_summary(&out);
     }
@@ -1968,7 +1968,7 @@ fn current_rss_mb() -> Option<f64> {
 fn print_summary(out: &Value) {
     let f = |k: &str| out.get(k).cloned().unwrap_or(Value::Null);
     let num = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!(
+    outln!(
         "scenario    {} ({} tasks, concurrency {}{}{}, {})",
         f("scenario").as_str().unwrap_or(""),
         f("tasks"),
@@ -1981,7 +1981,7 @@ fn print_summary(out: &Value) {
             .unwrap_or_default(),
         f("durability").as_str().unwrap_or(""),
     );
-    println!(
+    outln!(
         "queue       {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   peak RSS {} MB   ({} s)",
         num(&f("tasks_per_sec")),
         num(&f("p50_ms")),
@@ -1990,21 +1990,21 @@ fn print_summary(out: &Value) {
         f("elapsed_s"),
     );
     if let Some(what) = out.get("latency_what").and_then(Value::as_str) {
-        println!("            latency: {what}");
+        outln!("            latency: {what}");
     }
     if let Some(b) = out.get("baseline") {
-        println!(
+        outln!(
             "baseline    {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   ({} tasks)",
             num(&b["tasks_per_sec"]),
             num(&b["p50_ms"]),
             num(&b["p99_ms"]),
             b["tasks"],
         );
-        println!("            {}", b["what"].as_str().unwrap_or(""));
-        println!("ratio       {} x baseline", f("baseline_ratio"));
+        outln!("            {}", b["what"].as_str().unwrap_or(""));
+        outln!("ratio       {} x baseline", f("baseline_ratio"));
     }
     if let Some(b) = out.get("baseline_fork") {
-        println!(
+        outln!(
             "fork+exec   {:>10.0} tasks/s   p50 {:.3} ms   p99 {:.3} ms   (baseline with a pre_exec hook)",
             num(&b["tasks_per_sec"]),
             num(&b["p50_ms"]),
@@ -2014,7 +2014,7 @@ fn print_summary(out: &Value) {
     if let Some(c) = out.get("claim") {
         for key in ["commands_only", "with_handler"] {
             let v = &c[key];
-            println!(
+            outln!(
                 "claim       {:>10.0} claims/s  p50 {:.3} ms   p99 {:.3} ms   query alone p50 {:.3} ms   ({key})",
                 num(&v["claims_per_sec"]),
                 num(&v["p50_ms"]),
@@ -2024,14 +2024,14 @@ fn print_summary(out: &Value) {
         }
     }
     if let Some(h) = out.get("history_prefill_s") {
-        println!(
+        outln!(
             "history     {} tasks pre-filled in {h} s ({})",
             f("history"),
             f("history_note").as_str().unwrap_or("")
         );
     }
     if let Some(g) = out.get("goal") {
-        println!(
+        outln!(
             "goal        {}: {}",
             g["target"].as_str().unwrap_or(""),
             if g["met"].as_bool() == Some(true) {
@@ -2049,9 +2049,9 @@ fn print_summary(out: &Value) {
         ),
     ] {
         if let Some(plan) = out.get(key).and_then(Value::as_array) {
-            println!("{title}");
+            outln!("{title}");
             for line in plan {
-                println!("            {}", line.as_str().unwrap_or(""));
+                outln!("            {}", line.as_str().unwrap_or(""));
             }
         }
     }

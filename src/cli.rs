@@ -335,6 +335,18 @@ impl Cli {
     }
 }
 
+/// Writes one line of a command's output (see `outln!`): a closed pipe
+/// ends the output quietly; any other failure is reported on stderr.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n"))
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: cannot write the output: {e}");
+    }
+}
+
 /// The environment variable the client commands take the server's URL from.
 pub const SERVER_ENV: &str = "TASK_QUEUE_SERVER";
 
@@ -454,7 +466,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
         Command::Check { file, format } => {
             let sub = read_tasks(&file)?;
             let text = crate::workflow::check_and_render(&sub, &format)?;
-            println!("{text}");
+            outln!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Approve {
@@ -526,7 +538,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ToolsSchema => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&crate::mcp::McpServer::tools_list())
                     .unwrap_or_default()
@@ -601,7 +613,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
                     let report = queue.verify_audit().await?;
                     match &report.broken {
                         None => {
-                            println!("audit chain intact: {} events verified", report.events);
+                            outln!("audit chain intact: {} events verified", report.events);
                             Ok(ExitCode::SUCCESS)
                         }
                         Some(b) => {
@@ -615,7 +627,7 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
                 }
                 AuditCommand::Show { id, limit } => {
                     for e in queue.audit_events(id.as_deref(), limit).await? {
-                        println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                        outln!("{}", serde_json::to_string(&e).unwrap_or_default());
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -649,7 +661,7 @@ fn read_tasks(file: &PathBuf) -> Result<Submission> {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn summary(t: &TaskRecord) -> serde_json::Value {
@@ -772,7 +784,7 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
                 out["workflow_status"] = json!(r.status);
             }
         }
-        println!("{out}");
+        outln!("{out}");
     } else {
         for t in &tasks {
             let detail = match (&t.error, t.result.as_ref().map(|r| r.duration_ms)) {
@@ -780,7 +792,7 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
                 (_, Some(ms)) => format!("  {ms} ms"),
                 _ => String::new(),
             };
-            println!(
+            outln!(
                 "{:width$}  {:17} attempts={}{}",
                 t.name,
                 t.status.as_str(),
@@ -788,7 +800,7 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
                 detail
             );
         }
-        println!(
+        outln!(
             "{overall}: {} of {} tasks succeeded",
             tasks
                 .iter()
@@ -838,7 +850,7 @@ async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result
                 print_json(&serde_json::to_value(&page).unwrap_or_default());
             } else {
                 for w in &page.workflows {
-                    println!(
+                    outln!(
                         "{}  {:9}  {}/{} done  {}",
                         w.id,
                         w.status.as_str(),
@@ -853,7 +865,7 @@ async fn workflow_command(queue: &TaskQueue, command: WorkflowCommand) -> Result
             print_workflow(&queue.get_workflow(&id).await?, j);
         }
         WorkflowCommand::Graph { id, format } => {
-            println!("{}", queue.workflow_graph(&id, &format).await?);
+            outln!("{}", queue.workflow_graph(&id, &format).await?);
         }
         WorkflowCommand::Cancel { id } => {
             let w = queue.cancel_workflow(&id).await?;
@@ -953,10 +965,10 @@ fn print_task(t: &TaskRecord, attempts: &[crate::model::Attempt], json_out: bool
         print_json(&v);
         return;
     }
-    println!("{}  {}  {}", t.id, t.name, t.status);
-    println!("attempts: {} of {}", t.attempts, t.max_attempts);
+    outln!("{}  {}  {}", t.id, t.name, t.status);
+    outln!("attempts: {} of {}", t.attempts, t.max_attempts);
     if let Some(e) = &t.error {
-        println!("error: {e}");
+        outln!("error: {e}");
     }
     for a in attempts {
         let exit = a
@@ -969,7 +981,7 @@ fn print_task(t: &TaskRecord, attempts: &[crate::model::Attempt], json_out: bool
             .signal
             .map(|s| format!(" signal={s}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "  #{} {}{exit}{signal} {} ms{}",
             a.result.attempt,
             a.status.as_str(),
@@ -991,7 +1003,7 @@ fn print_search(r: &crate::search::SearchResults, json_out: bool) {
         eprintln!("note: {n}");
     }
     for h in &r.hits {
-        println!(
+        outln!(
             "{:.4}  {}{}  {}  {} runs  {}",
             h.score,
             h.project
@@ -1011,7 +1023,7 @@ fn print_workflow(d: &crate::model::WorkflowDetail, json_out: bool) {
         print_json(&serde_json::to_value(d).unwrap_or_default());
         return;
     }
-    println!(
+    outln!(
         "{}  {}  {}{}",
         d.workflow.id,
         d.workflow.name,
@@ -1030,7 +1042,7 @@ fn print_workflow(d: &crate::model::WorkflowDetail, json_out: bool) {
         .unwrap_or(8)
         .min(40);
     for t in &d.tasks {
-        println!(
+        outln!(
             "  {:width$}  {:17}  {}{}",
             t.name,
             t.status.as_str(),
@@ -1048,16 +1060,16 @@ fn print_page(page: &crate::service::TaskPage, json_out: bool) {
         print_json(&serde_json::to_value(page).unwrap_or_default());
     } else {
         for t in &page.tasks {
-            println!("{}  {:17}  {}", t.id, t.status.as_str(), t.name);
+            outln!("{}  {:17}  {}", t.id, t.status.as_str(), t.name);
         }
     }
 }
 
 fn print_log(attempt: u32, stream: &str, text: &str, dropped_bytes: u64) {
-    println!("--- attempt {attempt} {stream} ---");
+    outln!("--- attempt {attempt} {stream} ---");
     print!("{text}");
     if dropped_bytes > 0 {
-        println!("[... {dropped_bytes} more bytes dropped at the output limit]");
+        outln!("[... {dropped_bytes} more bytes dropped at the output limit]");
     }
 }
 
@@ -1153,7 +1165,7 @@ async fn remote(client: &crate::client::Client, command: Command) -> Result<Exit
         } => print_workflow(&client.workflow(&id).await?, json),
         Command::Workflow {
             command: WorkflowCommand::Graph { id, format },
-        } => println!("{}", client.workflow_graph(&id, &format).await?),
+        } => outln!("{}", client.workflow_graph(&id, &format).await?),
         Command::Workflow {
             command: WorkflowCommand::Cancel { id },
         } => {

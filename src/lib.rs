@@ -83,6 +83,18 @@
 //! * [`cli`] — the `task-queue` command line; [`bench`] — `task-queue bench`.
 //! * [`error`] — the core error type and its codes.
 
+/// `println!` for a command's output that tolerates a reader that went
+/// away (`task-queue run tasks.yaml --json | head -c 100`). The commands
+/// that run the engine keep SIGPIPE ignored (see
+/// [`cli::Cli::default_sigpipe`]), so such a write fails instead of ending
+/// the process; the rest of the output is then dropped quietly, where
+/// `println!` would panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 pub mod bench;
 pub mod cli;
 pub mod client;

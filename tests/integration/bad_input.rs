@@ -249,6 +249,43 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
+/// `run` keeps SIGPIPE ignored while its engine runs, so a reader that
+/// went away before the summary makes the write fail: the command still
+/// ends with the run's own exit status, without a panic, and the tasks ran.
+#[test]
+fn run_into_a_closed_output_pipe_keeps_its_exit_status() {
+    let ws = Workspace::new();
+    let f = ws.write(
+        "tasks.yaml",
+        "tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n",
+    );
+    for args in [
+        vec!["run", f.to_str().unwrap(), "--json"],
+        vec!["run", f.to_str().unwrap()],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = ws
+            .cmd(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("cannot write"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+    let out = ws.run(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tasks = v
+        .as_array()
+        .or_else(|| v["tasks"].as_array())
+        .expect("a list of tasks");
+    assert_eq!(tasks.len(), 4, "{v}");
+    assert!(tasks.iter().all(|t| t["status"] == "succeeded"), "{v}");
+}
+
 /// Attempts and ids that do not exist are errors naming the field, not
 /// empty successes; the plain status shows exit codes as numbers.
 #[test]
