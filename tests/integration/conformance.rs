@@ -162,6 +162,7 @@ conformance!(
     history_retention_vectors_and_outbox,
     a_record_that_cannot_be_built_does_not_hold_up_the_others,
     a_write_the_database_refuses_fails_alone,
+    a_task_finished_twice_at_once_counts_once,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -868,6 +869,87 @@ async fn leases_renew_expire_and_fence_stale_finishes(b: &Backend) {
     assert_eq!(lost.len(), 1);
     let attempts = s.attempts(&t.id).await.unwrap();
     assert!(attempts.iter().any(|a| a.status == AttemptStatus::Lost));
+    assert_chain_ok(&s).await;
+}
+
+/// `complete` sent again after a timeout, or racing `fail`: when both
+/// finishes of one attempt arrive together (and are written in one batch),
+/// the first counts and the other is stale. Counting both would count the
+/// task twice in its workflow, which then ends before its last task.
+async fn a_task_finished_twice_at_once_counts_once(b: &Backend) {
+    let s = b.open().await;
+    let list: Vec<NewTask> = (0..30).map(|i| task(&format!("twice-{i}"))).collect();
+    let mut all = list.clone();
+    all.push(task("last"));
+    let (wid, sub) = workflow("finished-twice", all);
+    s.submit(sub).await.unwrap();
+    let mut claimed = s.claim(claim_req("w1", T0, 100)).await.unwrap();
+    assert_eq!(claimed.len(), 31);
+    let last = claimed.iter().position(|c| c.name == "last").unwrap();
+    let last = claimed.remove(last);
+    let mut finishes = tokio::task::JoinSet::new();
+    for c in &claimed {
+        for status in [TaskStatus::Succeeded, TaskStatus::Failed] {
+            let (s, id, attempt) = (s.clone(), c.id.clone(), c.attempt);
+            finishes.spawn(async move {
+                let out = s.finish(finish(&id, attempt, "w1", T0 + 10, status)).await;
+                (id, status, out.unwrap())
+            });
+        }
+    }
+    let mut outcomes: std::collections::HashMap<String, Vec<(TaskStatus, FinishOutcome)>> =
+        std::collections::HashMap::new();
+    while let Some(r) = finishes.join_next().await {
+        let (id, status, out) = r.unwrap();
+        outcomes.entry(id).or_default().push((status, out));
+    }
+    for (id, outs) in &outcomes {
+        let applied: Vec<TaskStatus> = outs
+            .iter()
+            .filter_map(|(sent, out)| match out {
+                FinishOutcome::Applied(st) => {
+                    assert_eq!(st, sent, "{id}: {outs:?}");
+                    Some(*st)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(applied.len(), 1, "{id}: one finish counts: {outs:?}");
+        assert!(
+            outs.contains(&(
+                if applied[0] == TaskStatus::Succeeded {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Succeeded
+                },
+                FinishOutcome::Stale(applied[0])
+            )),
+            "{id}: the other is stale: {outs:?}"
+        );
+        assert_eq!(status(&s, id).await, applied[0], "{id}");
+        let finished = s
+            .audit_events(Some(id), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "finished")
+            .count();
+        assert_eq!(finished, 1, "{id}: one finished event");
+    }
+    let w = s.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!((w.tasks_total, w.tasks_done), (31, 30), "{w:?}");
+    assert_eq!(w.status, task_queue::WorkflowStatus::Running, "{w:?}");
+    s.finish(finish(
+        &last.id,
+        last.attempt,
+        "w1",
+        T0 + 20,
+        TaskStatus::Succeeded,
+    ))
+    .await
+    .unwrap();
+    let w = s.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!(w.tasks_done, 31, "{w:?}");
     assert_chain_ok(&s).await;
 }
 
@@ -1810,6 +1892,44 @@ async fn postgres_records_write_plan_does_not_depend_on_stale_statistics() {
 /// running tasks, and with statistics taken while many tasks ran the
 /// planner walked one of them, where the entries of every task that ever
 /// ran stay until vacuum: each finish got slower the more tasks had run.
+/// A claim the server refuses is reported with the server's own error (a
+/// deadlock's must reach the retry with its code), not with the error of a
+/// statement run after it on the aborted transaction (25P02). Here the
+/// refusal is a lock timeout while another session holds `tasks`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_refused_claim_keeps_its_own_error() {
+    let Some(b) = Backend::postgres("refused_claim").await else {
+        return;
+    };
+    let Backend::Postgres { url, .. } = &b else {
+        unreachable!()
+    };
+    let s: Arc<dyn Store> = Arc::new(
+        PgStore::open(&format!("{url}%20-c%20lock_timeout%3D200"), 2)
+            .await
+            .unwrap(),
+    );
+    s.submit(tasks(vec![task("locked-out")])).await.unwrap();
+    let pool = connect_test_server(url).await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let err = s
+        .claim(claim_req("w1", T0, 1))
+        .await
+        .unwrap_err()
+        .to_string();
+    holder.rollback().await.unwrap();
+    assert!(err.contains("55P03"), "{err}");
+    assert!(!err.contains("25P02"), "{err}");
+    // The store goes on working once the lock is gone.
+    assert_eq!(s.claim(claim_req("w1", T0, 1)).await.unwrap().len(), 1);
+    pool.close().await;
+    b.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_finish_plan_looks_tasks_up_by_id() {
     let Some(b) = Backend::postgres("finish_plan").await else {

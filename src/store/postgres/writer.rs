@@ -1427,15 +1427,17 @@ async fn claim_once(
     sqlx::raw_sql("SET LOCAL enable_sort = off")
         .execute(&mut *conn)
         .await?;
+    // A failed claim is returned as it is (a deadlock, say, must reach
+    // `retryable` with its own code): the reset would only fail on the
+    // aborted transaction, and the setting ends with it anyway.
     let rows = q
         .bind(&req.worker_id)
         .bind(req.lease_until)
         .fetch_all(&mut *conn)
-        .await;
+        .await?;
     sqlx::raw_sql("SET LOCAL enable_sort = DEFAULT")
         .execute(&mut *conn)
         .await?;
-    let rows = rows?;
     let mut claimed = Vec::with_capacity(rows.len());
     let mut promoted = 0;
     for row in &rows {
@@ -1599,13 +1601,27 @@ async fn finish_all(
     }
     let mut rows = Vec::with_capacity(finishes.len());
     let mut planned = Vec::with_capacity(finishes.len());
+    // A task finished twice in one batch (a client's `complete` sent again
+    // after a timeout, or `complete` racing `fail`): only the first goes
+    // into the UPDATE, which would otherwise change the row once and
+    // return it once for both. The later one is stale, as it is when it
+    // comes in a later batch (and as SQLite, checking one by one, finds).
+    let mut first = std::collections::HashSet::with_capacity(finishes.len());
+    let mut repeated = Vec::with_capacity(finishes.len());
     for f in finishes {
+        let again = !first.insert(f.task_id.as_str());
+        repeated.push(again);
         let result_json =
             serde_json::to_string(&f.result).map_err(|e| Error::Store(e.to_string()))?;
         let (status, run_at, finished_at) = match f.next {
             Next::Done(s) => (s, None, Some(f.now)),
             Next::Retry { run_at } => (TaskStatus::Retrying, Some(run_at), None),
         };
+        planned.push((status, run_at));
+        if again {
+            batch.attempts.push(AttemptRow::finished(f, result_json));
+            continue;
+        }
         rows.push(serde_json::json!([
             f.task_id,
             status.as_str(),
@@ -1618,7 +1634,6 @@ async fn finish_all(
             f.attempt,
             TaskStatus::Running.as_str()
         ]));
-        planned.push((status, run_at));
         batch.attempts.push(AttemptRow::finished(f, result_json));
         for log in &f.logs {
             if log.data.is_empty() && log.dropped_bytes == 0 {
@@ -1647,8 +1662,15 @@ async fn finish_all(
         .map(|(id, name, wf)| (id, (name, wf)))
         .collect();
     let mut out = Vec::with_capacity(finishes.len());
-    for (f, (status, run_at)) in finishes.iter().zip(planned) {
-        let Some((name, wf)) = applied.get(&f.task_id) else {
+    let mut applied_status: HashMap<&str, TaskStatus> = HashMap::new();
+    for ((f, (status, run_at)), again) in finishes.iter().zip(planned).zip(repeated) {
+        let first_applied = applied_status.get(f.task_id.as_str()).copied();
+        let applied_here = if again { None } else { applied.get(&f.task_id) };
+        let Some((name, wf)) = applied_here else {
+            if let Some(s) = first_applied {
+                out.push(FinishOutcome::Stale(s));
+                continue;
+            }
             let current: Option<String> =
                 sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
                     .bind(&f.task_id)
@@ -1660,6 +1682,7 @@ async fn finish_all(
             out.push(FinishOutcome::Stale(current));
             continue;
         };
+        applied_status.insert(f.task_id.as_str(), status);
         let mut detail = serde_json::json!({"attempt": f.attempt, "outcome": f.status.as_str()});
         if let Some(code) = f.result.exit_code {
             detail["exit_code"] = code.into();
