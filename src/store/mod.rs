@@ -196,6 +196,27 @@ pub(crate) enum KeyedAs {
     SameAs(usize),
 }
 
+/// A new task's dependencies as they are stored: each task once, after
+/// `remap` (a task answered by an earlier one, through its idempotency key,
+/// stands in for it), with the condition of its first mention. Two
+/// dependencies can name one stored task (two tasks of a workflow with one
+/// key, or a keyed task and that task's id); counting both in
+/// `deps_pending` against the one edge stored would leave the dependent
+/// waiting for ever.
+pub(crate) fn distinct_deps<'a>(
+    t: &'a NewTask,
+    remap: &std::collections::HashMap<&'a str, &'a str>,
+) -> Vec<(&'a str, &'a crate::model::Condition)> {
+    let mut out: Vec<(&str, &crate::model::Condition)> = Vec::with_capacity(t.deps.len());
+    for d in &t.deps {
+        let id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+        if !out.iter().any(|(seen, _)| *seen == id) {
+            out.push((id, &d.condition));
+        }
+    }
+    out
+}
+
 /// The workflow idempotency key of a submission, if any.
 pub(crate) fn workflow_key(sub: &NewSubmission) -> Option<&str> {
     sub.workflow.as_ref()?.idempotency_key.as_deref()

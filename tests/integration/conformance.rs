@@ -163,6 +163,7 @@ conformance!(
     a_record_that_cannot_be_built_does_not_hold_up_the_others,
     a_write_the_database_refuses_fails_alone,
     a_task_finished_twice_at_once_counts_once,
+    dependencies_on_one_task_through_keys_wait_for_it_once,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -514,6 +515,52 @@ async fn idempotency_keys_return_the_first_task(b: &Backend) {
         .unwrap()
         .len();
     assert_eq!(n, 2);
+}
+
+/// Two dependencies that name one task once keys are applied (two tasks
+/// of a workflow with one idempotency key; a keyed task and the id of the
+/// stored task with that key) are one edge: the dependent runs once that
+/// task finishes, and its workflow ends.
+async fn dependencies_on_one_task_through_keys_wait_for_it_once(b: &Backend) {
+    let s = b.open().await;
+    let mut a = task("shared-a");
+    a.idempotency_key = Some("shared-key".into());
+    let mut twin = task("shared-b");
+    twin.idempotency_key = Some("shared-key".into());
+    let c = after(task("after-both"), &[&a, &twin], Condition::Success);
+    let (wid, sub) = workflow("shared-keys", vec![a.clone(), twin, c.clone()]);
+    let out = s.submit(sub).await.unwrap();
+    assert!(!out[1].created);
+    assert_eq!(out[1].id, a.id);
+    let detail = s.workflow_detail(&wid).await.unwrap().unwrap();
+    assert_eq!(detail.edges.len(), 1, "{:?}", detail.edges);
+    assert_eq!(
+        run_ready(&s, T0 + 10, TaskStatus::Succeeded).await,
+        vec![a.id.clone()]
+    );
+    assert_eq!(
+        run_ready(&s, T0 + 20, TaskStatus::Succeeded).await,
+        vec![c.id.clone()]
+    );
+    let w = s.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!((w.tasks_total, w.tasks_done), (2, 2), "{w:?}");
+    assert_eq!(w.status, task_queue::WorkflowStatus::Succeeded, "{w:?}");
+    // A keyed task and the stored task's id, in a later submission.
+    let mut again = task("shared-again");
+    again.idempotency_key = Some("shared-key".into());
+    let mut d = after(task("after-key-and-id"), &[&again], Condition::Success);
+    d.deps.push(NewDep {
+        dep_id: a.id.clone(),
+        condition: Condition::Success,
+    });
+    let out = s.submit(tasks(vec![again, d.clone()])).await.unwrap();
+    assert_eq!(out[0].id, a.id);
+    assert_eq!(out[1].status, TaskStatus::Queued, "{out:?}");
+    assert_eq!(
+        run_ready(&s, T0 + 30, TaskStatus::Succeeded).await,
+        vec![d.id.clone()]
+    );
+    assert_chain_ok(&s).await;
 }
 
 /// A workflow submitted again (a client retrying after a lost answer)

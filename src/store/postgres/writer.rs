@@ -829,6 +829,7 @@ async fn submit_fresh(
             if let Some(w) = &t.workflow_id {
                 *workflow_totals.entry(w.as_str()).or_default() += 1;
             }
+            let deps = crate::store::distinct_deps(t, &remap);
             task_rows.push(serde_json::json!([
                 t.id,
                 t.name,
@@ -845,15 +846,14 @@ async fn submit_fresh(
                 t.run_at,
                 t.workflow_id,
                 t.schedule_id,
-                t.deps.len(),
+                deps.len(),
                 t.needs_approval
             ]));
-            for d in &t.deps {
-                let dep_id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+            for (dep_id, condition) in deps {
                 dep_rows.push(serde_json::json!([
                     dep_id,
                     t.id,
-                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into())
+                    serde_json::to_string(condition).unwrap_or_else(|_| "\"success\"".into())
                 ]));
                 if let Some((st, result)) = known.get(dep_id)
                     && st.is_terminal()

@@ -1058,13 +1058,13 @@ fn submit_fresh(
             if let Some(w) = &t.workflow_id {
                 *workflow_totals.entry(w.as_str()).or_default() += 1;
             }
-            task_rows.push((t, s.status));
-            for d in &t.deps {
-                let dep_id = remap.get(d.dep_id.as_str()).copied().unwrap_or(&d.dep_id);
+            let deps = crate::store::distinct_deps(t, &remap);
+            task_rows.push((t, s.status, deps.len()));
+            for (dep_id, condition) in deps {
                 dep_rows.push((
                     dep_id,
                     t.id.as_str(),
-                    serde_json::to_string(&d.condition).unwrap_or_else(|_| "\"success\"".into()),
+                    serde_json::to_string(condition).unwrap_or_else(|_| "\"success\"".into()),
                 ));
                 if let Some((st, result)) = known.get(dep_id)
                     && st.is_terminal()
@@ -1150,7 +1150,7 @@ fn submit_fresh(
              deps_pending, needs_approval) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
-        for (t, status) in task_rows {
+        for (t, status, deps_pending) in task_rows {
             insert.execute(params![
                 t.id,
                 t.name,
@@ -1167,7 +1167,7 @@ fn submit_fresh(
                 t.spec_hash,
                 t.workflow_id,
                 t.schedule_id,
-                t.deps.len() as i64,
+                deps_pending as i64,
                 t.needs_approval
             ])?;
         }
