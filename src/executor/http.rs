@@ -233,7 +233,7 @@ pub async fn run_http(
         logs,
     };
     if report.status == AttemptStatus::Succeeded
-        && let Err(e) = finish_success(&ctx.spec, &mut report.result)
+        && let Err(e) = finish_success(&ctx.spec, &mut report.result).await
     {
         return report.into_fatal(e);
     }

@@ -250,7 +250,7 @@ pub async fn run_command(
             Ok(out) => report.result.output = out,
             Err(e) => return report.into_fatal(e),
         }
-        if let Err(e) = finish_success(spec, &mut report.result) {
+        if let Err(e) = finish_success(spec, &mut report.result).await {
             return report.into_fatal(e);
         }
     } else if let Ok(out) = output {
@@ -309,7 +309,7 @@ pub async fn run_handler(
         logs: Vec::new(),
     };
     if report.status == AttemptStatus::Succeeded
-        && let Err(e) = finish_success(&spec, &mut report.result)
+        && let Err(e) = finish_success(&spec, &mut report.result).await
     {
         return report.into_fatal(e);
     }
@@ -343,7 +343,7 @@ impl AttemptReport {
 }
 
 /// Validation and artifacts, after a successful exit.
-pub(crate) fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result<(), String> {
+pub(crate) async fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result<(), String> {
     if let Some(schema) = &spec.validation {
         let validator = jsonschema::validator_for(schema)
             .map_err(|e| format!("validation schema is invalid: {e}"))?;
@@ -372,8 +372,11 @@ pub(crate) fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result
             Some(cwd) if !Path::new(path).is_absolute() => Path::new(cwd).join(path),
             _ => PathBuf::from(path),
         };
-        let artifact =
-            hash_file(&full).map_err(|e| format!("artifact {path:?} was not produced: {e}"))?;
+        // A large artifact takes a while to hash: not on a runtime thread.
+        let artifact = tokio::task::spawn_blocking(move || hash_file(&full))
+            .await
+            .map_err(|e| format!("artifact {path:?} could not be hashed: {e}"))?
+            .map_err(|e| format!("artifact {path:?} was not produced: {e}"))?;
         result.artifacts.push(Artifact {
             path: path.clone(),
             size: artifact.0,
@@ -383,9 +386,29 @@ pub(crate) fn finish_success(spec: &TaskSpec, result: &mut TaskResult) -> Result
     Ok(())
 }
 
+/// Opens a file a task left behind, refusing anything but a regular file:
+/// a FIFO would block the open (and the runtime thread with it), and a
+/// device such as `/dev/zero` never ends. Opened without blocking, so a
+/// FIFO swapped in after the check cannot block it either.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Size and SHA-256 of an artifact. Blocking: run it off the runtime.
 fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    let mut f = open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
@@ -401,18 +424,21 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
 }
 
 fn read_result_file(path: &Path) -> Result<Option<Value>, String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    use std::io::Read;
+    let f = match std::fs::metadata(path) {
+        Ok(_) => open_regular(path)
+            .map_err(|e| format!("cannot read the result file $TASK_QUEUE_RESULT: {e}"))?,
         Err(_) => return Ok(None),
     };
-    if meta.len() > MAX_RESULT_BYTES {
+    let mut text = String::new();
+    f.take(MAX_RESULT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the result file $TASK_QUEUE_RESULT: {e}"))?;
+    if text.len() as u64 > MAX_RESULT_BYTES {
         return Err(format!(
-            "the result file $TASK_QUEUE_RESULT is {} bytes; at most {MAX_RESULT_BYTES} are read",
-            meta.len()
+            "the result file $TASK_QUEUE_RESULT is over {MAX_RESULT_BYTES} bytes; at most {MAX_RESULT_BYTES} are read"
         ));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read the result file: {e}"))?;
     if text.trim().is_empty() {
         return Ok(None);
     }

@@ -180,6 +180,71 @@ fn result_file_validation_artifacts_params_and_env() {
     );
 }
 
+/// Files that never end (a device, a FIFO) as an artifact or as the result
+/// file fail their task with an error naming the file. Reading them hung a
+/// thread of the runtime (and with it every other task, and SIGTERM).
+#[test]
+fn endless_files_fail_their_task_instead_of_hanging_the_engine() {
+    let ws = Workspace::new();
+    let f = ws.write(
+        "endless.yml",
+        r#"tasks:
+  - name: artifact-device
+    command: 'true'
+    artifacts: [/dev/zero]
+  - name: artifact-fifo
+    command: mkfifo pipe.fifo
+    artifacts: [pipe.fifo]
+  - name: result-device
+    command: 'rm -f "$TASK_QUEUE_RESULT"; ln -s /dev/zero "$TASK_QUEUE_RESULT"'
+  - name: result-fifo
+    command: 'rm -f "$TASK_QUEUE_RESULT"; mkfifo "$TASK_QUEUE_RESULT"'
+  - name: ordinary
+    command: 'echo "{\"ok\": true}" > "$TASK_QUEUE_RESULT"'
+"#,
+    );
+    let mut child = ws
+        .cmd(&["run", f.to_str().unwrap(), "--json"])
+        .stdout(std::fs::File::create(ws.path("summary.json")).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ws.track(child.id());
+    let mut code = None;
+    let ended = wait_until(Duration::from_secs(60), || {
+        code = child.try_wait().unwrap().map(|s| s.code());
+        code.is_some()
+    });
+    assert!(ended, "run did not end within 60 s");
+    assert_eq!(code, Some(Some(1)));
+    let summary: serde_json::Value = serde_json::from_str(&ws.read("summary.json")).unwrap();
+    for (name, expect) in [
+        (
+            "artifact-device",
+            "artifact \"/dev/zero\" was not produced: not a regular file",
+        ),
+        (
+            "artifact-fifo",
+            "artifact \"pipe.fifo\" was not produced: not a regular file",
+        ),
+        (
+            "result-device",
+            "cannot read the result file $TASK_QUEUE_RESULT: not a regular file",
+        ),
+        (
+            "result-fifo",
+            "cannot read the result file $TASK_QUEUE_RESULT: not a regular file",
+        ),
+    ] {
+        let t = ws.status(task_by_name(&summary, name)["id"].as_str().unwrap());
+        assert_eq!(t["status"], "failed", "{name}: {t}");
+        assert!(t["error"].as_str().unwrap().contains(expect), "{name}: {t}");
+    }
+    let ok = ws.status(task_by_name(&summary, "ordinary")["id"].as_str().unwrap());
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert_eq!(ok["result"]["output"]["ok"], true, "{ok}");
+}
+
 #[test]
 fn memory_limit_stops_a_memory_hog() {
     let ws = Workspace::new();
