@@ -164,6 +164,7 @@ conformance!(
     a_write_the_database_refuses_fails_alone,
     a_task_finished_twice_at_once_counts_once,
     dependencies_on_one_task_through_keys_wait_for_it_once,
+    two_retries_at_once_reopen_a_skipped_dependent_once,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -560,6 +561,72 @@ async fn dependencies_on_one_task_through_keys_wait_for_it_once(b: &Backend) {
         run_ready(&s, T0 + 30, TaskStatus::Succeeded).await,
         vec![d.id.clone()]
     );
+    assert_chain_ok(&s).await;
+}
+
+/// A task skipped after two failed dependencies is reopened by a retry of
+/// either; when both retries run at once (two nodes), it is not reopened
+/// twice over, and its workflow counts it once.
+async fn two_retries_at_once_reopen_a_skipped_dependent_once(b: &Backend) {
+    let s = b.open().await;
+    let other = b.open().await;
+    let mut flows = Vec::new();
+    for i in 0..20 {
+        let x = task(&format!("x-{i}"));
+        let y = task(&format!("y-{i}"));
+        let mut t = after(task(&format!("t-{i}")), &[&x], Condition::Success);
+        t.deps.push(NewDep {
+            dep_id: y.id.clone(),
+            condition: Condition::Completion,
+        });
+        let (wid, sub) = workflow(
+            &format!("retried-{i}"),
+            vec![x.clone(), y.clone(), t.clone()],
+        );
+        s.submit(sub).await.unwrap();
+        flows.push((wid, x.id, y.id, t.id));
+    }
+    assert_eq!(run_ready(&s, T0 + 10, TaskStatus::Failed).await.len(), 40);
+    for (_, _, _, t) in &flows {
+        assert_eq!(status(&s, t).await, TaskStatus::Skipped);
+    }
+    let mut retries = tokio::task::JoinSet::new();
+    for (_, x, y, _) in &flows {
+        for (store, id) in [(s.clone(), x.clone()), (other.clone(), y.clone())] {
+            retries.spawn(async move { store.retry(&id, T0 + 20).await.unwrap() });
+        }
+    }
+    while let Some(r) = retries.join_next().await {
+        r.unwrap();
+    }
+    for (wid, _, _, t) in &flows {
+        assert_eq!(status(&s, t).await, TaskStatus::Pending, "{t}");
+        // Y's retry alone reopens T and then skips it again (X still
+        // failed); X's reopens it for good. Never twice without a skip
+        // between.
+        let kinds: Vec<String> = s
+            .audit_events(Some(t), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| k != "submitted")
+            .collect();
+        assert!(
+            !kinds
+                .windows(2)
+                .any(|w| w[0] == "reopened" && w[1] == "reopened"),
+            "{t} is reopened twice in a row: {kinds:?}"
+        );
+        assert_eq!(
+            kinds.last().map(String::as_str),
+            Some("reopened"),
+            "{kinds:?}"
+        );
+        let w = s.workflow(wid).await.unwrap().unwrap();
+        assert_eq!((w.tasks_total, w.tasks_done), (3, 0), "{w:?}");
+        assert_eq!(w.status, task_queue::WorkflowStatus::Running, "{w:?}");
+    }
     assert_chain_ok(&s).await;
 }
 

@@ -2137,6 +2137,19 @@ async fn retry(
         .fetch_all(&mut *conn)
         .await?;
         for (tid, tname, twf, tattempts) in skipped {
+            // The search above takes no lock: a retry of another of its
+            // dependencies (another writer, another node) may have
+            // reopened it since. Locked, and read again once that one
+            // commits, it is reopened only if it is still skipped.
+            let still: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM tasks WHERE id = $1 AND status = 'skipped' FOR UPDATE",
+            )
+            .bind(&tid)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if still.is_none() {
+                continue;
+            }
             sqlx::query(
                 "UPDATE task_deps SET state = 'waiting' WHERE task_id = $1 AND state != 'met'",
             )
