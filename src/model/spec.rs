@@ -841,7 +841,7 @@ impl TaskSpec {
             ));
         }
         if let Some(t) = self.timeout
-            && (t.0.is_zero() || t.0 > Duration::from_secs(7 * 86400))
+            && (t.0 < Duration::from_millis(1) || t.0 > Duration::from_secs(7 * 86400))
         {
             return Err(Error::invalid(
                 "timeout",

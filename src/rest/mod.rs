@@ -541,7 +541,15 @@ pub async fn logs_slice(
             (None, None) => 0,
         };
         let start = floor_char(&c.text, start);
-        let end = floor_char(&c.text, (start + limit).min(total));
+        let mut end = floor_char(&c.text, (start + limit).min(total));
+        // A limit smaller than the character at `start` still moves on by
+        // that character: a reader following `next_offset` always advances.
+        if end == start && start < total {
+            end = c.text[start..]
+                .chars()
+                .next()
+                .map_or(total, |ch| start + ch.len_utf8());
+        }
         logs.push(LogSlice {
             attempt: c.attempt,
             stream: c.stream,

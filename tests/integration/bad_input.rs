@@ -39,6 +39,14 @@ fn malformed_and_mistyped_files_are_rejected_with_the_field() {
             &["tasks[0].timeout", "duration"],
         ),
         (
+            "tasks:\n  - {name: a, command: 'true', timeout: 1ns}\n",
+            &["tasks[0].timeout", "between 1ms and 7 days"],
+        ),
+        (
+            "tasks:\n  - {name: a, command: 'true', timeout: 0.0001}\n",
+            &["tasks[0].timeout", "between 1ms and 7 days"],
+        ),
+        (
             "tasks:\n  - {name: a, command: 'true', retry: {max_attempts: 0}}\n",
             &["tasks[0].retry.max_attempts"],
         ),

@@ -636,6 +636,63 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
 }
 
 /// Starts `serve` on a free port; returns the base URL.
+/// Paging a log by `next_offset` with a limit smaller than a character
+/// still moves on by whole characters, and reads the log exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_pages_always_advance_by_whole_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, queue) = app(&dir).await;
+    let engine = queue.start();
+    let (s, t) = call(
+        &app,
+        "POST",
+        "/api/v1/tasks",
+        Some(json!({"name": "accents", "command": "printf 'h\u{e9}llo w\u{f6}rld \u{20ac}'"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let done = queue
+        .wait(&id, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.status.as_str(), "succeeded");
+    let whole = "h\u{e9}llo w\u{f6}rld \u{20ac}";
+    let mut text = String::new();
+    let mut offset = 0;
+    for _ in 0..=whole.len() {
+        let (s, page) = call(
+            &app,
+            "GET",
+            &format!("/api/v1/tasks/{id}/logs?stream=stdout&offset={offset}&limit=1"),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        let slice = &page["logs"][0];
+        text.push_str(slice["text"].as_str().unwrap());
+        match slice["next_offset"].as_u64() {
+            Some(n) => {
+                assert!(n as usize > offset, "stuck at {offset}: {page}");
+                offset = n as usize;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(text, whole);
+    // An offset inside a character starts at that character.
+    let (_, page) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/tasks/{id}/logs?stream=stdout&offset=2&limit=1"),
+        None,
+    )
+    .await;
+    assert_eq!(page["logs"][0]["text"], "\u{e9}", "{page}");
+    assert_eq!(page["logs"][0]["next_offset"], 3, "{page}");
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_streams_events_and_survives_sigterm() {
     let ws = Workspace::new();
