@@ -918,9 +918,14 @@ async fn lease_loop(shared: Arc<Shared>) {
             .map(|(k, v)| (k.clone(), v.attempt))
             .collect();
         let now = shared.clock.now_ms();
+        // Only the attempts this engine runs: a claim that committed while
+        // its answer was lost is not renewed, and is taken back as lost
+        // once its lease runs out. (A task claimed but not yet registered
+        // has the fresh lease of its claim.)
+        let ids: Vec<String> = snapshot.iter().map(|(id, _)| id.clone()).collect();
         match shared
             .store
-            .renew_leases(&shared.worker_id, now, now + lease.as_millis() as i64)
+            .renew_leases(&shared.worker_id, &ids, now, now + lease.as_millis() as i64)
             .await
         {
             Ok(held) => {

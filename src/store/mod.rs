@@ -217,6 +217,46 @@ pub(crate) fn distinct_deps<'a>(
     out
 }
 
+/// The dependencies of each submission on tasks that are not its own
+/// (they must be stored already), without repeats.
+pub(crate) fn outside_deps<'a>(subs: &[&'a NewSubmission]) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for s in subs {
+        let own: std::collections::HashSet<&str> = s.tasks.iter().map(|t| t.id.as_str()).collect();
+        for t in &s.tasks {
+            for d in &t.deps {
+                if !own.contains(d.dep_id.as_str()) {
+                    out.push(&d.dep_id);
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether each submission depends on a task that is neither its own nor
+/// in `stored`: it will be refused, so none of its tasks may answer
+/// another submission's task by their shared idempotency key (that task
+/// would be answered with an id that is never stored).
+pub(crate) fn refused_for_deps(
+    subs: &[&NewSubmission],
+    stored: &std::collections::HashSet<String>,
+) -> Vec<bool> {
+    subs.iter()
+        .map(|s| {
+            let own: std::collections::HashSet<&str> =
+                s.tasks.iter().map(|t| t.id.as_str()).collect();
+            s.tasks.iter().any(|t| {
+                t.deps
+                    .iter()
+                    .any(|d| !own.contains(d.dep_id.as_str()) && !stored.contains(&d.dep_id))
+            })
+        })
+        .collect()
+}
+
 /// The workflow idempotency key of a submission, if any.
 pub(crate) fn workflow_key(sub: &NewSubmission) -> Option<&str> {
     sub.workflow.as_ref()?.idempotency_key.as_deref()
@@ -739,10 +779,14 @@ pub trait Store: Send + Sync + 'static {
         };
         Ok((outcome, claimed))
     }
-    /// Extends the leases a worker holds; returns the ids it still holds.
+    /// Extends the leases a worker holds on `task_ids` (the attempts it is
+    /// running); returns those it still holds. A task leased to the worker
+    /// but not named (a claim that committed while its answer was lost)
+    /// is not renewed: its lease runs out and it is taken back.
     async fn renew_leases(
         &self,
         worker_id: &str,
+        task_ids: &[String],
         now: i64,
         lease_until: i64,
     ) -> Result<Vec<String>>;

@@ -165,6 +165,8 @@ conformance!(
     a_task_finished_twice_at_once_counts_once,
     dependencies_on_one_task_through_keys_wait_for_it_once,
     two_retries_at_once_reopen_a_skipped_dependent_once,
+    a_claim_its_worker_does_not_run_is_not_renewed,
+    a_refused_submission_answers_no_task_by_its_key,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -934,7 +936,10 @@ async fn leases_renew_expire_and_fence_stale_finishes(b: &Backend) {
     let mut req = claim_req("w1", T0, 1);
     req.lease_until = T0 + 1_000;
     let c = s.claim(req).await.unwrap().remove(0);
-    let held = s.renew_leases("w1", T0 + 500, T0 + 2_000).await.unwrap();
+    let held = s
+        .renew_leases("w1", std::slice::from_ref(&t.id), T0 + 500, T0 + 2_000)
+        .await
+        .unwrap();
     assert_eq!(held, vec![t.id.clone()]);
     s.heartbeat(&t.id, "w1", T0 + 600, T0 + 2_000)
         .await
@@ -954,7 +959,7 @@ async fn leases_renew_expire_and_fence_stale_finishes(b: &Backend) {
     assert_eq!(lost.len(), 1);
     assert_eq!(lost[0].status, TaskStatus::Retrying);
     assert!(
-        s.renew_leases("w1", T0 + 2_002, T0 + 3_000)
+        s.renew_leases("w1", std::slice::from_ref(&t.id), T0 + 2_002, T0 + 3_000)
             .await
             .unwrap()
             .is_empty()
@@ -1064,6 +1069,34 @@ async fn a_task_finished_twice_at_once_counts_once(b: &Backend) {
     .unwrap();
     let w = s.workflow(&wid).await.unwrap().unwrap();
     assert_eq!(w.tasks_done, 31, "{w:?}");
+    assert_chain_ok(&s).await;
+}
+
+/// A worker renews only the attempts it runs: a task leased to it that it
+/// does not know (a claim that committed while its answer was lost) keeps
+/// its claim's lease, which runs out, and is taken back as lost.
+async fn a_claim_its_worker_does_not_run_is_not_renewed(b: &Backend) {
+    let s = b.open().await;
+    let mut known = task("known");
+    known.max_attempts = 2;
+    let mut orphan = task("orphan");
+    orphan.max_attempts = 2;
+    s.submit(tasks(vec![known.clone(), orphan.clone()]))
+        .await
+        .unwrap();
+    let mut req = claim_req("w1", T0, 2);
+    req.lease_until = T0 + 1_000;
+    assert_eq!(s.claim(req).await.unwrap().len(), 2);
+    let held = s
+        .renew_leases("w1", std::slice::from_ref(&known.id), T0 + 500, T0 + 5_000)
+        .await
+        .unwrap();
+    assert_eq!(held, vec![known.id.clone()]);
+    let lost = s.reclaim(Reclaim::Expired, T0 + 1_500).await.unwrap();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].task_id, orphan.id);
+    assert_eq!(status(&s, &orphan.id).await, TaskStatus::Retrying);
+    assert_eq!(status(&s, &known.id).await, TaskStatus::Running);
     assert_chain_ok(&s).await;
 }
 
@@ -2154,6 +2187,42 @@ async fn a_write_the_database_refuses_fails_alone(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(page.len(), submitted);
+}
+
+/// A task key shared by two submissions written together, the first of
+/// which is refused (a missing dependency): the second's task is stored
+/// under its own id, not answered by the refused task's id, which is never
+/// stored.
+async fn a_refused_submission_answers_no_task_by_its_key(b: &Backend) {
+    let s = b.open().await;
+    for round in 0..20 {
+        let key = format!("task-key-{round}");
+        let ghost = task("ghost");
+        let mut x = after(task("x"), &[&ghost], Condition::Success);
+        x.idempotency_key = Some(key.clone());
+        let mut y = task("y");
+        y.idempotency_key = Some(key.clone());
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let (s1, s2, b1, b2) = (s.clone(), s.clone(), barrier.clone(), barrier.clone());
+        let h1 = tokio::spawn(async move {
+            b1.wait().await;
+            s1.submit(tasks(vec![x])).await
+        });
+        let y2 = y.clone();
+        let h2 = tokio::spawn(async move {
+            b2.wait().await;
+            s2.submit(tasks(vec![y2])).await
+        });
+        match h1.await.unwrap() {
+            Err(e) => assert!(e.to_string().contains("depends_on[0]"), "{e}"),
+            Ok(a) => assert_eq!(a[0].id, y.id, "round {round}: answered by the stored task"),
+        }
+        let stored = h2.await.unwrap().unwrap();
+        assert_eq!(stored[0].id, y.id, "round {round}: {stored:?}");
+        assert!(stored[0].created, "round {round}: {stored:?}");
+        assert!(s.get(&y.id).await.unwrap().is_some(), "round {round}");
+    }
+    assert_chain_ok(&s).await;
 }
 
 /// A keyed submission the writer refuses (a dependency that does not

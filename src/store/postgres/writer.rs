@@ -93,6 +93,7 @@ pub(super) enum Op {
     },
     Renew {
         worker_id: String,
+        task_ids: Vec<String>,
         now: i64,
         lease_until: i64,
         reply: Reply<Vec<String>>,
@@ -490,10 +491,11 @@ async fn apply_all(
             }
             Op::Renew {
                 worker_id,
+                task_ids,
                 now,
                 lease_until,
                 ..
-            } => Answer::Renew(renew(&mut tx, worker_id, *now, *lease_until).await?),
+            } => Answer::Renew(renew(&mut tx, worker_id, task_ids, *now, *lease_until).await?),
             Op::Reclaim { scope, now, .. } => {
                 Answer::Reclaim(reclaim(&mut tx, scope, *now, batch).await?)
             }
@@ -691,6 +693,26 @@ async fn submit_fresh(
             }
         }
     }
+    let outside_ids: Vec<String> = crate::store::outside_deps(subs)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let stored: HashSet<String> = if outside_ids.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar::<_, String>("SELECT id FROM tasks WHERE id = ANY($1)")
+            .bind(&outside_ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let refused_early = crate::store::refused_for_deps(subs, &stored);
+    let sub_of: Vec<usize> = subs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| std::iter::repeat_n(si, s.tasks.len()))
+        .collect();
     let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
         if out[i].is_some() {
@@ -701,7 +723,10 @@ async fn submit_fresh(
                 duplicate_of.push((i, first));
                 continue;
             }
-            seen_keys.insert(k, i);
+            // A task of a submission that will be refused answers no other.
+            if !refused_early[sub_of[i]] {
+                seen_keys.insert(k, i);
+            }
         }
         let status = if t.deps.is_empty() {
             ready_status(t.needs_approval, t.run_at, t.now)
@@ -1718,14 +1743,17 @@ async fn finish_all(
 async fn renew(
     conn: &mut PgConnection,
     worker_id: &str,
+    task_ids: &[String],
     now: i64,
     lease_until: i64,
 ) -> Result<Vec<String>> {
     let ids: Vec<String> = sqlx::query_scalar(
-        "UPDATE tasks SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'running' RETURNING id",
+        "UPDATE tasks SET lease_expires_at = $1 WHERE id = ANY($3) AND lease_owner = $2 \
+         AND status = 'running' RETURNING id",
     )
     .bind(lease_until)
     .bind(worker_id)
+    .bind(task_ids)
     .fetch_all(&mut *conn)
     .await?;
     sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")

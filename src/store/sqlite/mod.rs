@@ -348,12 +348,15 @@ impl Store for SqliteStore {
     async fn renew_leases(
         &self,
         worker_id: &str,
+        task_ids: &[String],
         now: i64,
         lease_until: i64,
     ) -> Result<Vec<String>> {
         let worker_id = worker_id.to_string();
+        let task_ids = task_ids.to_vec();
         self.call(|reply| Op::Renew {
             worker_id,
+            task_ids,
             now,
             lease_until,
             reply,

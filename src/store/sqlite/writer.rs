@@ -205,6 +205,7 @@ pub(super) enum Op {
     },
     Renew {
         worker_id: String,
+        task_ids: Vec<String>,
         now: i64,
         lease_until: i64,
         reply: Reply<Vec<String>>,
@@ -719,10 +720,11 @@ fn apply_in(
             }
             Op::Renew {
                 worker_id,
+                task_ids,
                 now,
                 lease_until,
                 ..
-            } => Answer::Renew(renew(conn, worker_id, *now, *lease_until)?),
+            } => Answer::Renew(renew(conn, worker_id, task_ids, *now, *lease_until)?),
             Op::Reclaim { scope, now, .. } => Answer::Reclaim(reclaim(conn, scope, *now, batch)?),
             Op::Cancel {
                 id, now, reason, ..
@@ -930,6 +932,18 @@ fn submit_fresh(
             }
         }
     }
+    let mut stored: HashSet<String> = HashSet::new();
+    for id in crate::store::outside_deps(subs) {
+        let found: Option<String> =
+            scalar_opt(conn, "SELECT id FROM tasks WHERE id = ?1", params![id])?;
+        stored.extend(found);
+    }
+    let refused_early = crate::store::refused_for_deps(subs, &stored);
+    let sub_of: Vec<usize> = subs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| std::iter::repeat_n(si, s.tasks.len()))
+        .collect();
     let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
         if out[i].is_some() {
@@ -940,7 +954,10 @@ fn submit_fresh(
                 duplicate_of.push((i, first));
                 continue;
             }
-            seen_keys.insert(k, i);
+            // A task of a submission that will be refused answers no other.
+            if !refused_early[sub_of[i]] {
+                seen_keys.insert(k, i);
+            }
         }
         let status = if t.deps.is_empty() {
             ready_status(t.needs_approval, t.run_at, t.now)
@@ -1839,11 +1856,22 @@ fn finish_all(
     Ok(out)
 }
 
-fn renew(conn: &Conn, worker_id: &str, now: i64, lease_until: i64) -> Result<Vec<String>> {
+fn renew(
+    conn: &Conn,
+    worker_id: &str,
+    task_ids: &[String],
+    now: i64,
+    lease_until: i64,
+) -> Result<Vec<String>> {
     let ids: Vec<String> = scalars(
         conn,
-        "UPDATE tasks SET lease_expires_at = ?1 WHERE lease_owner = ?2 AND status = 'running' RETURNING id",
-        params![lease_until, worker_id],
+        "UPDATE tasks SET lease_expires_at = ?1 WHERE id IN (SELECT value FROM json_each(?3)) \
+         AND lease_owner = ?2 AND status = 'running' RETURNING id",
+        params![
+            lease_until,
+            worker_id,
+            serde_json::to_string(task_ids).unwrap_or_else(|_| "[]".into())
+        ],
     )?;
     exec(
         conn,
