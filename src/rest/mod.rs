@@ -109,11 +109,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         // A body must say it is JSON: a browser can send text/plain or a
         // typeless body to another site without a preflight, JSON it cannot.
+        // `application/json`, with parameters (`; charset=utf-8`) or
+        // not; not `application/jsonx` or `application/json-seq`.
         let json = req.headers().get(header::CONTENT_TYPE).map(|ct| {
             ct.to_str()
                 .unwrap_or("")
-                .to_ascii_lowercase()
-                .starts_with("application/json")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
         });
         let unsupported = || {
             ApiError::new(
@@ -280,6 +285,7 @@ async fn track(State(st): State<ApiState>, req: Request, next: axum::middleware:
     } else {
         next.run(req).await
     };
+    let resp = in_error_shape(resp).await;
     st.metrics
         .request(&method, &route, resp.status().as_u16(), t.elapsed());
     resp
@@ -316,6 +322,51 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Puts the plain-text refusals of the HTTP layer (a path segment that is
+/// not UTF-8, a method the route does not take) into the API's error shape.
+async fn in_error_shape(resp: Response) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_input",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "http_error",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    // axum names the parameter in backquotes: "Invalid UTF-8 in `id`".
+    let field = (status == StatusCode::BAD_REQUEST)
+        .then(|| message.split('`').nth(1).map(str::to_string))
+        .flatten();
+    let mut err = ApiError::new(status, code, message);
+    if let Some(f) = field {
+        err.details = json!({ "field": f });
+    }
+    let mut out = err.into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 async fn not_found() -> ApiError {

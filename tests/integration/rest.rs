@@ -636,6 +636,42 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
 }
 
 /// Starts `serve` on a free port; returns the base URL.
+/// Refusals from the HTTP layer itself (a path segment that is not
+/// UTF-8, a method a route does not take) have the API's error shape too,
+/// and a body must be `application/json`, not something that starts so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_the_http_layer_have_the_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _queue) = app(&dir).await;
+    for uri in ["/api/v1/tasks/%ff", "/api/v1/workflows/%ff/graph"] {
+        let (s, e) = call(&app, "GET", uri, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {e}");
+        assert_error(&e, "invalid_input", "UTF-8");
+        assert_eq!(e["error"]["details"]["field"], "id", "{e}");
+    }
+    let (s, e) = call(&app, "DELETE", "/api/v1/stats", None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{e}");
+    assert_eq!(e["error"]["code"], "method_not_allowed", "{e}");
+    for ct in ["application/jsonx", "application/json-seq", "text/plain"] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/api/v1/tasks")
+            .header("content-type", ct)
+            .body(Body::from(r#"{"name": "a", "command": "true"}"#))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+    }
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/tasks")
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(Body::from(r#"{"name": "a", "command": "true"}"#))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
 /// Paging a log by `next_offset` with a limit smaller than a character
 /// still moves on by whole characters, and reads the log exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
