@@ -442,7 +442,9 @@ fn read_result_file(path: &Path) -> Result<Option<Value>, String> {
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let v: Value = serde_json::from_str(&text)
+    // As request bodies and task files: a key given twice is an error, not
+    // a silent choice of the last one.
+    let v: Value = crate::model::json_strict(text.as_bytes())
         .map_err(|e| format!("the result file $TASK_QUEUE_RESULT is not valid JSON: {e}"))?;
     if !v.is_object() {
         return Err("the result file $TASK_QUEUE_RESULT must hold a JSON object".into());

@@ -148,6 +148,10 @@ fn result_file_validation_artifacts_params_and_env() {
     command: |
       echo 'coverage=42' > "$TASK_QUEUE_RESULT"
     retry: {max_attempts: 1}
+  - name: twice
+    command: |
+      echo '{"a": 1, "a": 2}' > "$TASK_QUEUE_RESULT"
+    retry: {max_attempts: 1}
 "#,
     );
     assert_eq!(code, 1, "{summary}");
@@ -172,6 +176,12 @@ fn result_file_validation_artifacts_params_and_env() {
     assert!(
         bad["error"].as_str().unwrap().contains("validation schema"),
         "{bad}"
+    );
+    let twice = ws.status(task_by_name(&summary, "twice")["id"].as_str().unwrap());
+    assert_eq!(twice["status"], "failed", "{twice}");
+    assert!(
+        twice["error"].as_str().unwrap().contains("given twice"),
+        "{twice}"
     );
     let nj = ws.status(task_by_name(&summary, "not-json")["id"].as_str().unwrap());
     assert!(
