@@ -159,7 +159,7 @@ impl TaskQueue {
 
     async fn submit_specs(&self, specs: Vec<TaskSpec>, single: bool) -> Result<Vec<Submitted>> {
         let now = self.inner.clock.now_ms();
-        self.check_existing_deps(&specs).await?;
+        self.check_existing_deps(&specs, single).await?;
         let p = prepare(
             &self.inner.config,
             None,
@@ -192,8 +192,11 @@ impl TaskQueue {
         })
     }
 
-    /// Dependencies on existing tasks must name tasks that exist.
-    async fn check_existing_deps(&self, specs: &[TaskSpec]) -> Result<()> {
+    /// Dependencies on existing tasks must name tasks that exist. The
+    /// field is named as the caller sent it: `depends_on[0]` for a single
+    /// task, `tasks[2].depends_on[0]` in a batch or a workflow (even of one
+    /// task).
+    async fn check_existing_deps(&self, specs: &[TaskSpec], single: bool) -> Result<()> {
         let fields = prepare::external_dep_fields(specs);
         if fields.is_empty() {
             return Ok(());
@@ -211,7 +214,7 @@ impl TaskQueue {
             .collect();
         missing.sort_by(|a, b| a.1.cmp(b.1));
         if let Some((id, field)) = missing.first() {
-            let field = if specs.len() == 1 {
+            let field = if single {
                 field.trim_start_matches("tasks[0].").to_string()
             } else {
                 field.to_string()

@@ -146,7 +146,7 @@ impl TaskQueue {
     /// cycle, an unknown name or a bad spec rejects the whole workflow.
     pub async fn submit_workflow(&self, w: WorkflowSpec) -> Result<WorkflowSubmitted> {
         w.validate_header()?;
-        self.check_existing_deps(&w.tasks).await?;
+        self.check_existing_deps(&w.tasks, false).await?;
         let now = self.inner.clock.now_ms();
         let header = Header::of(&w);
         let p = prepare(

@@ -391,6 +391,21 @@ async fn errors_name_the_field_as_the_caller_wrote_it() {
     assert_eq!(f, "depends_on[0]", "{m}");
     assert!(m.contains("by their ids"), "{m}");
 
+    // An unknown id: `depends_on[0]` for a lone task, but in a workflow,
+    // even of one task, the task's index is part of the field.
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let mut lone = Task::new("lone").with_command("true");
+    lone.depends_on = vec![task_queue::model::Dependency::Name(ghost.clone())];
+    let (f, m) = field_of(q.submit(lone.clone()).await.unwrap_err());
+    assert_eq!(f, "depends_on[0]", "{m}");
+    let (f, m) = field_of(
+        q.submit_workflow(task_queue::model::WorkflowSpec::new("one").add_task(lone))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(f, "tasks[0].depends_on[0]", "{m}");
+    assert!(m.contains(&ghost), "{m}");
+
     let (f, _) = field_of(
         q.list(ListOptions {
             workflow_id: Some("notanid".into()),
