@@ -350,6 +350,23 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
 /// The environment variable the client commands take the server's URL from.
 pub const SERVER_ENV: &str = "TASK_QUEUE_SERVER";
 
+/// Commands that only read or change what an existing queue holds.
+fn reads_existing(c: &Command) -> bool {
+    match c {
+        Command::Status { .. }
+        | Command::Logs { .. }
+        | Command::Cancel { .. }
+        | Command::Approve { .. }
+        | Command::Audit { .. }
+        | Command::Search { .. }
+        | Command::Recommend { .. }
+        | Command::Workflow { .. }
+        | Command::Schedule { .. } => true,
+        Command::Token { command } => !matches!(command, TokenCommand::Create { .. }),
+        _ => false,
+    }
+}
+
 /// Commands that can talk to a running server instead of the database.
 fn runs_remotely(c: &Command) -> bool {
     match c {
@@ -377,6 +394,20 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
         return remote(&client, cli.command).await;
     }
     let mut config = load_config(&cli)?;
+    // A command about what a queue holds does not create an empty one where
+    // a mistyped `--db` points (with its directories).
+    if reads_existing(&cli.command)
+        && config.storage.postgres_url().is_none()
+        && !config.storage.path.exists()
+    {
+        return Err(Error::invalid(
+            "--db",
+            format!(
+                "no database at {}; run, submit, worker and serve create one",
+                config.storage.path.display()
+            ),
+        ));
+    }
     match cli.command {
         Command::Bench(args) => crate::bench::run(args, config).await,
         Command::Search {

@@ -168,6 +168,7 @@ fn a_bad_config_names_the_key() {
 #[test]
 fn unknown_ids_are_named() {
     let ws = Workspace::new();
+    ws.submit("tasks:\n  - {name: a, command: 'true'}\n");
     let out = ws.run(&["status", "not-an-id"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-id"));
@@ -255,6 +256,47 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
+/// A command about what a queue holds, pointed at a database that does
+/// not exist (a mistyped `--db`), says so instead of creating an empty one
+/// and its directories; the commands that write create it.
+#[test]
+fn reading_commands_do_not_create_a_database() {
+    let ws = Workspace::new();
+    let db = ws.path("not/there/q.db");
+    for args in [
+        vec!["status"],
+        vec!["audit", "verify"],
+        vec!["workflow", "list"],
+        vec!["token", "list"],
+        vec!["search", "deploy"],
+    ] {
+        let out = ws.cmd_on(db.as_os_str(), &args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("no database at"), "{args:?}: {err}");
+        assert!(!ws.path("not").exists(), "{args:?} created it");
+    }
+    let f = ws.write("one.yml", "tasks:\n  - {name: a, command: 'true'}\n");
+    let out = ws
+        .cmd_on(db.as_os_str(), &["submit", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ws
+        .cmd_on(db.as_os_str(), &["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `run` keeps SIGPIPE ignored while its engine runs, so a reader that

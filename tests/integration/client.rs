@@ -319,6 +319,8 @@ fn cli_commands_work_against_a_server() {
 fn the_server_variable_applies_to_client_commands_only() {
     let ws = Workspace::new();
     ws.write("hello.yml", "tasks:\n  - {name: hello, command: echo hi}\n");
+    // A local database for the local commands to read.
+    ws.submit("tasks:\n  - {name: stored, command: 'true'}\n");
     let dead = "http://127.0.0.1:1";
     let with_var = |args: &[&str]| {
         ws.cmd(args)

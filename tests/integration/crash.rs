@@ -200,12 +200,15 @@ fn processes_opening_a_new_database_at_once_all_get_in() {
     for round in 0..60 {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("q.db");
+        let file = dir.path().join("one.yml");
+        std::fs::write(&file, "tasks:\n  - {name: a, command: 'true'}\n").unwrap();
         let children: Vec<_> = (0..6)
             .map(|_| {
                 std::process::Command::new(env!("CARGO_BIN_EXE_task-queue"))
                     .arg("--db")
                     .arg(&db)
-                    .args(["status", "--json"])
+                    .arg("submit")
+                    .arg(&file)
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
