@@ -11,7 +11,7 @@ use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -114,9 +114,12 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
     let auth_queue = queue.clone();
     let auth_exposure = exposure.clone();
     let origins = std::sync::Arc::new(queue.config().server.cors_origins.clone());
-    axum::Router::new()
+    let mcp_routes = axum::Router::new()
         .nest_service("/mcp", mcp)
         .merge(crate::mcp::sse::router(queue))
+        .layer(axum::middleware::from_fn(jsonrpc_refusals));
+    axum::Router::new()
+        .merge(mcp_routes)
         .merge(api)
         .layer(axum::middleware::from_fn(move |req, next| {
             authorize(auth_queue.clone(), auth_exposure.clone(), req, next)
@@ -225,6 +228,60 @@ async fn cors(origins: std::sync::Arc<Vec<String>>, req: Request, next: Next) ->
         );
     }
     resp
+}
+
+/// Puts the MCP transports' plain-text refusals into JSON-RPC errors (`id`
+/// null, as for a message that could not be read): a body that is not a
+/// JSON-RPC message is a parse error (`-32700`, HTTP 400, as over stdio);
+/// an unknown session and the like keep their status, as an invalid
+/// request (`-32600`) with the transport's reason.
+async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if json || !status.is_client_error() {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let (status, code, message) = match text.strip_prefix("fail to deserialize request body") {
+        Some(why) => (
+            StatusCode::BAD_REQUEST,
+            -32700,
+            format!("Parse error: {}", why.trim()),
+        ),
+        None => (
+            status,
+            -32600,
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_string()
+            } else {
+                text
+            },
+        ),
+    };
+    let mut out = (
+        status,
+        axum::Json(serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {"code": code, "message": message},
+        })),
+    )
+        .into_response();
+    for h in [header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&h) {
+            out.headers_mut().insert(h, v.clone());
+        }
+    }
+    out
 }
 
 /// The least role a request needs (SPEC §7).

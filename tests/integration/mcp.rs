@@ -166,6 +166,56 @@ fn python_client_over_streamable_http_and_legacy_sse() {
     assert!(out.status.success());
 }
 
+/// What the HTTP transports refuse is still JSON-RPC: a body that is not a
+/// message is a parse error (HTTP 400, `-32700`, as over stdio), an
+/// unknown session an invalid request with the transport's reason.
+#[test]
+fn http_transport_refusals_are_jsonrpc_errors() {
+    use std::io::{Read, Write};
+    let ws = Workspace::new();
+    let (base, _server) = ws.serve();
+    let addr = base.trim_start_matches("http://").to_string();
+    let post = |path: &str, extra: &str, body: &str| -> (u16, Value) {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status: u16 = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+        let start = body.find('{').unwrap_or(0);
+        let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+        let v = serde_json::from_str(&body[start..end])
+            .unwrap_or_else(|e| panic!("{path} {body:?}: not JSON ({e}): {out}"));
+        (status, v)
+    };
+    for body in ["{bad", "", "[]"] {
+        let (status, v) = post("/mcp", "", body);
+        assert_eq!(status, 400, "{body:?}: {v}");
+        assert_eq!(v["error"]["code"], -32700, "{body:?}: {v}");
+        assert_eq!(v["id"], Value::Null, "{v}");
+    }
+    let msg = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let (status, v) = post("/mcp", "Mcp-Session-Id: nope\r\n", msg);
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"]["code"], -32600, "{v}");
+    let (status, v) = post("/messages?sessionId=zzz", "", msg);
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sessionId"),
+        "{v}"
+    );
+}
+
 #[test]
 fn python_client_with_tokens_gets_what_each_role_allows() {
     let ws = Workspace::new();
