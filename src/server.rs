@@ -426,19 +426,57 @@ pub async fn serve(
         }
     );
     tracing::info!(%local, "serving");
+    // Connections are served here rather than by `axum::serve`, whose
+    // HTTP/1 has no timer: a client that never finished its request
+    // headers held a connection (and a task) for ever. Headers must now
+    // arrive within `server.request_timeout`, as the rest of a request.
+    let header_timeout = queue.config().server.request_timeout.0;
+    let mut http =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop = ct.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        stop.cancel();
-    });
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                app.clone(),
+                |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+            ));
+        let conn = http
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
     // Open connections get the grace period to finish, then are cut.
-    let cut = ct.clone();
-    tokio::select! {
-        r = server => r.map_err(Error::from)?,
-        _ = async {
-            cut.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("connections still open after the grace period were closed"),
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period were closed");
     }
     match engine {
         Some(e) => e.shutdown(grace).await,

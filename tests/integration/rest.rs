@@ -636,6 +636,44 @@ async fn every_endpoint_answers_and_errors_have_one_shape() {
 }
 
 /// Starts `serve` on a free port; returns the base URL.
+/// A client that never finishes its request headers (slowloris) is cut
+/// off after `server.request_timeout`, while the server goes on serving.
+#[test]
+fn unfinished_request_headers_are_cut_off() {
+    use std::io::{Read, Write};
+    let ws = Workspace::new();
+    ws.write("config.yml", "server:\n  request_timeout: 2s\n");
+    let (base, _server) = ws.serve();
+    let addr = base.trim_start_matches("http://");
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "GET /api/v1/stats HTTP/1.1\r\nHost: {addr}\r\nX-Slow: 1"
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "the connection stayed open {took:?}"
+    );
+    assert!(took >= Duration::from_millis(1500), "closed after {took:?}");
+    // Other clients were served meanwhile and still are.
+    let mut ok = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        ok,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    ok.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
 /// Refusals from the HTTP layer itself (a path segment that is not
 /// UTF-8, a method a route does not take) have the API's error shape too,
 /// and a body must be `application/json`, not something that starts so.
