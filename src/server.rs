@@ -236,21 +236,10 @@ async fn cors(origins: std::sync::Arc<Vec<String>>, req: Request, next: Next) ->
 /// an unknown session and the like keep their status, as an invalid
 /// request (`-32600`) with the transport's reason.
 async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let resp = next.run(req).await;
-    let status = resp.status();
-    let json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
-    if json || !status.is_client_error() {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let (status, parts, text) = match crate::rest::plain_refusal(next.run(req).await, false).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
     let (status, code, message) = match text.strip_prefix("fail to deserialize request body") {
         Some(why) => (
             StatusCode::BAD_REQUEST,

@@ -324,23 +324,40 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Puts the plain-text refusals of the HTTP layer (a path segment that is
-/// not UTF-8, a method the route does not take) into the API's error shape.
-async fn in_error_shape(resp: Response) -> Response {
+/// A refusal (4xx, and 5xx with `server_errors`) whose body is not JSON:
+/// its status, head and text, for rewriting in an error shape; anything
+/// else comes back as it was.
+pub(crate) async fn plain_refusal(
+    resp: Response,
+    server_errors: bool,
+) -> Result<(StatusCode, axum::http::response::Parts, String), Response> {
     let status = resp.status();
     let json = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
-    if json || !(status.is_client_error() || status.is_server_error()) {
-        return resp;
+    if json || !(status.is_client_error() || server_errors && status.is_server_error()) {
+        return Err(resp);
     }
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 64 * 1024)
         .await
         .unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    Ok((
+        status,
+        parts,
+        String::from_utf8_lossy(&bytes).trim().to_string(),
+    ))
+}
+
+/// Puts the plain-text refusals of the HTTP layer (a path segment that is
+/// not UTF-8, a method the route does not take) into the API's error shape.
+async fn in_error_shape(resp: Response) -> Response {
+    let (status, parts, text) = match plain_refusal(resp, true).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
     let code = match status {
         StatusCode::BAD_REQUEST => "invalid_input",
         StatusCode::NOT_FOUND => "not_found",

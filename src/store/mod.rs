@@ -257,6 +257,14 @@ pub(crate) fn refused_for_deps(
         .collect()
 }
 
+/// For each task of a batch, in order, the index of its submission.
+pub(crate) fn submission_of_each_task(subs: &[&NewSubmission]) -> Vec<usize> {
+    subs.iter()
+        .enumerate()
+        .flat_map(|(si, s)| std::iter::repeat_n(si, s.tasks.len()))
+        .collect()
+}
+
 /// The workflow idempotency key of a submission, if any.
 pub(crate) fn workflow_key(sub: &NewSubmission) -> Option<&str> {
     sub.workflow.as_ref()?.idempotency_key.as_deref()

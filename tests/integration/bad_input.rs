@@ -279,24 +279,15 @@ fn reading_commands_do_not_create_a_database() {
         assert!(!ws.path("not").exists(), "{args:?} created it");
     }
     let f = ws.write("one.yml", "tasks:\n  - {name: a, command: 'true'}\n");
-    let out = ws
-        .cmd_on(db.as_os_str(), &["submit", f.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = ws
-        .cmd_on(db.as_os_str(), &["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `submit` creates it; then `status` reads it.
+    for args in [
+        vec!["submit", f.to_str().unwrap()],
+        vec!["status", "--json"],
+    ] {
+        let out = ws.cmd_on(db.as_os_str(), &args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+    }
 }
 
 /// `run` keeps SIGPIPE ignored while its engine runs, so a reader that

@@ -708,11 +708,7 @@ async fn submit_fresh(
             .collect()
     };
     let refused_early = crate::store::refused_for_deps(subs, &stored);
-    let sub_of: Vec<usize> = subs
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| std::iter::repeat_n(si, s.tasks.len()))
-        .collect();
+    let sub_of = crate::store::submission_of_each_task(subs);
     let mut duplicate_of: Vec<(usize, usize)> = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
         if out[i].is_some() {
