@@ -155,12 +155,76 @@ pub fn parse_document(text: &str) -> Result<Value> {
 }
 
 /// Parses JSON like `serde_json::from_slice`, except that a key given twice
-/// in one object is an error instead of the last one silently winning.
+/// in one object is an error instead of the last one silently winning, and
+/// an integer wider than 64 bits is an error instead of silently becoming
+/// a float that no longer holds it.
 pub fn json_strict(bytes: &[u8]) -> std::result::Result<Value, serde_json::Error> {
+    if let Err(msg) = no_wide_integers(bytes) {
+        return Err(<serde_json::Error as serde::de::Error>::custom(msg));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = Strict::deserialize(&mut de)?;
     de.end()?;
     Ok(v.0)
+}
+
+/// Finds an integer literal outside the 64-bit range (serde_json would read
+/// it as an `f64`, dropping digits): a number token outside strings with
+/// no fraction or exponent that neither `i64` nor `u64` holds.
+fn no_wide_integers(bytes: &[u8]) -> std::result::Result<(), String> {
+    let (mut line, mut col) = (1usize, 0usize);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        col += 1;
+        if b == b'\n' {
+            line += 1;
+            col = 0;
+        }
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                i += 1;
+            }
+            let token = &bytes[start..i];
+            let integer = !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E'));
+            if integer {
+                let text = std::str::from_utf8(token).unwrap_or("");
+                let digits = text.strip_prefix('-').unwrap_or(text);
+                let well_formed = !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit());
+                if well_formed && text.parse::<i64>().is_err() && text.parse::<u64>().is_err() {
+                    let shown: String = text.chars().take(40).collect();
+                    let more = if text.len() > 40 { "..." } else { "" };
+                    return Err(format!(
+                        "the integer {shown}{more} at line {line} column {col} does not fit in 64 bits; send it as a string"
+                    ));
+                }
+            }
+            col += i - start - 1;
+            continue;
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// A JSON value read with duplicate keys refused.
@@ -441,6 +505,29 @@ fn write_canonical(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn integers_wider_than_64_bits_are_refused() {
+        for ok in [
+            r#"{"a": 18446744073709551615, "b": -9223372036854775808}"#,
+            r#"{"a": 1.5e300, "b": 123456789012345678901234.5, "c": "123456789012345678901234"}"#,
+            r#"{"s": "a \" 99999999999999999999999 \\", "n": [0, -1, 2]}"#,
+        ] {
+            assert!(super::json_strict(ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for (bad, at) in [
+            (r#"{"big": 12345678901234567890123}"#, "line 1 column 9"),
+            (
+                "{\n  \"n\": [1,\n  -9223372036854775809]}",
+                "line 3 column 3",
+            ),
+            (r#"{"u": 18446744073709551616}"#, "line 1 column 7"),
+        ] {
+            let e = super::json_strict(bad.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("does not fit in 64 bits"), "{bad}: {e}");
+            assert!(e.contains(at), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn arrays_are_not_read_as_objects() {
         use serde_json::json;

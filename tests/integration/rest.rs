@@ -708,6 +708,22 @@ async fn refusals_of_the_http_layer_have_the_error_shape() {
         .unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
+    // An integer JSON numbers cannot hold exactly is refused, not rounded.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/tasks")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"name": "b", "command": "true", "parameters": {"id": 12345678901234567890123}}"#,
+        ))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let e: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_error(&e, "invalid_input", "does not fit in 64 bits");
 }
 
 /// Paging a log by `next_offset` with a limit smaller than a character
