@@ -205,7 +205,14 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
                 }
             }
         }
-        Ok(Q(from_value(Value::Object(map)).map_err(ApiError::from)?))
+        let map = Value::Object(map);
+        from_value(map.clone()).map(Q).map_err(|e| match e {
+            // `limit=1&limit=2`: say so, not "invalid type: sequence".
+            Error::InvalidInput { field, .. } if map[field.as_str()].is_array() => ApiError::from(
+                Error::invalid(field, "is given more than once; it takes one value"),
+            ),
+            e => ApiError::from(e),
+        })
     }
 }
 

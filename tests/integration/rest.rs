@@ -687,6 +687,10 @@ async fn refusals_of_the_http_layer_have_the_error_shape() {
         assert_error(&e, "invalid_input", "UTF-8");
         assert_eq!(e["error"]["details"]["field"], "id", "{e}");
     }
+    let (s, e) = call(&app, "GET", "/api/v1/tasks?limit=1&limit=2", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_error(&e, "invalid_input", "is given more than once");
+    assert_eq!(e["error"]["details"]["field"], "limit", "{e}");
     let (s, e) = call(&app, "DELETE", "/api/v1/stats", None).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{e}");
     assert_eq!(e["error"]["code"], "method_not_allowed", "{e}");
