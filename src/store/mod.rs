@@ -221,7 +221,11 @@ pub(crate) fn distinct_deps<'a>(
 /// (they must be stored already), without repeats.
 pub(crate) fn outside_deps<'a>(subs: &[&'a NewSubmission]) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
-    for s in subs {
+    // Most submissions (every batch of lone tasks) have no dependencies.
+    for s in subs
+        .iter()
+        .filter(|s| s.tasks.iter().any(|t| !t.deps.is_empty()))
+    {
         let own: std::collections::HashSet<&str> = s.tasks.iter().map(|t| t.id.as_str()).collect();
         for t in &s.tasks {
             for d in &t.deps {
@@ -246,6 +250,9 @@ pub(crate) fn refused_for_deps(
 ) -> Vec<bool> {
     subs.iter()
         .map(|s| {
+            if s.tasks.iter().all(|t| t.deps.is_empty()) {
+                return false;
+            }
             let own: std::collections::HashSet<&str> =
                 s.tasks.iter().map(|t| t.id.as_str()).collect();
             s.tasks.iter().any(|t| {
