@@ -425,10 +425,14 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
 
 fn read_result_file(path: &Path) -> Result<Option<Value>, String> {
     use std::io::Read;
-    let f = match std::fs::metadata(path) {
-        Ok(_) => open_regular(path)
-            .map_err(|e| format!("cannot read the result file $TASK_QUEUE_RESULT: {e}"))?,
-        Err(_) => return Ok(None),
+    let f = match open_regular(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "cannot read the result file $TASK_QUEUE_RESULT: {e}"
+            ));
+        }
     };
     let mut text = String::new();
     f.take(MAX_RESULT_BYTES + 1)
