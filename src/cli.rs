@@ -970,8 +970,7 @@ async fn status(
 ) -> Result<ExitCode> {
     match id {
         Some(id) => {
-            let t = queue.get(&id).await?;
-            let attempts = queue.attempts(&id).await?;
+            let (t, attempts) = queue.get_with_attempts(&id).await?;
             print_task(&t, &attempts, json_out);
         }
         None => {

@@ -335,11 +335,11 @@ impl McpServer {
     )]
     async fn get_task(&self, Parameters(raw): Parameters<Raw<GetTaskArgs>>) -> ToolResult {
         let a: GetTaskArgs = args!(raw);
-        let task = try_tool!(self.queue.get(&a.id).await);
-        let attempts = if a.include_attempts.unwrap_or(true) {
-            Some(try_tool!(self.queue.attempts(&a.id).await))
+        let (task, attempts) = if a.include_attempts.unwrap_or(true) {
+            let (task, attempts) = try_tool!(self.queue.get_with_attempts(&a.id).await);
+            (task, Some(attempts))
         } else {
-            None
+            (try_tool!(self.queue.get(&a.id).await), None)
         };
         let text = task_line(&task);
         ok(&TaskOut { task, attempts }, text)

@@ -528,8 +528,7 @@ async fn list_tasks(State(st): State<ApiState>, Q(q): Q<ListQuery>) -> ApiResult
 }
 
 async fn get_task(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let task = st.queue.get(&id).await?;
-    let attempts = st.queue.attempts(&id).await?;
+    let (task, attempts) = st.queue.get_with_attempts(&id).await?;
     Ok(Json(json!({"task": task, "attempts": attempts})).into_response())
 }
 

@@ -239,6 +239,18 @@ impl TaskQueue {
             .ok_or_else(|| Error::task_not_found(id))
     }
 
+    /// A task with every attempt, oldest first, as of one moment: the
+    /// task's status and its attempts agree (two reads could show a task
+    /// finished while its last attempt is not yet there).
+    pub async fn get_with_attempts(&self, id: &str) -> Result<(TaskRecord, Vec<Attempt>)> {
+        let id = &check_id(id)?;
+        self.inner
+            .store
+            .task_with_attempts(id)
+            .await?
+            .ok_or_else(|| Error::task_not_found(id))
+    }
+
     /// Tasks, newest first, with cursor pagination.
     pub async fn list(&self, mut opts: ListOptions) -> Result<TaskPage> {
         let limit = opts.limit.unwrap_or(50);

@@ -159,9 +159,24 @@ impl TaskQueue {
             false,
         )?;
         let key = header.idempotency_key.clone();
-        let tasks = self.inner.store.submit(p.sub).await?;
+        let mut tasks = self.inner.store.submit(p.sub).await?;
         let existing = match crate::store::resubmitted_workflow(&tasks) {
-            Some(id) => Some(self.workflow(id).await?),
+            Some(id) => {
+                // The workflow and its tasks as of one moment: the statuses
+                // the writer answered with may be older than the workflow's.
+                let detail = self.get_workflow(id).await?;
+                let now: std::collections::HashMap<&str, TaskStatus> = detail
+                    .tasks
+                    .iter()
+                    .map(|t| (t.id.as_str(), t.status))
+                    .collect();
+                for s in &mut tasks {
+                    if let Some(st) = now.get(s.id.as_str()) {
+                        s.status = *st;
+                    }
+                }
+                Some(detail.workflow)
+            }
             // A submission has tasks, so no answer at all means its key
             // named a workflow without tasks of its own (each was answered
             // by an earlier task of another workflow).

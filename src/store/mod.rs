@@ -845,6 +845,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list(&self, filter: &TaskFilter) -> Result<Vec<(i64, TaskRecord)>>;
     async fn attempts(&self, id: &str) -> Result<Vec<Attempt>>;
+    /// A task and its attempts, read from one snapshot of the store (two
+    /// separate reads can show a task finished and its last attempt
+    /// missing, or the other way round).
+    async fn task_with_attempts(&self, id: &str) -> Result<Option<(TaskRecord, Vec<Attempt>)>>;
     /// The dependency edges of a task: what it waits for and what waits for it.
     async fn dependencies(&self, id: &str) -> Result<Vec<DependencyEdge>>;
     async fn workflow(&self, id: &str) -> Result<Option<WorkflowRecord>>;

@@ -167,6 +167,7 @@ conformance!(
     two_retries_at_once_reopen_a_skipped_dependent_once,
     a_claim_its_worker_does_not_run_is_not_renewed,
     a_refused_submission_answers_no_task_by_its_key,
+    reads_of_a_task_a_workflow_and_the_stats_see_one_moment,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2264,4 +2265,86 @@ async fn a_refused_keyed_submission_does_not_fail_another_with_its_key(b: &Backe
         );
     }
     assert_chain_ok(&s).await;
+}
+
+/// A task with its attempts, a workflow with its tasks, and the queue's
+/// numbers are each read as of one commit, while another caller finishes
+/// tasks one commit at a time. Read in separate steps, a task could show
+/// `running` beside the attempt that finished it, a workflow a done count
+/// its tasks do not add up to, or the counts by status disagree with the
+/// counts by project.
+async fn reads_of_a_task_a_workflow_and_the_stats_see_one_moment(b: &Backend) {
+    let s = b.open().await;
+    let list: Vec<NewTask> = (0..150)
+        .map(|i| {
+            let mut t = task(&format!("moment-{i}"));
+            t.project = Some("moment".into());
+            t
+        })
+        .collect();
+    let (wid, sub) = workflow("one-moment", list);
+    s.submit(sub).await.unwrap();
+    let claimed = s.claim(claim_req("w1", T0, 200)).await.unwrap();
+    assert_eq!(claimed.len(), 150);
+    let ids: Vec<String> = claimed.iter().map(|c| c.id.clone()).collect();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finisher = {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            for (i, c) in claimed.iter().enumerate() {
+                let status = if i % 3 == 0 {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Succeeded
+                };
+                s.finish(finish(&c.id, c.attempt, "w1", T0 + 10, status))
+                    .await
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        })
+    };
+    let mut reads = 0usize;
+    let mut i = 0usize;
+    while !done.load(std::sync::atomic::Ordering::Acquire) || reads < 50 {
+        i += 1;
+        let id = &ids[i % ids.len()];
+        let (t, attempts) = s.task_with_attempts(id).await.unwrap().unwrap();
+        let recorded = if t.status.is_terminal() {
+            t.attempts
+        } else {
+            t.attempts - 1
+        };
+        assert_eq!(
+            attempts.len() as u32,
+            recorded,
+            "{id} is {} after {} attempts, with {} recorded",
+            t.status,
+            t.attempts,
+            attempts.len()
+        );
+        let d = s.workflow_detail(&wid).await.unwrap().unwrap();
+        let terminal = d.tasks.iter().filter(|t| t.status.is_terminal()).count() as u64;
+        assert_eq!(d.workflow.tasks_done, terminal, "workflow done count");
+        let running = d.counts.get(&TaskStatus::Running).copied().unwrap_or(0);
+        assert_eq!(running + terminal, 150, "{:?}", d.counts);
+        let st = s.stats(T0 + 20).await.unwrap();
+        assert_eq!(
+            st.by_project.get("moment"),
+            Some(&st.tasks),
+            "counts by project against counts by status"
+        );
+        let leases = st.leases_by_worker.get("w1").copied().unwrap_or(0);
+        assert_eq!(
+            leases,
+            st.tasks.get(&TaskStatus::Running).copied().unwrap_or(0),
+            "leases against running tasks"
+        );
+        reads += 1;
+    }
+    finisher.await.unwrap();
+    let d = s.workflow_detail(&wid).await.unwrap().unwrap();
+    assert_eq!(d.workflow.tasks_done, 150);
+    assert!(d.workflow.status.is_terminal(), "{:?}", d.workflow.status);
+    assert!(reads >= 50);
 }

@@ -500,6 +500,10 @@ impl Store for PgStore {
         read::attempts(&self.pool, id).await
     }
 
+    async fn task_with_attempts(&self, id: &str) -> Result<Option<(TaskRecord, Vec<Attempt>)>> {
+        read::task_with_attempts(&self.pool, id).await
+    }
+
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
         read::logs(&self.pool, id, attempt).await
     }

@@ -72,11 +72,18 @@ fn task_from_row(row: &PgRow) -> Result<(i64, TaskRecord)> {
     Ok((row.get(0), record))
 }
 
-pub(super) async fn get(pool: &PgPool, id: &str) -> Result<Option<TaskRecord>> {
+/// A read-only transaction whose reads all see one snapshot.
+pub(super) async fn snapshot(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    Ok(pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?)
+}
+
+pub(super) async fn get<'e>(ex: impl sqlx::PgExecutor<'e>, id: &str) -> Result<Option<TaskRecord>> {
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(ex)
         .await?;
     row.map(|r| task_from_row(&r).map(|(_, t)| t)).transpose()
 }
@@ -150,13 +157,27 @@ impl Params {
     }
 }
 
-pub(super) async fn attempts(pool: &PgPool, id: &str) -> Result<Vec<Attempt>> {
+/// A task and its attempts from one snapshot.
+pub(super) async fn task_with_attempts(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<(TaskRecord, Vec<Attempt>)>> {
+    let mut tx = snapshot(pool).await?;
+    let out = match get(&mut *tx, id).await? {
+        Some(t) => Some((t, attempts(&mut *tx, id).await?)),
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(out)
+}
+
+pub(super) async fn attempts<'e>(ex: impl sqlx::PgExecutor<'e>, id: &str) -> Result<Vec<Attempt>> {
     let rows = sqlx::query(
         "SELECT task_id, attempt, worker_id, status, started_at, finished_at, error, result \
          FROM attempts WHERE task_id = $1 ORDER BY attempt",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(ex)
     .await?;
     rows.iter()
         .map(|r| {
@@ -309,10 +330,10 @@ pub(super) async fn verify_audit(pool: &PgPool) -> Result<AuditReport> {
     Ok(report)
 }
 
-pub(super) async fn counts(pool: &PgPool) -> Result<StatusCounts> {
+pub(super) async fn counts<'e>(ex: impl sqlx::PgExecutor<'e>) -> Result<StatusCounts> {
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
-            .fetch_all(pool)
+            .fetch_all(ex)
             .await?;
     let mut out = StatusCounts::new();
     for (s, n) in rows {
@@ -323,16 +344,24 @@ pub(super) async fn counts(pool: &PgPool) -> Result<StatusCounts> {
     Ok(out)
 }
 
+/// The queue's numbers, read in one transaction so that they add up.
 pub(super) async fn stats(pool: &PgPool, now: i64) -> Result<QueueStats> {
+    let mut tx = snapshot(pool).await?;
+    let out = stats_in(&mut tx, now).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn stats_in(conn: &mut sqlx::PgConnection, now: i64) -> Result<QueueStats> {
     let mut out = QueueStats {
-        tasks: counts(pool).await?,
+        tasks: counts(&mut *conn).await?,
         ..QueueStats::default()
     };
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT project, status, COUNT(*) FROM tasks \
          WHERE project IS NOT NULL GROUP BY project, status",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for (p, s, n) in rows {
         if let Ok(st) = s.parse::<TaskStatus>() {
@@ -341,7 +370,7 @@ pub(super) async fn stats(pool: &PgPool, now: i64) -> Result<QueueStats> {
     }
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM workflows GROUP BY status")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
     for (s, n) in rows {
         if let Ok(st) = s.parse::<WorkflowStatus>() {
@@ -353,14 +382,14 @@ pub(super) async fn stats(pool: &PgPool, now: i64) -> Result<QueueStats> {
          WHERE status IN ('queued', 'retrying') AND run_at <= $1",
     )
     .bind(now)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     out.ready = ready as u64;
     out.oldest_ready_ms = oldest.map(|t| (now - t).max(0));
     let (active, paused): (i64, i64) = sqlx::query_as(
         "SELECT COUNT(*) FILTER (WHERE paused = 0), COUNT(*) FILTER (WHERE paused <> 0) FROM schedules",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     out.schedules_active = active as u64;
     out.schedules_paused = paused as u64;
@@ -368,7 +397,7 @@ pub(super) async fn stats(pool: &PgPool, now: i64) -> Result<QueueStats> {
         "SELECT lease_owner, COUNT(*) FROM tasks \
          WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     out.leases_by_worker = leases.into_iter().map(|(w, n)| (w, n as u64)).collect();
     Ok(out)
@@ -466,15 +495,15 @@ fn workflow_from_row(r: &PgRow) -> Result<(i64, WorkflowRecord)> {
 
 /// The workflow whose `column` (a unique one: `id` or `idempotency_key`)
 /// is `value`.
-async fn workflow_where(
-    pool: &PgPool,
+async fn workflow_where<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
     column: &'static str,
     value: &str,
 ) -> Result<Option<WorkflowRecord>> {
     let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE {column} = $1");
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(value)
-        .fetch_optional(pool)
+        .fetch_optional(ex)
         .await?;
     row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
         .transpose()
@@ -488,14 +517,26 @@ pub(super) async fn workflow(pool: &PgPool, id: &str) -> Result<Option<WorkflowR
     workflow_where(pool, "id", id).await
 }
 
+/// A workflow with its tasks and edges, read in one transaction so that
+/// its status, its tasks' statuses and its edges' states agree.
 pub(super) async fn workflow_detail(pool: &PgPool, id: &str) -> Result<Option<WorkflowDetail>> {
-    let Some(workflow) = workflow(pool, id).await? else {
+    let mut tx = snapshot(pool).await?;
+    let out = workflow_detail_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn workflow_detail_in(
+    conn: &mut sqlx::PgConnection,
+    id: &str,
+) -> Result<Option<WorkflowDetail>> {
+    let Some(workflow) = workflow_where(&mut *conn, "id", id).await? else {
         return Ok(None);
     };
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE workflow_id = $1 ORDER BY seq");
     let tasks: Vec<TaskRecord> = sqlx::query(AssertSqlSafe(sql))
         .bind(id)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(|r| task_from_row(r).map(|(_, t)| t))
@@ -505,7 +546,7 @@ pub(super) async fn workflow_detail(pool: &PgPool, id: &str) -> Result<Option<Wo
          JOIN tasks t ON t.id = d.task_id WHERE t.workflow_id = $1 ORDER BY t.seq",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut counts = std::collections::BTreeMap::new();
     for t in &tasks {

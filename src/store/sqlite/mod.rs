@@ -529,6 +529,10 @@ impl Store for SqliteStore {
         self.quick.attempts(id)
     }
 
+    async fn task_with_attempts(&self, id: &str) -> Result<Option<(TaskRecord, Vec<Attempt>)>> {
+        self.quick.task_with_attempts(id)
+    }
+
     async fn logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogChunk>> {
         read::logs(&self.read, id, attempt).await
     }

@@ -68,25 +68,25 @@ impl QuickReads {
     }
 
     pub(super) fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        self.with(|c| {
-            let mut st =
-                c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
-            let mut rows = st.query(params![id])?;
-            match rows.next()? {
-                Some(r) => Ok(Some(task_from_row(r)?.1)),
-                None => Ok(None),
-            }
-        })
+        self.with(|c| task_in(c, id))
     }
 
     pub(super) fn attempts(&self, id: &str) -> Result<Vec<Attempt>> {
+        self.with(|c| attempts_in(c, id))
+    }
+
+    /// Both reads in one read transaction, so they see one commit.
+    pub(super) fn task_with_attempts(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TaskRecord, Vec<Attempt>)>> {
         self.with(|c| {
-            let mut st = c.prepare_cached(ATTEMPTS_SQL)?;
-            let mut rows = st.query(params![id])?;
-            let mut out = Vec::new();
-            while let Some(r) = rows.next()? {
-                out.push(attempt_from_row(r)?);
-            }
+            let tx = c.unchecked_transaction()?;
+            let out = match task_in(&tx, id)? {
+                Some(t) => Some((t, attempts_in(&tx, id)?)),
+                None => None,
+            };
+            tx.commit()?;
             Ok(out)
         })
     }
@@ -117,6 +117,25 @@ impl QuickReads {
             .query_row([], |r| r.get(0))?)
         })
     }
+}
+
+fn task_in(c: &Connection, id: &str) -> Result<Option<TaskRecord>> {
+    let mut st = c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    let mut rows = st.query(params![id])?;
+    match rows.next()? {
+        Some(r) => Ok(Some(task_from_row(r)?.1)),
+        None => Ok(None),
+    }
+}
+
+fn attempts_in(c: &Connection, id: &str) -> Result<Vec<Attempt>> {
+    let mut st = c.prepare_cached(ATTEMPTS_SQL)?;
+    let mut rows = st.query(params![id])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(attempt_from_row(r)?);
+    }
+    Ok(out)
 }
 
 fn poisoned() -> Error {

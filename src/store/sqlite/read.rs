@@ -323,10 +323,10 @@ pub(super) async fn verify_audit(pool: &SqlitePool) -> Result<AuditReport> {
     Ok(report)
 }
 
-pub(super) async fn counts(pool: &SqlitePool) -> Result<StatusCounts> {
+pub(super) async fn counts<'e>(ex: impl sqlx::SqliteExecutor<'e>) -> Result<StatusCounts> {
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
-            .fetch_all(pool)
+            .fetch_all(ex)
             .await?;
     let mut out = StatusCounts::new();
     for (s, n) in rows {
@@ -337,16 +337,24 @@ pub(super) async fn counts(pool: &SqlitePool) -> Result<StatusCounts> {
     Ok(out)
 }
 
+/// The queue's numbers, read in one transaction so that they add up.
 pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
+    let mut tx = pool.begin().await?;
+    let out = stats_in(&mut tx, now).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn stats_in(conn: &mut sqlx::SqliteConnection, now: i64) -> Result<QueueStats> {
     let mut out = QueueStats {
-        tasks: counts(pool).await?,
+        tasks: counts(&mut *conn).await?,
         ..QueueStats::default()
     };
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT project, status, COUNT(*) FROM tasks INDEXED BY tasks_project \
          WHERE project IS NOT NULL GROUP BY project, status",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for (p, s, n) in rows {
         if let Ok(st) = s.parse::<TaskStatus>() {
@@ -355,7 +363,7 @@ pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
     }
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM workflows GROUP BY status")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
     for (s, n) in rows {
         if let Ok(st) = s.parse::<WorkflowStatus>() {
@@ -367,14 +375,14 @@ pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
          WHERE status IN ('queued', 'retrying') AND run_at <= ?1",
     )
     .bind(now)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     out.ready = ready as u64;
     out.oldest_ready_ms = oldest.map(|t| (now - t).max(0));
     let (active, paused): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(SUM(paused = 0), 0), COALESCE(SUM(paused != 0), 0) FROM schedules",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     out.schedules_active = active as u64;
     out.schedules_paused = paused as u64;
@@ -382,7 +390,7 @@ pub(super) async fn stats(pool: &SqlitePool, now: i64) -> Result<QueueStats> {
         "SELECT lease_owner, COUNT(*) FROM tasks INDEXED BY tasks_status \
          WHERE status = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     out.leases_by_worker = leases.into_iter().map(|(w, n)| (w, n as u64)).collect();
     Ok(out)
@@ -480,15 +488,15 @@ fn workflow_from_row(r: &SqliteRow) -> Result<(i64, WorkflowRecord)> {
 
 /// The workflow whose `column` (a unique one: `id` or `idempotency_key`)
 /// is `value`.
-async fn workflow_where(
-    pool: &SqlitePool,
+async fn workflow_where<'e>(
+    ex: impl sqlx::SqliteExecutor<'e>,
     column: &'static str,
     value: &str,
 ) -> Result<Option<WorkflowRecord>> {
     let sql = format!("SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE {column} = ?1");
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(value)
-        .fetch_optional(pool)
+        .fetch_optional(ex)
         .await?;
     row.map(|r| workflow_from_row(&r).map(|(_, w)| w))
         .transpose()
@@ -505,14 +513,26 @@ pub(super) async fn workflow(pool: &SqlitePool, id: &str) -> Result<Option<Workf
     workflow_where(pool, "id", id).await
 }
 
+/// A workflow with its tasks and edges, read in one transaction so that
+/// its status, its tasks' statuses and its edges' states agree.
 pub(super) async fn workflow_detail(pool: &SqlitePool, id: &str) -> Result<Option<WorkflowDetail>> {
-    let Some(workflow) = workflow(pool, id).await? else {
+    let mut tx = pool.begin().await?;
+    let out = workflow_detail_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn workflow_detail_in(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<Option<WorkflowDetail>> {
+    let Some(workflow) = workflow_where(&mut *conn, "id", id).await? else {
         return Ok(None);
     };
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE workflow_id = ?1 ORDER BY seq");
     let tasks: Vec<TaskRecord> = sqlx::query(AssertSqlSafe(sql))
         .bind(id)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(|r| task_from_row(r).map(|(_, t)| t))
@@ -522,7 +542,7 @@ pub(super) async fn workflow_detail(pool: &SqlitePool, id: &str) -> Result<Optio
          JOIN tasks t ON t.id = d.task_id WHERE t.workflow_id = ?1 ORDER BY t.seq",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut counts = std::collections::BTreeMap::new();
     for t in &tasks {
