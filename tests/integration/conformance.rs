@@ -2288,10 +2288,13 @@ async fn reads_of_a_task_a_workflow_and_the_stats_see_one_moment(b: &Backend) {
     assert_eq!(claimed.len(), 150);
     let ids: Vec<String> = claimed.iter().map(|c| c.id.clone()).collect();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The task being finished: the one whose reads can straddle a commit.
+    let current = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let finisher = {
-        let (s, done) = (s.clone(), done.clone());
+        let (s, done, current) = (s.clone(), done.clone(), current.clone());
         tokio::spawn(async move {
             for (i, c) in claimed.iter().enumerate() {
+                current.store(i, std::sync::atomic::Ordering::Release);
                 let status = if i % 3 == 0 {
                     TaskStatus::Failed
                 } else {
@@ -2305,10 +2308,8 @@ async fn reads_of_a_task_a_workflow_and_the_stats_see_one_moment(b: &Backend) {
         })
     };
     let mut reads = 0usize;
-    let mut i = 0usize;
     while !done.load(std::sync::atomic::Ordering::Acquire) || reads < 50 {
-        i += 1;
-        let id = &ids[i % ids.len()];
+        let id = &ids[current.load(std::sync::atomic::Ordering::Acquire)];
         let (t, attempts) = s.task_with_attempts(id).await.unwrap().unwrap();
         let recorded = if t.status.is_terminal() {
             t.attempts

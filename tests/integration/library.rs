@@ -590,3 +590,58 @@ async fn one_workflow_key_submitted_at_once_stores_one_workflow() {
         }
     }
 }
+
+/// A workflow submitted again answers its status and its tasks' statuses
+/// as of one moment, also while its last task is being completed: a
+/// finished workflow never lists a task still running, and a running one
+/// always lists one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_repeat_answers_its_tasks_as_of_its_status() {
+    use task_queue::model::{TaskKind, WorkflowSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&dir).await;
+    let spec = |round: usize| {
+        WorkflowSpec::new("repeat")
+            .with_idempotency_key(format!("repeat-{round}"))
+            .add_task(Task::new("job").with_kind(TaskKind::External))
+    };
+    let mut repeats = 0;
+    for round in 0..30 {
+        q.submit_workflow(spec(round)).await.unwrap();
+        let claimed = q
+            .claim(
+                "w",
+                task_queue::ClaimFilter::default(),
+                Duration::from_secs(30),
+                1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        let completer = {
+            let (q, id) = (q.clone(), claimed[0].task_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(300 * (round as u64 % 7))).await;
+                q.complete(&id, "w", None).await.unwrap();
+            })
+        };
+        loop {
+            let out = q.submit_workflow(spec(round)).await.unwrap();
+            assert!(!out.created);
+            repeats += 1;
+            let all_done = out.tasks.iter().all(|t| t.status.is_terminal());
+            assert_eq!(
+                out.status.is_terminal(),
+                all_done,
+                "round {round}: workflow {:?} with tasks {:?}",
+                out.status,
+                out.tasks.iter().map(|t| t.status).collect::<Vec<_>>()
+            );
+            if all_done {
+                break;
+            }
+        }
+        completer.await.unwrap();
+    }
+    assert!(repeats >= 30);
+}
