@@ -116,6 +116,9 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
     let origins = std::sync::Arc::new(queue.config().server.cors_origins.clone());
     let mcp_routes = axum::Router::new()
         .nest_service("/mcp", mcp)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            checked_mcp_body(body_limit, req, next)
+        }))
         .merge(crate::mcp::sse::router(queue))
         .layer(axum::middleware::from_fn(jsonrpc_refusals));
     axum::Router::new()
@@ -235,6 +238,43 @@ async fn cors(origins: std::sync::Arc<Vec<String>>, req: Request, next: Next) ->
 /// JSON-RPC message is a parse error (`-32700`, HTTP 400, as over stdio);
 /// an unknown session and the like keep their status, as an invalid
 /// request (`-32600`) with the transport's reason.
+/// A `POST /mcp` whose JSON-RPC request the MCP library would take the
+/// wrong way (a tool call without a name, arguments with a key given twice
+/// or an integer wider than 64 bits, an `id` without a method) is answered
+/// here, with the request's `id`, as over stdio (`mcp::stdio::refusal`).
+async fn checked_mcp_body(
+    limit: usize,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method() != axum::http::Method::POST {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": null,
+                    "error": {"code": -32600, "message": format!("the request body is over the limit of {limit} bytes")},
+                })),
+            )
+                .into_response();
+        }
+    };
+    if let Some(answer) = crate::mcp::stdio::refusal(&bytes) {
+        return axum::Json(answer).into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
 async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let (status, parts, text) = match crate::rest::plain_refusal(next.run(req).await, false).await {
         Ok(r) => r,

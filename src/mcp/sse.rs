@@ -34,6 +34,9 @@ type Sessions = Arc<Mutex<HashMap<String, Session>>>;
 #[derive(Clone)]
 struct Session {
     tx: mpsc::Sender<ClientJsonRpcMessage>,
+    /// The session's stream, for answers given before the library sees a
+    /// message (see [`crate::mcp::stdio::refusal`]).
+    out: mpsc::Sender<ServerJsonRpcMessage>,
     role: Option<Role>,
 }
 
@@ -78,7 +81,14 @@ async fn open(State(st): State<SseState>, caller: Option<Extension<Caller>>) -> 
     st.sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), Session { tx: in_tx, role });
+        .insert(
+            id.clone(),
+            Session {
+                tx: in_tx,
+                out: out_tx.clone(),
+                role,
+            },
+        );
     let server = McpServer::for_role(st.queue.clone(), role);
     tokio::spawn(async move {
         // `serve` waits for `initialize`, so it runs beside the stream.
@@ -115,8 +125,34 @@ async fn message(
     State(st): State<SseState>,
     caller: Option<Extension<Caller>>,
     Query(q): Query<SessionQuery>,
-    axum::Json(msg): axum::Json<ClientJsonRpcMessage>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Expected request with `Content-Type: application/json`",
+        )
+            .into_response();
+    }
+    let msg = match crate::mcp::stdio::refusal(&body) {
+        Some(answer) => Err(answer),
+        None => match serde_json::from_slice::<ClientJsonRpcMessage>(&body) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("fail to deserialize request body: {e}"),
+                )
+                    .into_response();
+            }
+        },
+    };
     let session = st
         .sessions
         .lock()
@@ -138,17 +174,26 @@ async fn message(
             )
                 .into_response();
         }
-        s => s.map(|s| s.tx),
+        s => s,
     };
-    match tx {
-        None => (
+    let Some(session) = tx else {
+        return (
             StatusCode::NOT_FOUND,
             "unknown sessionId: open GET /sse first and use the endpoint it announces",
         )
-            .into_response(),
-        Some(mut tx) => match tx.send(msg).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
-            Err(_) => (StatusCode::GONE, "the session has closed").into_response(),
+            .into_response();
+    };
+    let sent = match msg {
+        Ok(msg) => session.tx.clone().send(msg).await.is_ok(),
+        // Answered on the session's stream, where its answers go.
+        Err(answer) => match serde_json::from_value::<ServerJsonRpcMessage>(answer) {
+            Ok(answer) => session.out.clone().send(answer).await.is_ok(),
+            Err(_) => false,
         },
+    };
+    if sent {
+        StatusCode::ACCEPTED.into_response()
+    } else {
+        (StatusCode::GONE, "the session has closed").into_response()
     }
 }

@@ -58,10 +58,35 @@ fn check(line: &[u8]) -> Line {
             "Invalid Request: a JSON-RPC message is a JSON object".into(),
         ));
     };
-    let id = obj.get("id").cloned();
-    if obj.get("method").and_then(Value::as_str) == Some("tools/call")
-        && let Some(id) = id
-        && let Some(args) = obj.get("params").and_then(|p| p.get("arguments"))
+    let Some(id) = obj.get("id").cloned() else {
+        // A notification: nothing to answer.
+        return Line::Pass;
+    };
+    if !["method", "result", "error"]
+        .iter()
+        .any(|k| obj.contains_key(*k))
+    {
+        return Line::Answer(error(
+            id,
+            -32600,
+            "Invalid Request: a message with an `id` is a request (with a `method`) or a response (with a `result` or an `error`)".into(),
+        ));
+    }
+    if obj.get("method").and_then(Value::as_str) != Some("tools/call") {
+        return Line::Pass;
+    }
+    let params = obj.get("params");
+    if !params
+        .and_then(|p| p.get("name"))
+        .is_some_and(Value::is_string)
+    {
+        return Line::Answer(error(
+            id,
+            -32602,
+            "Invalid params: `name`, the tool to call, must be a string".into(),
+        ));
+    }
+    if let Some(args) = params.and_then(|p| p.get("arguments"))
         && !(args.is_object() || args.is_null())
     {
         return Line::Answer(error(
@@ -70,7 +95,24 @@ fn check(line: &[u8]) -> Line {
             "Invalid params: `arguments` must be an object of the tool's arguments".into(),
         ));
     }
+    // The arguments as the tools' own parsers would refuse them elsewhere
+    // (REST bodies, task files): no key twice in one object, no integer
+    // wider than 64 bits (which would silently become a float).
+    if let Err(e) = crate::model::json_strict(line) {
+        return Line::Answer(error(id, -32602, format!("Invalid params: {e}")));
+    }
     Line::Pass
+}
+
+/// The JSON-RPC error a tool call or request in `body` gets before it
+/// reaches the MCP library, if any: the checks of the stdio transport,
+/// for the HTTP transports. Only answers that carry the request's `id`:
+/// a body that does not parse is left to the library's own refusal.
+pub(crate) fn refusal(body: &[u8]) -> Option<Value> {
+    match check(body) {
+        Line::Answer(v) if !v["id"].is_null() => Some(v),
+        _ => None,
+    }
 }
 
 async fn pump_in(
@@ -222,8 +264,32 @@ mod tests {
             ),
             (json!(4), -32602)
         );
+        assert_eq!(code(r#"{"jsonrpc":"2.0","id":6}"#), (json!(6), -32600));
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"arguments":{}}}"#),
+            (json!(7), -32602)
+        );
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":1}}"#),
+            (json!(8), -32602)
+        );
+        let twice = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"get_task","arguments":{"id":"a","id":"b"}}}"#;
+        assert_eq!(code(twice), (json!(9), -32602));
+        let wide = r#"{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"submit_task","arguments":{"name":"w","command":"true","priority":123456789012345678901234}}}"#;
+        assert_eq!(code(wide), (json!(10), -32602));
+        match check(twice.as_bytes()) {
+            Line::Answer(v) => assert!(
+                v["error"]["message"].as_str().unwrap().contains("twice"),
+                "{v}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(refusal(twice.as_bytes()).unwrap()["id"], 9);
+        assert_eq!(refusal(b"garbage"), None);
         assert_eq!(check(b"  "), Line::Skip);
         for ok in [
+            r#"{"jsonrpc":"2.0","id":11,"result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":12,"method":"initialize","params":{"a":1,"a":2}}"#,
             r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"get_task","arguments":{"id":"x"}}}"#,
             r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
             r#"{"jsonrpc":"2.0","method":"tools/call","params":{"arguments":"x"}}"#,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::common::Workspace;
 
@@ -214,6 +214,71 @@ fn http_transport_refusals_are_jsonrpc_errors() {
             .contains("sessionId"),
         "{v}"
     );
+    // Arguments the MCP library would read the wrong way are answered with
+    // the request's id (over stdio too: `the_stdio_server_answers_unreadable_lines`).
+    let twice = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_task","arguments":{"id":"a","id":"b"}}}"#;
+    let (status, v) = post("/mcp", "", twice);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["id"].clone(), v["error"]["code"].clone()),
+        (json!(7), json!(-32602)),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("twice"),
+        "{v}"
+    );
+    // On the legacy transport the answer comes on the session's stream.
+    let mut sse = std::net::TcpStream::connect(&addr).unwrap();
+    sse.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        sse,
+        "GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut read_until = |sse: &mut std::net::TcpStream, what: &str| -> String {
+        let mut buf = [0u8; 4096];
+        while !seen.contains(what) {
+            let n = sse.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen.clone()
+    };
+    let got = read_until(&mut sse, "sessionId=");
+    let session: String = got
+        .split("sessionId=")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let wide = r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"submit_task","arguments":{"name":"w","command":"true","priority":123456789012345678901234}}}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /messages?sessionId={session} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{wide}",
+        wide.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    let got = read_until(&mut sse, "64 bits");
+    let data = got
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .find(|l| l.contains("64 bits"))
+        .unwrap();
+    let v: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (v["id"].clone(), v["error"]["code"].clone()),
+        (json!(8), json!(-32602)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -391,6 +456,39 @@ fn the_stdio_server_answers_unreadable_lines() {
         (serde_json::json!(3), serde_json::json!(-32602)),
         "{e}"
     );
+    // What the library would take the wrong way is answered with the id:
+    // a key given twice (it would keep the last), an integer wider than 64
+    // bits (it would become a float), a call without a tool name, an id
+    // without a method.
+    for (id, line, code, says) in [
+        (
+            21,
+            r#"{"jsonrpc":"2.0","id":21,"method":"tools/call","params":{"name":"submit_task","arguments":{"name":"a","command":"true","command":"rm -rf x"}}}"#,
+            -32602,
+            "twice",
+        ),
+        (
+            22,
+            r#"{"jsonrpc":"2.0","id":22,"method":"tools/call","params":{"name":"submit_task","arguments":{"name":"a","command":"true","parameters":{"n":123456789012345678901234567890}}}}"#,
+            -32602,
+            "64 bits",
+        ),
+        (
+            23,
+            r#"{"jsonrpc":"2.0","id":23,"method":"tools/call","params":{"arguments":{}}}"#,
+            -32602,
+            "name",
+        ),
+        (24, r#"{"jsonrpc":"2.0","id":24}"#, -32600, "method"),
+    ] {
+        let e = answer(&mut stdin, line);
+        assert_eq!(e["id"], id, "{e}");
+        assert_eq!(e["error"]["code"], code, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
     let list = answer(
         &mut stdin,
         r#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#,
@@ -404,4 +502,42 @@ fn the_stdio_server_answers_unreadable_lines() {
     );
     drop(stdin);
     assert!(child.wait().unwrap().success());
+}
+
+/// A client that writes its requests and closes stdin at once still gets
+/// an answer to each, also to a last line the server refuses itself
+/// before the MCP library sees it.
+#[test]
+fn the_stdio_server_answers_the_last_line_before_end_of_input() {
+    use std::io::{Read, Write};
+    for round in 0..5 {
+        let (_dir, mut child, mut stdin) = stdio_server();
+        writeln!(
+            stdin,
+            r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"2025-06-18","capabilities":{{}},"clientInfo":{{"name":"t","version":"0"}}}}}}
+{{"jsonrpc":"2.0","method":"notifications/initialized"}}
+{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"get_task","arguments":{{"id":"a","id":"b"}}}}}}"#
+        )
+        .unwrap();
+        drop(stdin);
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        let answers: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert!(answers.iter().any(|a| a["id"] == 1), "round {round}: {out}");
+        assert!(
+            answers
+                .iter()
+                .any(|a| a["id"] == 2 && a["error"]["code"] == -32602),
+            "round {round}: {out}"
+        );
+    }
 }
