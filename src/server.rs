@@ -133,8 +133,30 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
         .layer(axum::middleware::from_fn(move |req, next| {
             guard(exposure.clone(), req, next)
         }))
+        .layer(axum::middleware::from_fn(close_after_unread_body))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(crate::rest::BodyLimit(body_limit)))
+}
+
+/// A request refused for its body's size or type may leave that body
+/// unread on the connection, which the server then closes: the answer says
+/// so (`Connection: close`), so that a client does not send its next
+/// request on a connection that is going away.
+async fn close_after_unread_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut resp = next.run(req).await;
+    if matches!(
+        resp.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE
+    ) {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// Refuses requests a browser could be tricked into sending: a Host the

@@ -168,6 +168,7 @@ conformance!(
     a_claim_its_worker_does_not_run_is_not_renewed,
     a_refused_submission_answers_no_task_by_its_key,
     reads_of_a_task_a_workflow_and_the_stats_see_one_moment,
+    a_retried_task_waits_for_its_dependencies_and_its_time_again,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2348,4 +2349,79 @@ async fn reads_of_a_task_a_workflow_and_the_stats_see_one_moment(b: &Backend) {
     assert_eq!(d.workflow.tasks_done, 150);
     assert!(d.workflow.status.is_terminal(), "{:?}", d.workflow.status);
     assert!(reads >= 50);
+}
+
+/// A task cancelled while it waited, then retried, waits again for what it
+/// waited for: a dependency still running (it stays `pending` and is not
+/// claimed until that one succeeds), a dependency that failed (it is
+/// skipped again, since its condition cannot hold) and its `at` time.
+async fn a_retried_task_waits_for_its_dependencies_and_its_time_again(b: &Backend) {
+    let s = b.open().await;
+    let a = task("dep-a");
+    let later = after(task("later"), &[&a], Condition::Success);
+    let f = task("dep-f");
+    let doomed = after(task("doomed"), &[&f], Condition::Success);
+    let mut timed = task("timed");
+    timed.run_at = T0 + 3_600_000;
+    let (_wid, sub) = workflow(
+        "retry-waits",
+        vec![
+            a.clone(),
+            later.clone(),
+            f.clone(),
+            doomed.clone(),
+            timed.clone(),
+        ],
+    );
+    s.submit(sub).await.unwrap();
+    let claimed = s.claim(claim_req("w1", T0, 10)).await.unwrap();
+    let mut names: Vec<&str> = claimed.iter().map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["dep-a", "dep-f"]);
+    for t in [&later, &doomed, &timed] {
+        let c = s.cancel(&t.id, T0 + 1, None).await.unwrap();
+        assert_eq!(c.status, TaskStatus::Cancelled, "{}", t.name);
+    }
+    // Its dependency is still running: it waits for it.
+    let r = s.retry(&later.id, T0 + 2).await.unwrap();
+    assert_eq!(r.status, TaskStatus::Pending);
+    // Its time has not come: it waits for it.
+    let r = s.retry(&timed.id, T0 + 2).await.unwrap();
+    assert_eq!(r.status, TaskStatus::Pending);
+    assert_eq!(r.run_at, Timestamp(T0 + 3_600_000));
+    assert!(
+        s.claim(claim_req("w1", T0 + 3, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Its dependency failed: the condition cannot hold, so it is skipped.
+    let fc = claimed.iter().find(|c| c.name == "dep-f").unwrap();
+    s.finish(finish(&f.id, fc.attempt, "w1", T0 + 4, TaskStatus::Failed))
+        .await
+        .unwrap();
+    let r = s.retry(&doomed.id, T0 + 5).await.unwrap();
+    assert_eq!(r.status, TaskStatus::Skipped, "{r:?}");
+    // Once its dependency succeeds, the waiting one is ready.
+    let ac = claimed.iter().find(|c| c.name == "dep-a").unwrap();
+    s.finish(finish(
+        &a.id,
+        ac.attempt,
+        "w1",
+        T0 + 6,
+        TaskStatus::Succeeded,
+    ))
+    .await
+    .unwrap();
+    let next = s.claim(claim_req("w1", T0 + 7, 10)).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["later"]
+    );
+    // And the timed one at its time.
+    let at_time = s.claim(claim_req("w1", T0 + 3_600_001, 10)).await.unwrap();
+    assert_eq!(
+        at_time.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["timed"]
+    );
 }

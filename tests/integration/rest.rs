@@ -875,6 +875,14 @@ async fn serve_streams_events_and_survives_sigterm() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 413);
+    // The body was not read: the connection closes, and the answer says so,
+    // so the client's next request does not go out on it.
+    assert_eq!(
+        resp.headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["error"]["code"], "payload_too_large", "{e}");
     let m = e["error"]["message"].as_str().unwrap();

@@ -2084,6 +2084,29 @@ async fn approve(
 /// allowance of attempts (its history stays), and every task skipped
 /// because of it goes back to `pending` to be decided again. Workflows
 /// involved are running again.
+/// Queues the finished dependencies of `task` whose edges wait, so that
+/// [`resolve_dependents`] decides those edges in this transaction.
+async fn queue_finished_deps(conn: &mut PgConnection, task: &str, batch: &mut Batch) -> Result<()> {
+    let finished: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
+         WHERE d.task_id = $1 AND d.state = 'waiting' \
+         AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
+    )
+    .bind(task)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, status, result) in finished {
+        let output = result
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+            .and_then(|r| r.output);
+        batch
+            .resolve
+            .push((id, status.parse().unwrap_or(TaskStatus::Failed), output));
+    }
+    Ok(())
+}
+
 async fn retry(
     conn: &mut PgConnection,
     id: &str,
@@ -2118,26 +2141,37 @@ async fn retry(
         .and_then(|s| s.retry)
         .map(|r| r.max_attempts())
         .unwrap_or(1) as i64;
-    sqlx::query(
-        "UPDATE tasks SET status = 'queued', max_attempts = $1, finished_at = NULL, error = NULL, \
-         run_at = $2, updated_at = $2, approval = CASE WHEN needs_approval <> 0 THEN NULL ELSE approval END \
-         WHERE id = $3",
+    // Its dependencies decide again, as for a task it had skipped: edges
+    // not met wait again, and those whose dependency has finished are
+    // resolved in this transaction (an unmet one skips it again). A time
+    // that has not come yet (`at`) is kept; an approval gate asks again.
+    sqlx::query("UPDATE task_deps SET state = 'waiting' WHERE task_id = $1 AND state != 'met'")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let (waiting, run_at, needs_approval): (i64, i64, i64) = sqlx::query_as(
+        "UPDATE tasks SET max_attempts = $1, finished_at = NULL, error = NULL, \
+         run_at = GREATEST(run_at, $2), updated_at = $2, \
+         approval = CASE WHEN needs_approval <> 0 THEN NULL ELSE approval END, \
+         deps_pending = (SELECT COUNT(*) FROM task_deps WHERE task_id = $3 AND state = 'waiting') \
+         WHERE id = $3 RETURNING deps_pending::bigint, run_at, needs_approval::bigint",
     )
     .bind(attempts + allowance)
     .bind(now)
     .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    // An approval gate that was rejected asks again.
-    let to: TaskStatus = sqlx::query_scalar::<_, String>(
-        "UPDATE tasks SET status = CASE WHEN needs_approval <> 0 THEN 'awaiting_approval' ELSE 'queued' END \
-         WHERE id = $1 RETURNING status",
-    )
-    .bind(id)
     .fetch_one(&mut *conn)
-    .await?
-    .parse()
-    .unwrap_or(TaskStatus::Queued);
+    .await?;
+    let to = if waiting > 0 {
+        TaskStatus::Pending
+    } else {
+        ready_status(needs_approval != 0, run_at, now)
+    };
+    sqlx::query("UPDATE tasks SET status = $1 WHERE id = $2")
+        .bind(to.as_str())
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    queue_finished_deps(conn, id, batch).await?;
     batch.transition(
         now,
         id,
@@ -2201,23 +2235,7 @@ async fn retry(
                 format!("{{\"because\":{}}}", json_str(id)),
             );
             // Its other finished dependencies decide again.
-            let others: Vec<(String, String, Option<String>)> = sqlx::query_as(
-                "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
-                 WHERE d.task_id = $1 AND d.state = 'waiting' \
-                 AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
-            )
-            .bind(&tid)
-            .fetch_all(&mut *conn)
-            .await?;
-            for (oid, ost, ores) in others {
-                let output = ores
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
-                    .and_then(|r| r.output);
-                batch
-                    .resolve
-                    .push((oid, ost.parse().unwrap_or(TaskStatus::Failed), output));
-            }
+            queue_finished_deps(conn, &tid, batch).await?;
             reopened.push((twf, TaskStatus::Skipped));
             frontier.push(tid);
         }

@@ -2163,9 +2163,10 @@ fn approve(
 }
 
 /// Runs a finished task again: it goes back to `queued` with a fresh
-/// allowance of attempts (its history stays), and every task skipped
-/// because of it goes back to `pending` to be decided again. Workflows
-/// involved are running again.
+/// allowance of attempts (its history stays), or to `pending` while its
+/// dependencies or its time hold it back, and every task skipped because
+/// of it goes back to `pending` to be decided again. Workflows involved
+/// are running again.
 fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()>> {
     let row: Option<(String, String, i64, Option<String>, String)> = opt(
         conn,
@@ -2194,18 +2195,37 @@ fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()
         .and_then(|s| s.retry)
         .map(|r| r.max_attempts())
         .unwrap_or(1) as i64;
+    // Its dependencies decide again, as for a task it had skipped: edges
+    // not met wait again, and those whose dependency has finished are
+    // resolved in this transaction (an unmet one skips it again). A time
+    // that has not come yet (`at`) is kept; an approval gate asks again.
     exec(
         conn,
-        "UPDATE tasks SET status = 'queued', max_attempts = ?1, finished_at = NULL, error = NULL, \
-         run_at = ?2, updated_at = ?2, approval = CASE WHEN needs_approval THEN NULL ELSE approval END \
-         WHERE id = ?3",
+        "UPDATE task_deps SET state = 'waiting' WHERE task_id = ?1 AND state != 'met'",
+        params![id],
+    )?;
+    let row: Option<(i64, i64, bool)> = opt(
+        conn,
+        "UPDATE tasks SET max_attempts = ?1, finished_at = NULL, error = NULL, \
+         run_at = MAX(run_at, ?2), updated_at = ?2, \
+         approval = CASE WHEN needs_approval THEN NULL ELSE approval END, \
+         deps_pending = (SELECT COUNT(*) FROM task_deps WHERE task_id = ?3 AND state = 'waiting') \
+         WHERE id = ?3 RETURNING deps_pending, run_at, needs_approval",
         params![attempts + allowance, now, id],
     )?;
-    // An approval gate that was rejected asks again.
-    let to: TaskStatus = scalar_one::<String>(conn, "UPDATE tasks SET status = CASE WHEN needs_approval THEN 'awaiting_approval' ELSE 'queued' END \
-         WHERE id = ?1 RETURNING status", params![id])?
-    .parse()
-    .unwrap_or(TaskStatus::Queued);
+    let (waiting, run_at, needs_approval) =
+        row.ok_or_else(|| Error::Store(format!("task {id} vanished during its retry")))?;
+    let to = if waiting > 0 {
+        TaskStatus::Pending
+    } else {
+        ready_status(needs_approval, run_at, now)
+    };
+    exec(
+        conn,
+        "UPDATE tasks SET status = ?1 WHERE id = ?2",
+        params![to.as_str(), id],
+    )?;
+    queue_finished_deps(conn, id, batch)?;
     batch.transition(
         now,
         id,
@@ -2252,22 +2272,7 @@ fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()
                 format!("{{\"because\":{}}}", json_str(id)),
             );
             // Its other finished dependencies decide again.
-            let others: Vec<(String, String, Option<String>)> = all(
-                conn,
-                "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
-                 WHERE d.task_id = ?1 AND d.state = 'waiting' \
-                 AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
-                params![&tid],
-            )?;
-            for (oid, ost, ores) in others {
-                let output = ores
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
-                    .and_then(|r| r.output);
-                batch
-                    .resolve
-                    .push((oid, ost.parse().unwrap_or(TaskStatus::Failed), output));
-            }
+            queue_finished_deps(conn, &tid, batch)?;
             reopened.push((twf, TaskStatus::Skipped));
             frontier.push(tid);
         }
@@ -2310,6 +2315,28 @@ fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()
         }
     }
     Ok(Ok(()))
+}
+
+/// Queues the finished dependencies of `task` whose edges wait, so that
+/// [`resolve_dependents`] decides those edges in this transaction.
+fn queue_finished_deps(conn: &Conn, task: &str, batch: &mut Batch) -> Result<()> {
+    let finished: Vec<(String, String, Option<String>)> = all(
+        conn,
+        "SELECT t.id, t.status, t.result FROM task_deps d JOIN tasks t ON t.id = d.dep_id \
+         WHERE d.task_id = ?1 AND d.state = 'waiting' \
+         AND t.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'skipped')",
+        params![task],
+    )?;
+    for (id, status, result) in finished {
+        let output = result
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
+            .and_then(|r| r.output);
+        batch
+            .resolve
+            .push((id, status.parse().unwrap_or(TaskStatus::Failed), output));
+    }
+    Ok(())
 }
 
 fn heartbeat(conn: &Conn, task_id: &str, worker_id: &str, lease_until: i64) -> Result<Result<()>> {
