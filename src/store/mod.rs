@@ -757,6 +757,14 @@ pub struct QueueStats {
     pub leases_by_worker: BTreeMap<String, u64>,
 }
 
+/// The refusal of a retry inside a cancelled workflow: the rest of the
+/// workflow was cancelled with it and would not follow.
+pub(crate) fn retry_in_cancelled_workflow(id: &str, workflow: &str) -> crate::error::Error {
+    crate::error::Error::Conflict(format!(
+        "task {id} belongs to workflow {workflow}, which was cancelled, so it cannot be retried: submit the workflow again to run it"
+    ))
+}
+
 /// The persistence contract. Every method is atomic; writes are durable
 /// when they return (per `storage.durability`).
 #[async_trait]

@@ -169,6 +169,7 @@ conformance!(
     a_refused_submission_answers_no_task_by_its_key,
     reads_of_a_task_a_workflow_and_the_stats_see_one_moment,
     a_retried_task_waits_for_its_dependencies_and_its_time_again,
+    a_task_of_a_cancelled_workflow_is_not_retried,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2423,5 +2424,26 @@ async fn a_retried_task_waits_for_its_dependencies_and_its_time_again(b: &Backen
     assert_eq!(
         at_time.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
         ["timed"]
+    );
+}
+
+/// Cancelling a workflow cancels its waiting tasks too; retrying one task
+/// of it would reopen the workflow without them, so it is refused.
+async fn a_task_of_a_cancelled_workflow_is_not_retried(b: &Backend) {
+    let s = b.open().await;
+    let a = task("first");
+    let then = after(task("then"), &[&a], Condition::Success);
+    let (wid, sub) = workflow("cancelled-run", vec![a.clone(), then.clone()]);
+    s.submit(sub).await.unwrap();
+    assert_eq!(s.claim(claim_req("w1", T0, 10)).await.unwrap().len(), 1);
+    s.cancel_workflow(&wid, T0 + 1, None).await.unwrap();
+    let err = s.retry(&a.id, T0 + 2).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert!(err.to_string().contains("was cancelled"), "{err}");
+    let w = s.workflow(&wid).await.unwrap().unwrap();
+    assert_eq!(w.status.as_str(), "cancelled");
+    assert_eq!(
+        s.get(&a.id).await.unwrap().unwrap().status,
+        TaskStatus::Cancelled
     );
 }

@@ -2136,6 +2136,16 @@ async fn retry(
             "task {id} is {status}, so it cannot be retried: {hint}"
         ))));
     }
+    if let Some(w) = &wf {
+        let wstatus: Option<String> =
+            sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1 FOR SHARE")
+                .bind(w)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if wstatus.as_deref() == Some("cancelled") {
+            return Ok(Err(crate::store::retry_in_cancelled_workflow(id, w)));
+        }
+    }
     let allowance = serde_json::from_str::<TaskSpec>(&spec)
         .ok()
         .and_then(|s| s.retry)

@@ -2190,6 +2190,17 @@ fn retry(conn: &Conn, id: &str, now: i64, batch: &mut Batch) -> Result<Result<()
             "task {id} is {status}, so it cannot be retried: {hint}"
         ))));
     }
+    if let Some(w) = &wf
+        && scalar_opt::<String>(
+            conn,
+            "SELECT status FROM workflows WHERE id = ?1",
+            params![w],
+        )?
+        .as_deref()
+            == Some("cancelled")
+    {
+        return Ok(Err(crate::store::retry_in_cancelled_workflow(id, w)));
+    }
     let allowance = serde_json::from_str::<TaskSpec>(&spec)
         .ok()
         .and_then(|s| s.retry)
