@@ -190,10 +190,11 @@ pub(crate) fn prepare(
     let mut tasks = Vec::with_capacity(specs.len());
     for (i, mut spec) in specs.into_iter().enumerate() {
         let mut task_schedule_id = schedule_id.clone();
+        // Every task of a scheduled run waits for the run's time, also one
+        // whose only dependencies are tasks outside the workflow (which may
+        // have finished long ago).
         let mut run_at = now;
-        if deps[i].is_empty()
-            && let Some(t) = start_at
-        {
+        if let Some(t) = start_at {
             run_at = t;
         }
         if let Some(sch) = spec.schedule.take() {

@@ -757,3 +757,32 @@ tasks:
         "{err}"
     );
 }
+
+/// A scheduled workflow run starts at its time, every task of it: also a
+/// task whose only dependency is a task outside the workflow that has
+/// already finished (it used to run at once, ahead of its run).
+#[test]
+fn every_task_of_a_scheduled_run_waits_for_its_time() {
+    let ws = Workspace::new();
+    let (code, done) = ws.run_file("tasks:\n  - name: earlier\n    command: \"true\"\n");
+    assert_eq!(code, 0, "{done}");
+    let earlier = done["tasks"][0]["id"].as_str().unwrap().to_string();
+    for schedule in [
+        "{at: \"2099-01-01T00:00:00Z\"}".to_string(),
+        "{cron: \"0 0 1 1 *\"}".to_string(),
+    ] {
+        let sub = submit_workflow(
+            &ws,
+            &format!(
+                "name: later\nschedule: {schedule}\ntasks:\n  - name: after-earlier\n    command: \"true\"\n    depends_on: [\"{earlier}\"]\n  - name: root\n    command: \"true\"\n"
+            ),
+        );
+        for name in ["after-earlier", "root"] {
+            let t = ws.status(&id_of(&sub, name));
+            assert_eq!(t["status"], "pending", "{schedule} {name}: {t}");
+        }
+        let a = ws.status(&id_of(&sub, "after-earlier"));
+        let r = ws.status(&id_of(&sub, "root"));
+        assert_eq!(a["run_at"], r["run_at"], "{schedule}");
+    }
+}
