@@ -348,7 +348,21 @@ impl TaskQueue {
     /// nodes styled by status.
     pub async fn workflow_graph(&self, id: &str, format: &str) -> Result<String> {
         let d = self.get_workflow(id).await?;
-        let view = graph_view(&d);
+        // Dependencies on tasks outside the workflow (by id, or a task
+        // answered by another's idempotency key) are drawn as nodes too,
+        // so the graph shows why a task waits or was skipped.
+        let inside: std::collections::HashSet<&str> =
+            d.tasks.iter().map(|t| t.id.as_str()).collect();
+        let mut outside = Vec::new();
+        for e in &d.edges {
+            if !inside.contains(e.dep_id.as_str())
+                && !outside.iter().any(|t: &TaskRecord| t.id == e.dep_id)
+                && let Some(t) = self.inner.store.get(&e.dep_id).await?
+            {
+                outside.push(t);
+            }
+        }
+        let view = graph_view(&d, &outside);
         match format {
             "mermaid" => Ok(graph::mermaid(&view)),
             "dot" => Ok(graph::dot(&view)),
@@ -805,10 +819,13 @@ impl TaskQueue {
     }
 }
 
-fn graph_view(d: &WorkflowDetail) -> GraphView {
+/// The workflow's tasks, then the tasks outside it that some of them
+/// depend on (named with "(outside)").
+fn graph_view(d: &WorkflowDetail, outside: &[TaskRecord]) -> GraphView {
     let index: std::collections::HashMap<&str, usize> = d
         .tasks
         .iter()
+        .chain(outside)
         .enumerate()
         .map(|(i, t)| (t.id.as_str(), i))
         .collect();
@@ -822,6 +839,11 @@ fn graph_view(d: &WorkflowDetail) -> GraphView {
                 name: t.name.clone(),
                 status: t.status,
             })
+            .chain(outside.iter().map(|t| ViewNode {
+                id: t.id.clone(),
+                name: format!("{} (outside)", t.name),
+                status: t.status,
+            }))
             .collect(),
         edges: d
             .edges

@@ -784,5 +784,15 @@ fn every_task_of_a_scheduled_run_waits_for_its_time() {
         let a = ws.status(&id_of(&sub, "after-earlier"));
         let r = ws.status(&id_of(&sub, "root"));
         assert_eq!(a["run_at"], r["run_at"], "{schedule}");
+        // The graph draws the dependency outside the workflow, with its edge.
+        let wid = sub["workflow_id"].as_str().unwrap();
+        let out = ws.run(&["workflow", "graph", wid, "--format", "dot"]);
+        assert!(out.status.success());
+        let dot = String::from_utf8_lossy(&out.stdout);
+        assert!(dot.contains("earlier (outside)"), "{dot}");
+        assert!(dot.contains("\"t2\" -> \"t0\""), "{dot}");
+        let out = ws.run(&["workflow", "graph", wid]);
+        let mermaid = String::from_utf8_lossy(&out.stdout);
+        assert!(mermaid.contains("t2 --> t0"), "{mermaid}");
     }
 }
