@@ -757,6 +757,23 @@ pub struct QueueStats {
     pub leases_by_worker: BTreeMap<String, u64>,
 }
 
+/// A finished dependency as the writers resolve it: its id, its status and
+/// the output of its result (stored as JSON text).
+pub(crate) fn finished_dep(
+    id: String,
+    status: &str,
+    result: Option<&str>,
+) -> (String, crate::model::TaskStatus, Option<serde_json::Value>) {
+    let output = result
+        .and_then(|r| serde_json::from_str::<crate::model::TaskResult>(r).ok())
+        .and_then(|r| r.output);
+    (
+        id,
+        status.parse().unwrap_or(crate::model::TaskStatus::Failed),
+        output,
+    )
+}
+
 /// The refusal of a retry inside a cancelled workflow: the rest of the
 /// workflow was cancelled with it and would not follow.
 pub(crate) fn retry_in_cancelled_workflow(id: &str, workflow: &str) -> crate::error::Error {

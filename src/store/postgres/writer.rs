@@ -2096,13 +2096,9 @@ async fn queue_finished_deps(conn: &mut PgConnection, task: &str, batch: &mut Ba
     .fetch_all(&mut *conn)
     .await?;
     for (id, status, result) in finished {
-        let output = result
-            .as_deref()
-            .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
-            .and_then(|r| r.output);
         batch
             .resolve
-            .push((id, status.parse().unwrap_or(TaskStatus::Failed), output));
+            .push(crate::store::finished_dep(id, &status, result.as_deref()));
     }
     Ok(())
 }

@@ -2339,13 +2339,9 @@ fn queue_finished_deps(conn: &Conn, task: &str, batch: &mut Batch) -> Result<()>
         params![task],
     )?;
     for (id, status, result) in finished {
-        let output = result
-            .as_deref()
-            .and_then(|r| serde_json::from_str::<TaskResult>(r).ok())
-            .and_then(|r| r.output);
         batch
             .resolve
-            .push((id, status.parse().unwrap_or(TaskStatus::Failed), output));
+            .push(crate::store::finished_dep(id, &status, result.as_deref()));
     }
     Ok(())
 }
