@@ -37,7 +37,9 @@
 //!   the history) and merges the claims that come with finishes; the WAL
 //!   sync of a durable commit and the checkpoints run on threads beside it,
 //!   and a batch is answered once its sync is done; point reads inline on synchronous
-//!   read-only connections; a read pool for the rest; WAL, which a busy durable
+//!   read-only connections; a read pool for the rest (a read of several
+//!   queries, such as a task with its attempts, runs in one read
+//!   transaction); WAL, which a busy durable
 //!   store fills ahead of its writes once so commits overwrite instead of
 //!   growing the file); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
