@@ -40,6 +40,28 @@ fn submit_noop_command_and_http_benchmarks_report_the_work_they_did() {
     positive(&submit, "tasks_per_sec");
     positive(&submit["baseline"], "tasks_per_sec");
 
+    // Batched submits also measure the storage floor: the same rows by
+    // SQLite alone, with its checkpoint timed apart.
+    let batched = bench(
+        &ws,
+        &[
+            "submit",
+            "--tasks",
+            "600",
+            "--concurrency",
+            "2",
+            "--batch",
+            "100",
+        ],
+    );
+    assert_eq!(batched["batch"], 100);
+    assert_eq!(batched["storage_floor"]["tasks"], 600, "{batched}");
+    positive(&batched["storage_floor"], "tasks_per_sec");
+    positive(&batched["storage_floor"], "us_per_task");
+    positive(&batched["storage_floor"], "tasks_per_sec_with_checkpoint");
+    positive(&batched, "floor_ratio");
+    assert!(submit.get("storage_floor").is_none(), "{submit}");
+
     let noop = bench(&ws, &["noop", "--tasks", "600", "--concurrency", "20"]);
     assert_eq!(noop["scenario"], "noop");
     assert_eq!(noop["tasks"], 600);

@@ -10,6 +10,7 @@
 //! thread of their own (`checkpoint.rs`).
 
 mod checkpoint;
+mod floor;
 mod history;
 mod quick;
 mod read;
@@ -30,6 +31,8 @@ use super::*;
 use crate::config::Durability;
 use crate::error::Error;
 use writer::Op;
+
+pub use floor::{FloorTask, FloorTimes, storage_floor};
 
 /// Embedded migrations (the `migrations/` directory).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -110,6 +110,18 @@ fn scalar_one<T: FromSql>(conn: &Conn, sql: &str, p: impl rusqlite::Params) -> R
         .query_row(p, |r| r.get::<_, T>(0))?)
 }
 
+/// A new task's row: id, name, kind, project, tags, status, priority,
+/// max_attempts, run_at, now (created and updated), idempotency key, spec,
+/// spec hash, workflow, schedule, dependencies pending, needs approval.
+pub(crate) const INSERT_TASK: &str = "INSERT INTO tasks (id, name, kind, project, tags, status, priority, \
+     attempts, max_attempts, run_at, created_at, updated_at, idempotency_key, spec, spec_hash, workflow_id, \
+     schedule_id, deps_pending, needs_approval) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+
+/// An audit event: seq, at, task, kind, from, to, detail, previous hash, hash.
+pub(crate) const INSERT_AUDIT: &str = "INSERT INTO audit_events (seq, at, task_id, kind, from_status, \
+     to_status, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
 /// Most operations committed together.
 const MAX_BATCH: usize = 2048;
 
@@ -1157,12 +1169,7 @@ fn submit_fresh(
         }
     }
     if !task_rows.is_empty() {
-        let mut insert = conn.prepare_cached(
-            "INSERT INTO tasks (id, name, kind, project, tags, status, priority, attempts, max_attempts, \
-             run_at, created_at, updated_at, idempotency_key, spec, spec_hash, workflow_id, schedule_id, \
-             deps_pending, needs_approval) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )?;
+        let mut insert = conn.prepare_cached(INSERT_TASK)?;
         for (t, status, deps_pending) in task_rows {
             insert.execute(params![
                 t.id,
@@ -2607,10 +2614,7 @@ fn flush_attempts_and_audit(conn: &Conn, rows: &[AttemptRow], drafts: &[AuditDra
         [],
     )?;
     let (mut seq, mut prev) = head.unwrap_or((0, GENESIS_HASH.to_string()));
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO audit_events (seq, at, task_id, kind, from_status, to_status, detail, prev_hash, hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
+    let mut insert = conn.prepare_cached(INSERT_AUDIT)?;
     for d in drafts {
         seq += 1;
         let hash = event_hash(
