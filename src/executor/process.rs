@@ -111,16 +111,16 @@ pub async fn run(
     let out = tokio::spawn(capture(child.stdout.take(), cap));
     let err = tokio::spawn(capture(child.stderr.take(), cap));
 
-    let mut ending = Ending::Exited;
-    let status = tokio::select! {
-        s = child.wait(&before_reap) => s?,
+    // The exit first: an exit ready in the same poll as the deadline ran
+    // to its end.
+    let (ending, status) = tokio::select! {
+        biased;
+        s = child.wait(&before_reap) => (Ending::Exited, s?),
         _ = tokio::time::sleep(req.timeout) => {
-            ending = Ending::TimedOut;
-            terminate(&mut child, pgid, req.kill_grace, &before_reap).await?
+            end_for(Ending::TimedOut, &mut child, req.kill_grace, &before_reap).await?
         }
         reason = wait_stop(&mut stop) => {
-            ending = Ending::Stopped(reason);
-            terminate(&mut child, pgid, req.kill_grace, &before_reap).await?
+            end_for(Ending::Stopped(reason), &mut child, req.kill_grace, &before_reap).await?
         }
     };
     let duration = started.elapsed();
@@ -156,6 +156,23 @@ pub(super) async fn wait_stop(stop: &mut watch::Receiver<Option<StopReason>>) ->
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// Ends the process for `why` (its deadline, or a stop), unless it has
+/// already exited by itself: it then ended as `Exited`, with its own
+/// status, and no signal is sent. Otherwise a process that exited just as
+/// its deadline came would be recorded as timed out with exit code 0.
+async fn end_for(
+    why: Ending,
+    child: &mut Child,
+    grace: Duration,
+    before_reap: &(dyn Fn(i32) + Sync),
+) -> std::io::Result<(Ending, std::process::ExitStatus)> {
+    if child.has_exited()? {
+        return Ok((Ending::Exited, child.wait(before_reap).await?));
+    }
+    let pgid = child.id();
+    Ok((why, terminate(child, pgid, grace, before_reap).await?))
 }
 
 async fn terminate(
@@ -241,5 +258,50 @@ impl From<&Limits> for RawLimits {
             mem: l.memory_bytes.map(|b| b.0),
             nproc: l.max_processes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(script: &str) -> Child {
+        let argv = vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()];
+        spawn::spawn(&SpawnSpec {
+            argv: &argv,
+            env: &[],
+            cwd: None,
+            limits: RawLimits::default(),
+        })
+        .unwrap()
+    }
+
+    /// A process whose exit is there when its deadline comes ran to its
+    /// end: it is not signalled and keeps its own status. One still
+    /// running is ended for the deadline.
+    #[tokio::test]
+    async fn a_process_that_exited_at_its_deadline_ran_to_its_end() {
+        let mut done = start("exit 0");
+        while !done.has_exited().unwrap() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (ending, status) =
+            end_for(Ending::TimedOut, &mut done, Duration::from_secs(1), &|_| {})
+                .await
+                .unwrap();
+        assert!(matches!(ending, Ending::Exited), "{ending:?}");
+        assert_eq!(status.code(), Some(0));
+
+        let mut running = start("exec /bin/sleep 5");
+        let (ending, status) = end_for(
+            Ending::TimedOut,
+            &mut running,
+            Duration::from_secs(1),
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ending, Ending::TimedOut), "{ending:?}");
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
     }
 }

@@ -108,6 +108,14 @@ impl Child {
         self.pid
     }
 
+    /// Whether the process has exited (it may not be reaped yet).
+    pub fn has_exited(&self) -> io::Result<bool> {
+        match self.status {
+            Some(_) => Ok(true),
+            None => exited(self.pid),
+        }
+    }
+
     /// Waits for the exit, calls `before_reap` with the process group id
     /// while the exited leader still holds it (so the id cannot have been
     /// reused: signals sent to the group there reach only what the task
