@@ -25,7 +25,11 @@
 //!   Baseline: the same rows inserted with raw sqlx into a plain table (no
 //!   indexes, no audit) in a separate SQLite file with the same settings,
 //!   from one connection, one durable transaction per row (per B rows with
-//!   `--batch`) — a queue without group commit.
+//!   `--batch`) — a queue without group commit. With `--batch` also the
+//!   storage floor (`store::sqlite::storage_floor`): the same task rows
+//!   and audit events by SQLite alone, every value computed beforehand,
+//!   no sync, its checkpoint timed apart — what no implementation of the
+//!   schema can beat on the machine.
 //! * `noop`: N external tasks are submitted first (not timed), then an
 //!   in-process no-op handler drains them with C slots. Latency per task is
 //!   the time from the commit of its claim to the commit of its finish, as

@@ -41,7 +41,8 @@
 //!   queries, such as a task with its attempts, runs in one read
 //!   transaction); WAL, which a busy durable
 //!   store fills ahead of its writes once so commits overwrite instead of
-//!   growing the file); [`store::postgres`] is the same design
+//!   growing the file; `storage_floor` times the writer's own inserts
+//!   alone, for `bench submit --batch`); [`store::postgres`] is the same design
 //!   for several nodes on one PostgreSQL database (`SKIP LOCKED` claims,
 //!   row locks, the audit chain under an advisory lock, `LISTEN/NOTIFY`
 //!   wake-ups). Migrations for both live in `migrations/sqlite` and
