@@ -122,9 +122,11 @@ pub enum WorkflowStatus {
     Running,
     /// Every task succeeded or was skipped by design.
     Succeeded,
-    /// Some task failed or timed out.
+    /// Some task failed or timed out, or was skipped because a task outside
+    /// the workflow that it depends on did.
     Failed,
-    /// The workflow (or, with nothing failed, one of its tasks) was cancelled.
+    /// The workflow (or, with nothing failed, one of its tasks, or a task
+    /// outside it that one of its tasks depends on) was cancelled.
     Cancelled,
 }
 

@@ -774,6 +774,23 @@ pub(crate) fn finished_dep(
     )
 }
 
+/// How a workflow whose tasks have all finished ends. `own` counts its
+/// tasks that failed (or timed out) and that were cancelled; `outside` its
+/// tasks skipped because a dependency outside the workflow failed (or
+/// timed out), and because one was cancelled. Such a skip is not one by
+/// the workflow's design (a failure handler passed over, a branch not
+/// taken): the work it needed did not happen, so it ends the workflow as
+/// a failed or cancelled task of its own would.
+pub(crate) fn finished_workflow_status(own: (i64, i64), outside: (i64, i64)) -> WorkflowStatus {
+    if own.0 > 0 || outside.0 > 0 {
+        WorkflowStatus::Failed
+    } else if own.1 > 0 || outside.1 > 0 {
+        WorkflowStatus::Cancelled
+    } else {
+        WorkflowStatus::Succeeded
+    }
+}
+
 /// The refusal of a retry inside a cancelled workflow: the rest of the
 /// workflow was cancelled with it and would not follow.
 pub(crate) fn retry_in_cancelled_workflow(id: &str, workflow: &str) -> crate::error::Error {

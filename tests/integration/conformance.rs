@@ -170,6 +170,7 @@ conformance!(
     reads_of_a_task_a_workflow_and_the_stats_see_one_moment,
     a_retried_task_waits_for_its_dependencies_and_its_time_again,
     a_task_of_a_cancelled_workflow_is_not_retried,
+    a_skip_caused_outside_the_workflow_ends_it_as_the_cause_did,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2446,4 +2447,66 @@ async fn a_task_of_a_cancelled_workflow_is_not_retried(b: &Backend) {
         s.get(&a.id).await.unwrap().unwrap().status,
         TaskStatus::Cancelled
     );
+}
+
+/// A workflow whose task is skipped because a dependency outside it failed
+/// did not do its work: it fails (and is cancelled for a cancelled one).
+/// A skip by design stays a success: a failure handler of an outside task
+/// that succeeded. A retry of the outside task reopens the workflow, which
+/// then succeeds.
+async fn a_skip_caused_outside_the_workflow_ends_it_as_the_cause_did(b: &Backend) {
+    let s = b.open().await;
+    let upstream = task("upstream");
+    let lone = task("lone");
+    s.submit(tasks(vec![upstream.clone(), lone.clone()]))
+        .await
+        .unwrap();
+    let needs = after(task("needs-upstream"), &[&upstream], Condition::Success);
+    let inner = after(task("inner"), &[&needs], Condition::Success);
+    let own = task("own");
+    let (failing, sub) = workflow("needs-upstream", vec![needs.clone(), inner.clone(), own]);
+    s.submit(sub).await.unwrap();
+    let handler = after(task("on-lone-failure"), &[&lone], Condition::Failure);
+    let (by_design, sub) = workflow("handler", vec![handler.clone(), task("other")]);
+    s.submit(sub).await.unwrap();
+    // upstream fails, lone succeeds (the claim takes the oldest first).
+    let claimed = s.claim(claim_req("w1", T0 + 10, 1)).await.unwrap();
+    assert_eq!(claimed[0].id, upstream.id);
+    s.finish(finish(&upstream.id, 1, "w1", T0 + 11, TaskStatus::Failed))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        run_ready(&s, T0 + 20, TaskStatus::Succeeded).await;
+    }
+    assert_eq!(status(&s, &needs.id).await, TaskStatus::Skipped);
+    assert_eq!(status(&s, &inner.id).await, TaskStatus::Skipped);
+    assert_eq!(status(&s, &handler.id).await, TaskStatus::Skipped);
+    let w = s.workflow(&failing).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Failed, "{w:?}");
+    let w = s.workflow(&by_design).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Succeeded, "{w:?}");
+
+    // Retried, the upstream task succeeds and so does the workflow.
+    s.retry(&upstream.id, T0 + 30).await.unwrap();
+    let w = s.workflow(&failing).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Running, "{w:?}");
+    for i in 0..3 {
+        run_ready(&s, T0 + 40 + i, TaskStatus::Succeeded).await;
+    }
+    let w = s.workflow(&failing).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Succeeded, "{w:?}");
+
+    // A cancelled outside dependency cancels the workflow it held up.
+    let held = task("held");
+    s.submit(tasks(vec![held.clone()])).await.unwrap();
+    let waits = after(task("waits"), &[&held], Condition::Success);
+    let (cancelled, sub) = workflow("waits-for-held", vec![waits.clone()]);
+    s.submit(sub).await.unwrap();
+    s.cancel(&held.id, T0 + 100, Some("not needed".into()))
+        .await
+        .unwrap();
+    assert_eq!(status(&s, &waits.id).await, TaskStatus::Skipped);
+    let w = s.workflow(&cancelled).await.unwrap().unwrap();
+    assert_eq!(w.status, task_queue::WorkflowStatus::Cancelled, "{w:?}");
+    assert_chain_ok(&s).await;
 }

@@ -1497,13 +1497,21 @@ fn update_workflows(conn: &Conn, batch: &mut Batch) -> Result<()> {
         if status != "running" || done < total {
             continue;
         }
-        let to = if failed > 0 {
-            WorkflowStatus::Failed
-        } else if cancelled > 0 {
-            WorkflowStatus::Cancelled
-        } else {
-            WorkflowStatus::Succeeded
-        };
+        // Its tasks skipped because a dependency outside it failed or was
+        // cancelled (their unmet edges say which).
+        let (outside_failed, outside_cancelled): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT COUNT(DISTINCT CASE WHEN p.status IN ('failed', 'timed_out') THEN t.id END), \
+                 COUNT(DISTINCT CASE WHEN p.status = 'cancelled' THEN t.id END) \
+                 FROM tasks t JOIN task_deps d ON d.task_id = t.id AND d.state = 'unmet' \
+                 JOIN tasks p ON p.id = d.dep_id \
+                 WHERE t.workflow_id = ?1 AND t.status = 'skipped' AND p.workflow_id IS NOT ?1",
+            )?
+            .query_row(params![&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let to = crate::store::finished_workflow_status(
+            (failed, cancelled),
+            (outside_failed, outside_cancelled),
+        );
         exec(
             conn,
             "UPDATE workflows SET status = ?1, finished_at = ?2 WHERE id = ?3",
@@ -1515,8 +1523,14 @@ fn update_workflows(conn: &Conn, batch: &mut Batch) -> Result<()> {
             "workflow_finished",
             Some(WorkflowStatus::Running.as_str()),
             to.as_str(),
-            serde_json::json!({"tasks": total, "failed": failed, "cancelled": cancelled})
-                .to_string(),
+            serde_json::json!({
+                "tasks": total,
+                "failed": failed,
+                "cancelled": cancelled,
+                "skipped_by_outside_failure": outside_failed,
+                "skipped_by_outside_cancel": outside_cancelled,
+            })
+            .to_string(),
         );
         batch.workflow_events.push(WorkflowEvent {
             workflow_id: id,
