@@ -100,9 +100,10 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
         .disable_allowed_hosts();
     config.max_request_body_bytes = body_limit;
     let q = queue.clone();
+    let sessions = std::sync::Arc::new(LocalSessionManager::default());
     let mcp = StreamableHttpService::new(
         move || Ok(McpServer::new(q.clone())),
-        LocalSessionManager::default().into(),
+        sessions.clone(),
         config,
     );
     let api = crate::rest::router(crate::rest::ApiState {
@@ -118,6 +119,9 @@ pub fn router(queue: TaskQueue, local: Option<SocketAddr>, ct: &CancellationToke
         .nest_service("/mcp", mcp)
         .layer(axum::middleware::from_fn(move |req, next| {
             checked_mcp_body(body_limit, req, next)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            ended_sessions(sessions.clone(), req, next)
         }))
         .merge(crate::mcp::sse::router(queue))
         .layer(axum::middleware::from_fn(jsonrpc_refusals));
@@ -295,6 +299,38 @@ async fn checked_mcp_body(
         axum::body::Body::from(bytes),
     ))
     .await
+}
+
+/// A `DELETE /mcp` of a session that does not exist (never did, or has
+/// ended) is answered `404` like any other request of such a session; the
+/// MCP library would accept it (`202`) as if it had ended one.
+async fn ended_sessions(
+    sessions: std::sync::Arc<LocalSessionManager>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use rmcp::transport::streamable_http_server::SessionManager;
+    if req.method() == axum::http::Method::DELETE
+        && let Some(id) = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        && !sessions
+            .has_session(&std::sync::Arc::from(id))
+            .await
+            .unwrap_or(true)
+    {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": {"code": -32600, "message": format!("no session {id}: it never existed or has ended")},
+            })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {

@@ -205,6 +205,40 @@ fn http_transport_refusals_are_jsonrpc_errors() {
     let (status, v) = post("/mcp", "Mcp-Session-Id: nope\r\n", msg);
     assert_eq!(status, 404, "{v}");
     assert_eq!(v["error"]["code"], -32600, "{v}");
+    // Ending a session: one that exists ends once; after that, and for one
+    // that never existed, the answer is 404.
+    let raw = |method: &str, extra: &str, body: &str| -> String {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "{method} /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let answer = raw("POST", "", init);
+    let session = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("mcp-session-id:")
+                .then(|| l.split_once(':').unwrap().1.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no session id: {answer}"));
+    let header = format!("Mcp-Session-Id: {session}\r\n");
+    let ended = raw("DELETE", &header, "");
+    assert!(ended.starts_with("HTTP/1.1 20"), "{ended}");
+    for extra in [header.as_str(), "Mcp-Session-Id: nope\r\n"] {
+        let again = raw("DELETE", extra, "");
+        assert!(again.starts_with("HTTP/1.1 404"), "{extra}: {again}");
+        assert!(again.contains("-32600"), "{again}");
+    }
     let (status, v) = post("/messages?sessionId=zzz", "", msg);
     assert_eq!(status, 404, "{v}");
     assert!(
