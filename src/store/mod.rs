@@ -780,15 +780,28 @@ pub(crate) fn finished_dep(
 /// timed out), and because one was cancelled. Such a skip is not one by
 /// the workflow's design (a failure handler passed over, a branch not
 /// taken): the work it needed did not happen, so it ends the workflow as
-/// a failed or cancelled task of its own would.
-pub(crate) fn finished_workflow_status(own: (i64, i64), outside: (i64, i64)) -> WorkflowStatus {
-    if own.0 > 0 || outside.0 > 0 {
+/// a failed or cancelled task of its own would. Answers the status and the
+/// detail of its `workflow_finished` audit event.
+pub(crate) fn finished_workflow(
+    total: i64,
+    own: (i64, i64),
+    outside: (i64, i64),
+) -> (WorkflowStatus, String) {
+    let status = if own.0 > 0 || outside.0 > 0 {
         WorkflowStatus::Failed
     } else if own.1 > 0 || outside.1 > 0 {
         WorkflowStatus::Cancelled
     } else {
         WorkflowStatus::Succeeded
-    }
+    };
+    let detail = serde_json::json!({
+        "tasks": total,
+        "failed": own.0,
+        "cancelled": own.1,
+        "skipped_by_outside_failure": outside.0,
+        "skipped_by_outside_cancel": outside.1,
+    });
+    (status, detail.to_string())
 }
 
 /// The refusal of a retry inside a cancelled workflow: the rest of the

@@ -175,11 +175,12 @@ fn http_transport_refusals_are_jsonrpc_errors() {
     let ws = Workspace::new();
     let (base, _server) = ws.serve();
     let addr = base.trim_start_matches("http://").to_string();
-    let post = |path: &str, extra: &str, body: &str| -> (u16, Value) {
+    // One request on a connection of its own; the whole answer.
+    let raw = |method: &str, path: &str, extra: &str, body: &str| -> String {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         write!(
             s,
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
              Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\n\
              Connection: close\r\n\r\n{body}",
             body.len()
@@ -187,6 +188,10 @@ fn http_transport_refusals_are_jsonrpc_errors() {
         .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let post = |path: &str, extra: &str, body: &str| -> (u16, Value) {
+        let out = raw("POST", path, extra, body);
         let status: u16 = out[9..12].parse().unwrap();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
         let start = body.find('{').unwrap_or(0);
@@ -207,22 +212,8 @@ fn http_transport_refusals_are_jsonrpc_errors() {
     assert_eq!(v["error"]["code"], -32600, "{v}");
     // Ending a session: one that exists ends once; after that, and for one
     // that never existed, the answer is 404.
-    let raw = |method: &str, extra: &str, body: &str| -> String {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "{method} /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let answer = raw("POST", "", init);
+    let answer = raw("POST", "/mcp", "", init);
     let session = answer
         .lines()
         .find_map(|l| {
@@ -232,10 +223,10 @@ fn http_transport_refusals_are_jsonrpc_errors() {
         })
         .unwrap_or_else(|| panic!("no session id: {answer}"));
     let header = format!("Mcp-Session-Id: {session}\r\n");
-    let ended = raw("DELETE", &header, "");
+    let ended = raw("DELETE", "/mcp", &header, "");
     assert!(ended.starts_with("HTTP/1.1 20"), "{ended}");
     for extra in [header.as_str(), "Mcp-Session-Id: nope\r\n"] {
-        let again = raw("DELETE", extra, "");
+        let again = raw("DELETE", "/mcp", extra, "");
         assert!(again.starts_with("HTTP/1.1 404"), "{extra}: {again}");
         assert!(again.contains("-32600"), "{again}");
     }

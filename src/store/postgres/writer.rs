@@ -1293,7 +1293,8 @@ async fn update_workflows(conn: &mut PgConnection, batch: &mut Batch) -> Result<
         .bind(&id)
         .fetch_one(&mut *conn)
         .await?;
-        let to = crate::store::finished_workflow_status(
+        let (to, detail) = crate::store::finished_workflow(
+            total,
             (failed, cancelled),
             (outside_failed, outside_cancelled),
         );
@@ -1309,14 +1310,7 @@ async fn update_workflows(conn: &mut PgConnection, batch: &mut Batch) -> Result<
             "workflow_finished",
             Some(WorkflowStatus::Running.as_str()),
             to.as_str(),
-            serde_json::json!({
-                "tasks": total,
-                "failed": failed,
-                "cancelled": cancelled,
-                "skipped_by_outside_failure": outside_failed,
-                "skipped_by_outside_cancel": outside_cancelled,
-            })
-            .to_string(),
+            detail,
         );
         batch.workflow_events.push(WorkflowEvent {
             workflow_id: id,

@@ -1508,7 +1508,8 @@ fn update_workflows(conn: &Conn, batch: &mut Batch) -> Result<()> {
                  WHERE t.workflow_id = ?1 AND t.status = 'skipped' AND p.workflow_id IS NOT ?1",
             )?
             .query_row(params![&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let to = crate::store::finished_workflow_status(
+        let (to, detail) = crate::store::finished_workflow(
+            total,
             (failed, cancelled),
             (outside_failed, outside_cancelled),
         );
@@ -1523,14 +1524,7 @@ fn update_workflows(conn: &Conn, batch: &mut Batch) -> Result<()> {
             "workflow_finished",
             Some(WorkflowStatus::Running.as_str()),
             to.as_str(),
-            serde_json::json!({
-                "tasks": total,
-                "failed": failed,
-                "cancelled": cancelled,
-                "skipped_by_outside_failure": outside_failed,
-                "skipped_by_outside_cancel": outside_cancelled,
-            })
-            .to_string(),
+            detail,
         );
         batch.workflow_events.push(WorkflowEvent {
             workflow_id: id,
