@@ -728,10 +728,32 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
         .collect();
     let live = !json_out && std::io::stderr().is_terminal();
     let width = names.values().map(|n| n.len()).max().unwrap_or(8).min(40);
-    // `run` executes commands and HTTP calls; external tasks wait for a
-    // worker to claim them, which `run` does not do: say so up front.
-    for t in queue.get_many(&ids).await? {
-        if t.kind == crate::model::TaskKind::External {
+    // `run` runs the file's tasks and the unfinished tasks outside the
+    // file that they depend on (by id), and no other task of the queue: a
+    // `run` beside a worker must not take, and at its end stop, work that
+    // is not its own.
+    let mut scope = ids.clone();
+    let mut seen: HashSet<String> = ids.iter().cloned().collect();
+    let mut frontier = ids.clone();
+    while let Some(id) = frontier.pop() {
+        for e in queue.store().dependencies(&id).await? {
+            if e.task_id == id && seen.insert(e.dep_id.clone()) {
+                scope.push(e.dep_id.clone());
+                frontier.push(e.dep_id);
+            }
+        }
+    }
+    for t in queue.get_many(&scope).await? {
+        let outside = !names.contains_key(&t.id);
+        if outside && !t.status.is_terminal() && !json_out {
+            eprintln!(
+                "note: {} ({}) is outside the file; its tasks depend on it, so it runs here too",
+                t.name, t.id
+            );
+        }
+        // `run` executes commands and HTTP calls; external tasks wait for
+        // a worker to claim them, which `run` does not do: say so up front.
+        if t.kind == crate::model::TaskKind::External && !t.status.is_terminal() {
             eprintln!(
                 "note: {} ({}) is an external task: it waits until a worker claims it \
                  (MCP claim_task, POST /api/v1/workers/claim)",
@@ -739,7 +761,7 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
             );
         }
     }
-    let engine = queue.start();
+    let engine = queue.start_for(scope);
     let mut open: HashSet<String> = ids.iter().cloned().collect();
     let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -777,12 +799,12 @@ async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<
             _ = sigterm.recv() => { interrupted = true; break; }
         }
     }
-    let grace = if interrupted {
-        queue.config().execution.kill_grace.0
-    } else {
-        Duration::ZERO
-    };
-    engine.shutdown(grace).await?;
+    // Nothing of the run is left running unless it was interrupted (or a
+    // dependency outside the file still runs): either way it gets the
+    // grace period before it is stopped.
+    engine
+        .shutdown(queue.config().execution.kill_grace.0)
+        .await?;
     let mut tasks = queue.get_many(&ids).await?;
     let order: HashMap<&String, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
     tasks.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));

@@ -138,7 +138,7 @@ impl Shared {
         }
     }
 
-    fn claim_request(&self, limit: usize) -> ClaimRequest {
+    fn claim_request(&self, limit: usize, only: &Scope) -> ClaimRequest {
         let now = self.clock.now_ms();
         let names: Vec<String> = self
             .handlers
@@ -157,6 +157,7 @@ impl Shared {
                 names,
                 ..ExternalFilter::default()
             }),
+            only: only.clone(),
         }
     }
 
@@ -312,9 +313,13 @@ impl EngineHandle {
 }
 
 /// Starts the engine loops on the current runtime.
-pub(crate) fn start(shared: Arc<Shared>, until_idle: bool) -> EngineHandle {
+/// The tasks an engine may claim: `None` for any, or only these (a
+/// `task-queue run` of a file runs that file's tasks, not the queue's).
+pub(crate) type Scope = Option<Arc<Vec<String>>>;
+
+pub(crate) fn start(shared: Arc<Shared>, until_idle: bool, only: Scope) -> EngineHandle {
     let (tx, rx) = watch::channel(RUNNING);
-    let done = tokio::spawn(run(shared, rx, until_idle));
+    let done = tokio::spawn(run(shared, rx, until_idle, only));
     EngineHandle { shutdown: tx, done }
 }
 
@@ -322,6 +327,7 @@ async fn run(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<u8>,
     until_idle: bool,
+    only: Scope,
 ) -> Result<()> {
     std::fs::create_dir_all(&shared.exec.scratch_dir)?;
     let reaper = match Reaper::spawn() {
@@ -352,7 +358,10 @@ async fn run(
     let mut tasks: JoinSet<()> = JoinSet::new();
     // When the first slot of the current claim window became free.
     let mut free_since: Option<tokio::time::Instant> = None;
-    let mut claims = Claims::default();
+    let mut claims = Claims {
+        only,
+        ..Claims::default()
+    };
     shared.stats().running = true;
     loop {
         shared.stats().last_tick_ms = Instant::now_ms();
@@ -404,7 +413,7 @@ async fn run(
         if free > 0 && hold.is_none() && claims.may_claim() {
             free_since = None;
             let store = shared.store.clone();
-            let req = shared.claim_request(free);
+            let req = shared.claim_request(free, &claims.only);
             let handle = claims.set.spawn(async move {
                 let t = std::time::Instant::now();
                 let result = store.claim(req).await;
@@ -414,7 +423,7 @@ async fn run(
             continue;
         }
         if until_idle && tasks.is_empty() && claims.set.is_empty() {
-            let req = shared.claim_request(1);
+            let req = shared.claim_request(1, &claims.only);
             if shared.store.runnable_count(&req).await? == 0 {
                 break;
             }
@@ -495,6 +504,8 @@ struct Claims {
     after: Option<tokio::time::Instant>,
     /// Claims failed in a row.
     errors: u32,
+    /// The tasks this engine may claim.
+    only: Scope,
 }
 
 impl Claims {
@@ -540,6 +551,7 @@ impl Claims {
                         reaper.clone(),
                         stop,
                         shutdown.clone(),
+                        self.only.clone(),
                     ));
                 }
             }
@@ -576,9 +588,10 @@ async fn run_slot(
     reaper: Option<Arc<Reaper>>,
     mut stop: watch::Receiver<Option<StopReason>>,
     shutdown: watch::Receiver<u8>,
+    only: Scope,
 ) {
     loop {
-        match run_attempt(&shared, &c, reaper.clone(), stop, &shutdown).await {
+        match run_attempt(&shared, &c, reaper.clone(), stop, &shutdown, &only).await {
             Some((next, next_stop)) => {
                 c = next;
                 stop = next_stop;
@@ -596,6 +609,7 @@ async fn run_attempt(
     reaper: Option<Arc<Reaper>>,
     stop: watch::Receiver<Option<StopReason>>,
     engine_state: &watch::Receiver<u8>,
+    only: &Scope,
 ) -> Option<(ClaimedTask, watch::Receiver<Option<StopReason>>)> {
     let t = std::time::Instant::now();
     let (report, policy, service) = execute(shared, c, reaper, stop.clone()).await;
@@ -657,7 +671,7 @@ async fn run_attempt(
         let result = if replace {
             shared
                 .store
-                .finish_and_claim(finish.clone(), shared.claim_request(1))
+                .finish_and_claim(finish.clone(), shared.claim_request(1, only))
                 .await
         } else {
             shared

@@ -142,6 +142,7 @@ async fn store_runs(
                 limit: (planned.len() - attempts.len()).min(10_000),
                 server_kinds: true,
                 external: None,
+                only: None,
             })
             .await?;
         if claimed.is_empty() {

@@ -549,7 +549,14 @@ impl TaskQueue {
 
     /// Starts the engine on the current runtime; it runs until shut down.
     pub fn start(&self) -> EngineHandle {
-        engine::start(self.inner.clone(), false)
+        engine::start(self.inner.clone(), false, None)
+    }
+
+    /// Starts the engine on the current runtime for these tasks only: it
+    /// claims none of the others in the queue (what `task-queue run FILE`
+    /// runs). Dependencies outside them wait for another engine or worker.
+    pub fn start_for(&self, ids: Vec<String>) -> EngineHandle {
+        engine::start(self.inner.clone(), false, Some(Arc::new(ids)))
     }
 
     /// Runs the engine until nothing is left that it could run.
@@ -560,7 +567,7 @@ impl TaskQueue {
     /// Starts the engine on the current runtime; it ends by itself when
     /// nothing is left that it could run, or when shut down.
     pub fn start_until_idle(&self) -> EngineHandle {
-        engine::start(self.inner.clone(), true)
+        engine::start(self.inner.clone(), true, None)
     }
 }
 

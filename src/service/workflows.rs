@@ -461,6 +461,7 @@ impl TaskQueue {
                     project: filter.project,
                     tags: filter.tags,
                 }),
+                only: None,
             })
             .await?;
         let mut out = Vec::with_capacity(claimed.len());

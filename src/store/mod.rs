@@ -434,6 +434,8 @@ pub struct ClaimRequest {
     pub server_kinds: bool,
     /// Claim external tasks matching this filter.
     pub external: Option<ExternalFilter>,
+    /// Claim only these tasks (by id), if set.
+    pub only: Option<std::sync::Arc<Vec<String>>>,
 }
 
 impl ClaimRequest {
@@ -456,6 +458,7 @@ pub(crate) fn merge_claims(requests: &[Option<&ClaimRequest>]) -> Vec<(ClaimRequ
             g.worker_id == r.worker_id
                 && g.server_kinds == r.server_kinds
                 && g.external == r.external
+                && g.only == r.only
         });
         match same {
             Some((g, members)) => {
@@ -1093,6 +1096,7 @@ mod tests {
             limit,
             server_kinds: external.is_none(),
             external,
+            only: None,
         }
     }
 

@@ -171,6 +171,7 @@ conformance!(
     a_retried_task_waits_for_its_dependencies_and_its_time_again,
     a_task_of_a_cancelled_workflow_is_not_retried,
     a_skip_caused_outside_the_workflow_ends_it_as_the_cause_did,
+    a_scoped_claim_takes_only_its_tasks,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -255,6 +256,7 @@ fn claim_req(worker: &str, now: i64, limit: usize) -> ClaimRequest {
         limit,
         server_kinds: true,
         external: None,
+        only: None,
     }
 }
 
@@ -2509,4 +2511,34 @@ async fn a_skip_caused_outside_the_workflow_ends_it_as_the_cause_did(b: &Backend
     let w = s.workflow(&cancelled).await.unwrap().unwrap();
     assert_eq!(w.status, task_queue::WorkflowStatus::Cancelled, "{w:?}");
     assert_chain_ok(&s).await;
+}
+
+/// A claim with a scope (`task-queue run FILE`) takes only the tasks it
+/// names, in the usual order, also the claim that comes with a finish.
+async fn a_scoped_claim_takes_only_its_tasks(b: &Backend) {
+    let s = b.open().await;
+    let list: Vec<NewTask> = (0..4).map(|i| task(&format!("t{i}"))).collect();
+    s.submit(tasks(list.clone())).await.unwrap();
+    let only = std::sync::Arc::new(vec![list[3].id.clone(), list[1].id.clone()]);
+    let scoped = |limit| ClaimRequest {
+        only: Some(only.clone()),
+        ..claim_req("w1", T0 + 10, limit)
+    };
+    let first = s.claim(scoped(1)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].id, list[1].id, "oldest of the scope first");
+    let (_, next) = s
+        .finish_and_claim(
+            finish(&list[1].id, 1, "w1", T0 + 11, TaskStatus::Succeeded),
+            scoped(5),
+        )
+        .await
+        .unwrap();
+    let got: Vec<&str> = next.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(got, vec![list[3].id.as_str()]);
+    assert!(s.claim(scoped(5)).await.unwrap().is_empty());
+    assert_eq!(status(&s, &list[0].id).await, TaskStatus::Queued);
+    assert_eq!(status(&s, &list[2].id).await, TaskStatus::Queued);
+    let rest = s.claim(claim_req("w2", T0 + 20, 5)).await.unwrap();
+    assert_eq!(rest.len(), 2);
 }

@@ -356,3 +356,33 @@ fn cancel_from_another_process_stops_the_running_task() {
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// `run FILE` runs the file's tasks and the unfinished tasks outside it
+/// that they depend on, and leaves the rest of the queue to the workers:
+/// a task queued for a worker is neither started nor stopped by it.
+#[test]
+fn run_takes_only_its_own_tasks_and_their_dependencies() {
+    let ws = Workspace::new();
+    let ids = ws.submit(
+        "tasks:\n  - {name: for-a-worker, command: 'echo ran >> other.log', retry: {max_attempts: 1}}\n  \
+         - {name: needed, command: 'echo needed >> needed.log'}\n",
+    );
+    let (other, needed) = (&ids[0], &ids[1]);
+    let (code, summary) = ws.run_file(&format!(
+        "tasks:\n  - {{name: mine, command: 'true'}}\n  \
+         - {{name: after-needed, command: 'true', depends_on: ['{needed}']}}\n"
+    ));
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    let o = ws.status(other);
+    assert_eq!(o["status"], "queued", "{o}");
+    assert_eq!(o["attempts"], 0, "{o}");
+    assert!(!exists(&ws.path("other.log")), "the other task ran");
+    assert_eq!(ws.status(needed)["status"], "succeeded");
+    assert_eq!(ws.read("needed.log").trim(), "needed");
+    // A worker then runs the other task once.
+    let out = ws.run(&["worker", "--until-idle"]);
+    assert!(out.status.success());
+    assert_eq!(ws.status(other)["status"], "succeeded");
+    assert_eq!(ws.read("other.log").trim(), "ran");
+}

@@ -667,6 +667,7 @@ pub fn engine_claim_request() -> ClaimRequest {
         limit: 1,
         server_kinds: true,
         external: None,
+        only: None,
     }
 }
 

@@ -1582,10 +1582,15 @@ pub(super) fn claim_sql(req: &ClaimRequest) -> String {
         (false, Some(e)) => format!("AND {e}"),
         (false, None) => "AND 0".to_string(),
     };
+    // Only these tasks (a JSON array of ids), for an engine with a scope.
+    let only = match &req.only {
+        Some(_) => format!(" AND id IN (SELECT value FROM json_each({}))", next()),
+        None => String::new(),
+    };
     format!(
         "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, workflow_id \
          FROM tasks INDEXED BY tasks_ready \
-         WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter} \
+         WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter}{only} \
          ORDER BY priority DESC, seq LIMIT ?2"
     )
 }
@@ -1598,6 +1603,9 @@ pub(super) fn claim_binds(req: &ClaimRequest) -> Vec<String> {
         v.extend(f.names.iter().filter(|n| n.ends_with('*')).cloned());
         v.extend(f.project.iter().cloned());
         v.extend(f.tags.iter().cloned());
+    }
+    if let Some(ids) = &req.only {
+        v.push(serde_json::to_string(ids.as_ref()).unwrap_or_else(|_| "[]".into()));
     }
     v
 }
