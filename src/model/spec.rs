@@ -13,8 +13,15 @@ use crate::error::{Error, Result};
 
 /// Largest accepted spec, serialized as JSON.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
-const MAX_COMMAND_BYTES: usize = 128 * 1024;
+/// Linux takes one argument or environment string of at most 128 KiB,
+/// its terminating NUL included (`MAX_ARG_STRLEN`): a longer one makes the
+/// command fail to start (E2BIG).
+const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+const MAX_COMMAND_BYTES: usize = MAX_ARG_BYTES;
 const MAX_PARAMETERS_BYTES: usize = 256 * 1024;
+/// Parameters of a command task travel as `TASK_QUEUE_PARAMS=<json>`, one
+/// environment string.
+const MAX_COMMAND_PARAMETERS_BYTES: usize = MAX_ARG_BYTES - "TASK_QUEUE_PARAMS=".len();
 const MAX_ENV_VARS: usize = 256;
 const MAX_TAGS: usize = 32;
 const MAX_ARTIFACTS: usize = 256;
@@ -791,8 +798,16 @@ impl TaskSpec {
                 ));
             }
             check_no_nul(&format!("env.{k}"), v)?;
-            if v.len() > MAX_COMMAND_BYTES {
-                return Err(too_long(&format!("env.{k}"), MAX_COMMAND_BYTES, v.len()));
+            // The process gets it as one string, `NAME=value`.
+            let n = k.len() + 1 + v.len();
+            if n > MAX_ARG_BYTES {
+                return Err(Error::invalid(
+                    format!("env.{k}"),
+                    format!(
+                        "{k}=value must be at most {MAX_ARG_BYTES} bytes (the system's limit for one \
+                         environment variable), got {n}"
+                    ),
+                ));
             }
         }
         if let Some(p) = &self.project {
@@ -816,6 +831,17 @@ impl TaskSpec {
                 .unwrap_or(usize::MAX);
             if n > MAX_PARAMETERS_BYTES {
                 return Err(too_long("parameters", MAX_PARAMETERS_BYTES, n));
+            }
+            if kind == TaskKind::Command && n > MAX_COMMAND_PARAMETERS_BYTES {
+                return Err(Error::invalid(
+                    "parameters",
+                    format!(
+                        "must be at most {MAX_COMMAND_PARAMETERS_BYTES} bytes as JSON for a command task \
+                         (they are passed in the environment variable TASK_QUEUE_PARAMS, and the system \
+                         takes at most {MAX_ARG_BYTES} bytes for one), got {n}; external and HTTP tasks \
+                         take up to {MAX_PARAMETERS_BYTES}"
+                    ),
+                ));
             }
         }
         if self.depends_on.len() > MAX_DEPENDENCIES {
@@ -893,5 +919,59 @@ impl TaskSpec {
             l.validate().map_err(|e| e.in_field("limits"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(v: serde_json::Value) -> Result<()> {
+        crate::model::parse::from_value::<TaskSpec>(v)?.validate()
+    }
+
+    fn refused_at(v: serde_json::Value, field: &str) -> String {
+        match check(v) {
+            Err(Error::InvalidInput { field: f, message }) => {
+                assert_eq!(f, field, "{message}");
+                message
+            }
+            other => panic!("expected a refusal of {field}, got {other:?}"),
+        }
+    }
+
+    /// What a command gets as one argument or environment string fits the
+    /// system's limit of 128 KiB with its NUL; a longer one is refused at
+    /// submit, naming the field, instead of failing to start (E2BIG).
+    #[test]
+    fn strings_a_process_gets_fit_one_argument() {
+        let text = |n: usize| "x".repeat(n);
+        assert!(check(json!({"name": "c", "command": text(131_071)})).is_ok());
+        let m = refused_at(json!({"name": "c", "command": text(131_072)}), "command");
+        assert!(m.contains("131071"), "{m}");
+        refused_at(json!({"name": "a", "argv": [text(131_072)]}), "argv");
+        // NAME=value
+        assert!(
+            check(json!({"name": "e", "command": "true", "env": {"V": text(131_069)}})).is_ok()
+        );
+        let m = refused_at(
+            json!({"name": "e", "command": "true", "env": {"V": text(131_070)}}),
+            "env.V",
+        );
+        assert!(m.contains("V=value"), "{m}");
+        // TASK_QUEUE_PARAMS=<json>: a JSON string adds its two quotes.
+        let params = |n: usize| json!({"name": "p", "command": "true", "parameters": text(n - 2)});
+        assert!(check(params(131_053)).is_ok());
+        let m = refused_at(params(131_054), "parameters");
+        assert!(m.contains("TASK_QUEUE_PARAMS"), "{m}");
+        // Tasks that are not processes keep the larger limit.
+        assert!(
+            check(json!({"name": "x", "kind": "external", "parameters": text(200_000)})).is_ok()
+        );
+        refused_at(
+            json!({"name": "x", "kind": "external", "parameters": text(262_143)}),
+            "parameters",
+        );
     }
 }

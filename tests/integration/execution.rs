@@ -386,3 +386,33 @@ fn run_takes_only_its_own_tasks_and_their_dependencies() {
     assert_eq!(ws.status(other)["status"], "succeeded");
     assert_eq!(ws.read("other.log").trim(), "ran");
 }
+
+/// The longest command, environment variable and parameters a task may
+/// have start (each is one string for the kernel, at most 128 KiB with its
+/// NUL); one byte more is refused at submit, naming the field.
+#[test]
+fn the_longest_command_env_and_parameters_allowed_start() {
+    let ws = Workspace::new();
+    let pad = |n: usize| "x".repeat(n);
+    // `: xxx…` is a shell no-op of exactly 131,071 bytes.
+    let command = format!(": {}", pad(131_071 - 2));
+    let file = serde_json::json!({"tasks": [
+        {"name": "long-command", "command": command},
+        {"name": "long-env", "command": "test ${#V} -eq 131069", "env": {"V": pad(131_069)}},
+        {"name": "long-params", "command": "test ${#TASK_QUEUE_PARAMS} -eq 131053",
+         "parameters": pad(131_051)},
+    ]});
+    let (code, summary) = ws.run_file(&file.to_string());
+    assert_eq!(code, 0, "{summary}");
+    for t in summary["tasks"].as_array().unwrap() {
+        assert_eq!(t["status"], "succeeded", "{t}");
+    }
+    let over = serde_json::json!({"tasks": [
+        {"name": "p", "command": "true", "parameters": pad(131_052)},
+    ]});
+    let f = ws.write("over.json", &over.to_string());
+    let out = ws.run(&["submit", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parameters"), "{err}");
+}
