@@ -145,13 +145,30 @@ pub fn parse_document(text: &str) -> Result<Value> {
     }
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        return json_strict(text.as_bytes())
-            .map_err(|e| Error::invalid("file", format!("malformed JSON: {e}")));
+        let json = json_strict(text.as_bytes());
+        let e = match json {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        // YAML in flow style (`{tasks: [{name: a, command: make}]}`) starts
+        // the same way; JSON's own refusals (a key given twice, an integer
+        // wider than 64 bits) stand.
+        use serde_json::error::Category;
+        if matches!(e.classify(), Category::Syntax | Category::Eof)
+            && let Ok(v) = read_yaml(text)
+        {
+            return Ok(v);
+        }
+        return Err(Error::invalid("file", format!("malformed JSON: {e}")));
     }
+    read_yaml(text)
+}
+
+fn read_yaml(text: &str) -> Result<Value> {
     check_flow_depth(text)?;
-    let v = Strict::deserialize(serde_norway::Deserializer::from_str(text))
-        .map_err(|e| Error::invalid("file", format!("malformed YAML: {e}")))?;
-    Ok(v.0)
+    Strict::deserialize(serde_norway::Deserializer::from_str(text))
+        .map(|v| v.0)
+        .map_err(|e| Error::invalid("file", format!("malformed YAML: {e}")))
 }
 
 /// Parses JSON like `serde_json::from_slice`, except that a key given twice
@@ -525,6 +542,25 @@ mod tests {
             let e = super::json_strict(bad.as_bytes()).unwrap_err().to_string();
             assert!(e.contains("does not fit in 64 bits"), "{bad}: {e}");
             assert!(e.contains(at), "{bad}: {e}");
+        }
+    }
+
+    /// A file that starts like JSON but is YAML in flow style is read as
+    /// YAML; JSON with a syntax error keeps the JSON error, and JSON's own
+    /// refusals are not read past.
+    #[test]
+    fn yaml_in_flow_style_is_yaml() {
+        let v = super::parse_document("{tasks: [{name: a, command: make}]}\n").unwrap();
+        assert_eq!(v["tasks"][0]["name"], "a");
+        let v = super::parse_document("[a, {b: 1}]").unwrap();
+        assert_eq!(v[1]["b"], 1);
+        for (bad, says) in [
+            (r#"{"tasks": [}"#, "malformed JSON"),
+            (r#"{"a": 1, "a": 2}"#, "twice"),
+            (r#"{"a": 123456789012345678901234}"#, "64 bits"),
+        ] {
+            let e = super::parse_document(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 
