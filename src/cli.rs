@@ -99,7 +99,9 @@ pub enum Command {
     /// SIGTERM lets running tasks finish for up to 30 s; a second one stops
     /// them at once (they go back to the queue).
     Worker {
-        /// Exit when no task is left that this worker could run.
+        /// Exit when no task is left that this worker could run now (tasks
+        /// waiting for a later `schedule.at` or a schedule's next run are
+        /// left for a later worker; retries in their backoff are waited for).
         #[arg(long)]
         until_idle: bool,
         /// Override execution.max_concurrent_tasks.

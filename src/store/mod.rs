@@ -936,8 +936,10 @@ pub trait Store: Send + Sync + 'static {
     async fn verify_audit(&self) -> Result<AuditReport>;
     async fn counts(&self) -> Result<StatusCounts>;
     async fn stats(&self, now: i64) -> Result<QueueStats>;
-    /// Tasks a worker with this claim filter could run now or later, plus
-    /// running tasks whose lease has expired (they will come back).
+    /// Tasks a worker with this claim filter could run now, or once their
+    /// backoff is over, plus running tasks whose lease has expired (they
+    /// will come back). Tasks waiting for a later time (`schedule.at`, a
+    /// schedule's next run) are not counted.
     async fn runnable_count(&self, req: &ClaimRequest) -> Result<u64>;
     /// Earliest future time something becomes claimable or a schedule comes
     /// due (retry backoffs, timers), for sleeping precisely.

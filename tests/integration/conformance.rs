@@ -172,6 +172,7 @@ conformance!(
     a_task_of_a_cancelled_workflow_is_not_retried,
     a_skip_caused_outside_the_workflow_ends_it_as_the_cause_did,
     a_scoped_claim_takes_only_its_tasks,
+    what_is_runnable_leaves_out_tasks_waiting_for_their_time,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2541,4 +2542,19 @@ async fn a_scoped_claim_takes_only_its_tasks(b: &Backend) {
     assert_eq!(status(&s, &list[2].id).await, TaskStatus::Queued);
     let rest = s.claim(claim_req("w2", T0 + 20, 5)).await.unwrap();
     assert_eq!(rest.len(), 2);
+}
+
+/// `worker --until-idle` asks what is runnable: a task whose time has not
+/// come is not, until it comes.
+async fn what_is_runnable_leaves_out_tasks_waiting_for_their_time(b: &Backend) {
+    let s = b.open().await;
+    let mut later = task("later");
+    later.run_at = T0 + 60_000;
+    s.submit(tasks(vec![task("now"), later.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(status(&s, &later.id).await, TaskStatus::Pending);
+    let req = |now| claim_req("w1", now, 10);
+    assert_eq!(s.runnable_count(&req(T0 + 1)).await.unwrap(), 1);
+    assert_eq!(s.runnable_count(&req(T0 + 60_000)).await.unwrap(), 2);
 }

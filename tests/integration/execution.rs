@@ -416,3 +416,26 @@ fn the_longest_command_env_and_parameters_allowed_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("parameters"), "{err}");
 }
+
+/// `worker --until-idle` runs what can run now and exits: a task waiting
+/// for a later `schedule.at` stays pending for a later worker, as a
+/// schedule's next run does.
+#[test]
+fn until_idle_does_not_wait_for_a_later_time() {
+    let ws = Workspace::new();
+    let ids = ws.submit(
+        "tasks:\n  - {name: now, command: 'true'}\n  \
+         - {name: later, command: 'true', schedule: {at: '2099-01-01T00:00:00Z'}}\n",
+    );
+    let mut worker = ws.spawn(&["worker", "--until-idle"]);
+    let exited = wait_until(Duration::from_secs(20), || {
+        matches!(worker.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = worker.kill();
+    }
+    let _ = worker.wait();
+    assert!(exited, "the worker waited for a task due in 2099");
+    assert_eq!(ws.status(&ids[0])["status"], "succeeded");
+    assert_eq!(ws.status(&ids[1])["status"], "pending");
+}

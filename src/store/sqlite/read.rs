@@ -408,7 +408,7 @@ pub(super) async fn runnable_count(pool: &SqlitePool, req: &ClaimRequest) -> Res
     let n = 3 + super::writer::claim_binds(req).len();
     let sql = format!(
         "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'retrying') AND ?1 = ?1 AND ?2 = ?2 {kind_filter}) + \
-         (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND deps_pending = 0 AND schedule_id IS NULL {kind_filter}) + \
+         (SELECT COUNT(*) FROM tasks WHERE status = 'pending' AND deps_pending = 0 AND schedule_id IS NULL AND run_at <= ?1 {kind_filter}) + \
          (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND (lease_owner = ?{n} OR lease_expires_at < ?1))"
     );
     let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
