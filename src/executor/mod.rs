@@ -177,6 +177,23 @@ pub(crate) fn spawn_error(spec: &TaskSpec, req: &ProcessRequest, e: &std::io::Er
                 req.argv[0]
             )
         }
+        (_, std::io::ErrorKind::PermissionDenied) => {
+            let over = spawn::RawLimits::from(&req.limits).over_hard_limits();
+            if over.is_empty() {
+                return format!("cannot start the command: {e}");
+            }
+            let what: Vec<String> = over
+                .iter()
+                .map(|(field, asked, hard)| {
+                    format!("{field} asks for {asked}, over this worker's hard limit of {hard}")
+                })
+                .collect();
+            format!(
+                "cannot start the command: {} (only a process with CAP_SYS_RESOURCE may raise a hard limit; \
+                 lower the limit or raise the worker's, e.g. with ulimit -H or systemd's Limit*=)",
+                what.join("; ")
+            )
+        }
         _ => format!("cannot start the command: {e}"),
     }
 }

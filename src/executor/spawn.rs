@@ -72,6 +72,49 @@ impl RawLimits {
     }
 }
 
+impl RawLimits {
+    /// The limits over what this process may set (its own hard limits;
+    /// raising one needs `CAP_SYS_RESOURCE`): (field, asked, hard limit).
+    pub fn over_hard_limits(&self) -> Vec<(&'static str, u64, u64)> {
+        fn hard(resource: libc::__rlimit_resource_t) -> Option<u64> {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: valid pointer to a stack value.
+            if unsafe { libc::getrlimit(resource, &mut lim) } != 0
+                || lim.rlim_max == libc::RLIM_INFINITY
+            {
+                return None;
+            }
+            Some(lim.rlim_max as u64)
+        }
+        // (field, resource, asked, the hard limit `apply` sets for it)
+        let asked = [
+            (
+                "limits.cpu_seconds",
+                libc::RLIMIT_CPU,
+                self.cpu,
+                self.cpu.map(|c| c.saturating_add(1)),
+            ),
+            ("limits.memory_bytes", libc::RLIMIT_AS, self.mem, self.mem),
+            (
+                "limits.max_processes",
+                libc::RLIMIT_NPROC,
+                self.nproc,
+                self.nproc,
+            ),
+        ];
+        asked
+            .into_iter()
+            .filter_map(|(field, resource, asked, sets)| {
+                let hard = hard(resource)?;
+                (sets? > hard).then_some((field, asked?, hard))
+            })
+            .collect()
+    }
+}
+
 /// What to start.
 pub struct SpawnSpec<'a> {
     pub argv: &'a [String],

@@ -439,3 +439,46 @@ fn until_idle_does_not_wait_for_a_later_time() {
     assert_eq!(ws.status(&ids[0])["status"], "succeeded");
     assert_eq!(ws.status(&ids[1])["status"], "pending");
 }
+
+/// A limit over the worker's own hard limit cannot be set without
+/// CAP_SYS_RESOURCE: the attempt fails naming the field, what it asked for
+/// and the worker's limit (with the capability the task simply runs).
+#[test]
+fn a_limit_over_the_workers_hard_limit_is_named() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: Option<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|h| h.parse().ok());
+    let Some(hard) = hard else {
+        // "unlimited": nothing is over it.
+        return;
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|c| u64::from_str_radix(c.trim(), 16).ok())
+        .unwrap_or(0);
+    let may_raise = caps & (1 << 24) != 0; // CAP_SYS_RESOURCE
+    let ws = Workspace::new();
+    let (code, summary) = ws.run_file(&format!(
+        "tasks: [{{name: np, command: 'true', limits: {{max_processes: {}}}, retry: {{max_attempts: 1}}}}]\n",
+        hard + 1
+    ));
+    let t = task_by_name(&summary, "np");
+    if may_raise {
+        assert_eq!(code, 0, "{summary}");
+        return;
+    }
+    assert_eq!(code, 1, "{summary}");
+    let id = t["id"].as_str().unwrap();
+    let error = ws.status(id)["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        error.contains("limits.max_processes")
+            && error.contains(&(hard + 1).to_string())
+            && error.contains(&format!("hard limit of {hard}")),
+        "{error}"
+    );
+}
