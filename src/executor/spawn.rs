@@ -87,7 +87,7 @@ impl RawLimits {
             {
                 return None;
             }
-            Some(lim.rlim_max as u64)
+            Some(lim.rlim_max)
         }
         // (field, resource, asked, the hard limit `apply` sets for it)
         let asked = [
