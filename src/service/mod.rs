@@ -416,7 +416,21 @@ impl TaskQueue {
         if limit == 0 {
             return Err(Error::invalid("limit", "must be at least 1, got 0"));
         }
-        self.inner.store.audit_events(task_id, limit).await
+        let events = self.inner.store.audit_events(task_id, limit).await?;
+        // No events for an id that names nothing is a wrong id, not an
+        // empty trail (tasks, workflows and schedules all have events).
+        if let Some(id) = task_id
+            && events.is_empty()
+            && self.inner.store.get(id).await?.is_none()
+            && self.inner.store.workflow(id).await?.is_none()
+            && self.inner.store.schedule(id).await?.is_none()
+        {
+            return Err(Error::NotFound {
+                what: "task, workflow or schedule",
+                id: id.to_string(),
+            });
+        }
+        Ok(events)
     }
 
     /// Walks the whole audit chain.

@@ -352,6 +352,14 @@ fn attempts_and_ids_that_do_not_exist_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+    // A well-formed id that names nothing is not an empty trail.
+    let out = ws.run(&["audit", "show", "0193b0c2-0000-7000-8000-000000000000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    let out = ws.run(&["audit", "show", &id]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"submitted\""));
     let out = ws.run(&["logs", &id, "--attempt", "1"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
