@@ -91,6 +91,24 @@ pub fn plan_with(tasks: &[TaskSpec], unique_names: bool) -> Result<Plan> {
             }
         }
     }
+    // In a workflow a second task with the key of an earlier one would be
+    // answered by it, and the workflow would silently run one task less.
+    if unique_names {
+        let mut by_key: HashMap<&str, usize> = HashMap::new();
+        for (j, t) in tasks.iter().enumerate() {
+            if let Some(k) = t.idempotency_key.as_deref()
+                && let Some(first) = by_key.insert(k, j)
+            {
+                return Err(Error::invalid(
+                    format!("tasks[{j}].idempotency_key"),
+                    format!(
+                        "{k:?} is also the key of tasks[{first}]; the tasks of one workflow must have \
+                         different keys (the second would be answered by the first and not run)"
+                    ),
+                ));
+            }
+        }
+    }
 
     let mut edges = Vec::new();
     let mut external = Vec::new();
@@ -577,6 +595,22 @@ mod tests {
             Err(Error::InvalidInput { field, message }) => (field, message),
             other => panic!("expected invalid input, got {other:?}"),
         }
+    }
+
+    /// In a workflow two tasks with one idempotency key would be one task;
+    /// a plain batch keeps answering the repeat with the first.
+    #[test]
+    fn a_workflow_refuses_a_key_given_twice() {
+        let keyed = |name: &str, key: &str| {
+            let mut t = task(name, &[]);
+            t.idempotency_key = Some(key.into());
+            t
+        };
+        let tasks = vec![keyed("a", "k1"), keyed("b", "k2"), keyed("c", "k1")];
+        let (field, message) = invalid(plan_with(&tasks, true));
+        assert_eq!(field, "tasks[2].idempotency_key");
+        assert!(message.contains("tasks[0]"), "{message}");
+        assert!(plan_with(&tasks, false).is_ok());
     }
 
     #[test]
