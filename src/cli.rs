@@ -121,6 +121,9 @@ pub enum Command {
         project: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// The next page of a listing: the `next_cursor` of the previous one.
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Cancel a task; a running task's processes are stopped.
     Cancel { id: String },
@@ -617,9 +620,17 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
             statuses,
             project,
             limit,
+            cursor,
         } => {
             let queue = TaskQueue::open_with(config).await?;
-            status(&queue, id, json, statuses, project, limit).await
+            let list = ListOptions {
+                statuses,
+                project,
+                limit: Some(limit),
+                cursor,
+                ..ListOptions::default()
+            };
+            status(&queue, id, json, list).await
         }
         Command::Cancel { id } => {
             let queue = TaskQueue::open_with(config).await?;
@@ -988,9 +999,7 @@ async fn status(
     queue: &TaskQueue,
     id: Option<String>,
     json_out: bool,
-    statuses: Vec<TaskStatus>,
-    project: Option<String>,
-    limit: usize,
+    list: ListOptions,
 ) -> Result<ExitCode> {
     match id {
         Some(id) => {
@@ -998,14 +1007,7 @@ async fn status(
             print_task(&t, &attempts, json_out);
         }
         None => {
-            let page = queue
-                .list(ListOptions {
-                    statuses,
-                    project,
-                    limit: Some(limit),
-                    ..ListOptions::default()
-                })
-                .await?;
+            let page = queue.list(list).await?;
             print_page(&page, json_out);
         }
     }
@@ -1116,6 +1118,9 @@ fn print_page(page: &crate::service::TaskPage, json_out: bool) {
         for t in &page.tasks {
             outln!("{}  {:17}  {}", t.id, t.status.as_str(), t.name);
         }
+        if let Some(c) = &page.next_cursor {
+            eprintln!("more: --cursor {c}");
+        }
     }
 }
 
@@ -1148,6 +1153,7 @@ async fn remote(client: &crate::client::Client, command: Command) -> Result<Exit
             statuses,
             project,
             limit,
+            cursor,
         } => match id {
             Some(id) => {
                 let d = client.get(&id).await?;
@@ -1159,6 +1165,7 @@ async fn remote(client: &crate::client::Client, command: Command) -> Result<Exit
                         statuses,
                         project,
                         limit: Some(limit),
+                        cursor,
                         ..TaskQuery::default()
                     })
                     .await?;

@@ -482,3 +482,43 @@ fn a_limit_over_the_workers_hard_limit_is_named() {
         "{error}"
     );
 }
+
+/// `status` pages through a long listing with `--cursor`.
+#[test]
+fn status_pages_with_a_cursor() {
+    let ws = Workspace::new();
+    let ids = ws.submit(
+        "tasks:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n  \
+         - {name: c, command: 'true'}\n  - {name: d, command: 'true'}\n  - {name: e, command: 'true'}\n",
+    );
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let mut args = vec!["status", "--json", "--limit", "2"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let out = ws.run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for t in page["tasks"].as_array().unwrap() {
+            seen.push(t["id"].as_str().unwrap().to_string());
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert!(cursor.is_none(), "still more after five pages");
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want);
+    // Off a terminal the plain listing says how to go on, on stderr.
+    let out = ws.run(&["status", "--limit", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more: --cursor "));
+}
