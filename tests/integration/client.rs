@@ -281,6 +281,21 @@ fn cli_commands_work_against_a_server() {
     let out = remote(&["status", "--json"], &operator);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tasks"].as_array().unwrap().len(), 2);
+    // Page by page: one task, then the other.
+    let out = remote(&["status", "--json", "--limit", "1"], &operator);
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let out = remote(
+        &["status", "--json", "--limit", "1", "--cursor", &cursor],
+        &operator,
+    );
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(second["tasks"].as_array().unwrap().len(), 1, "{second}");
+    assert_ne!(first["tasks"][0]["id"], second["tasks"][0]["id"]);
+    assert!(second.get("next_cursor").is_none(), "{second}");
     assert!(wait_until(
         Duration::from_secs(30),
         || ws.status(&gate)["status"] == "awaiting_approval"
