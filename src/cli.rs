@@ -609,6 +609,12 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
             concurrency,
         } => {
             if let Some(c) = concurrency {
+                if !(1..=100_000).contains(&c) {
+                    return Err(Error::invalid(
+                        "--concurrency",
+                        format!("must be between 1 and 100000, got {c}"),
+                    ));
+                }
                 config.execution.max_concurrent_tasks = c;
             }
             let queue = TaskQueue::open_with(config).await?;

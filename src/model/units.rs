@@ -135,7 +135,7 @@ impl std::str::FromStr for ByteSize {
             "tib" => 1 << 40,
             other => {
                 return Err(format!(
-                    "unknown size unit {other:?} in {s:?}; use B, KB, KiB, MB, MiB, GB or GiB"
+                    "unknown size unit {other:?} in {s:?}; use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB"
                 ));
             }
         };

@@ -294,11 +294,21 @@ pub(crate) fn resolve(config: &Config, mut spec: TaskSpec, now: i64) -> Result<N
     let kind = spec.effective_kind();
     spec.kind = Some(kind);
     spec.timeout = Some(spec.timeout.unwrap_or(exec.default_timeout));
-    let retry = spec
-        .retry
-        .take()
-        .unwrap_or_default()
-        .merged_over(&exec.default_retry);
+    let own = spec.retry.take().unwrap_or_default();
+    let retry = own.merged_over(&exec.default_retry);
+    // A `max_delay` below the configured `initial_delay` the task did not
+    // give: say where that value comes from.
+    if let (None, Some(i), Some(m)) = (own.initial_delay, retry.initial_delay, own.max_delay)
+        && i > m
+    {
+        return Err(Error::invalid(
+            "retry.initial_delay",
+            format!(
+                "is {i} by default (execution.default_retry), more than this task's max_delay ({m}); \
+                 give initial_delay too, at most {m}"
+            ),
+        ));
+    }
     spec.retry = Some(retry);
     if matches!(kind, TaskKind::Command | TaskKind::Http) {
         spec.limits = Some(

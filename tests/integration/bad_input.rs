@@ -39,6 +39,19 @@ fn malformed_and_mistyped_files_are_rejected_with_the_field() {
             &["tasks[0].timeout", "duration"],
         ),
         (
+            "tasks:\n  - {name: a, command: 'true', retry: {max_delay: 500ms}}\n",
+            &[
+                "tasks[0].retry.initial_delay",
+                "by default",
+                "give initial_delay too",
+            ],
+        ),
+        // YAML in flow style is YAML: its error is about the task, not JSON.
+        (
+            "{tasks: [{name: a, command: 'true', priority: high}]}\n",
+            &["tasks[0].priority"],
+        ),
+        (
             "tasks:\n  - {name: a, command: 'true', timeout: 1ns}\n",
             &["tasks[0].timeout", "between 1ms and 7 days"],
         ),
@@ -346,6 +359,10 @@ fn attempts_and_ids_that_do_not_exist_are_refused() {
         ),
         (vec!["audit", "show", "nonsense"], "invalid id"),
         (vec!["audit", "show", "--limit", "0"], "invalid limit"),
+        (
+            vec!["worker", "--concurrency", "0"],
+            "invalid --concurrency",
+        ),
     ] {
         let out = ws.run(&args);
         let err = String::from_utf8_lossy(&out.stderr);
