@@ -487,12 +487,15 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
         Command::Run { file, json } => {
             let sub = read_tasks(&file)?;
             let queue = TaskQueue::open_with(config).await?;
-            run_file(&queue, sub, json).await
+            run_file(&queue, &file, sub, json).await
         }
         Command::Submit { file } => {
             let sub = read_tasks(&file)?;
             let queue = TaskQueue::open_with(config).await?;
-            let (workflow, tasks) = queue.submit_file(sub).await?;
+            let (workflow, tasks) = queue
+                .submit_file(sub)
+                .await
+                .map_err(|e| in_file(&file, e))?;
             match workflow {
                 Some(w) => print_json(&serde_json::to_value(&w).unwrap_or_default()),
                 None => print_json(&json!({ "tasks": tasks })),
@@ -501,7 +504,8 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { file, format } => {
             let sub = read_tasks(&file)?;
-            let text = crate::workflow::check_and_render(&sub, &format)?;
+            let text =
+                crate::workflow::check_and_render(&sub, &format).map_err(|e| in_file(&file, e))?;
             outln!("{text}");
             Ok(ExitCode::SUCCESS)
         }
@@ -701,13 +705,18 @@ fn read_tasks(file: &PathBuf) -> Result<Submission> {
     }
     let text = std::fs::read_to_string(file)
         .map_err(|e| Error::invalid("file", format!("cannot read {}: {e}", file.display())))?;
-    parse_task_file(&text).map_err(|e| match e {
+    parse_task_file(&text).map_err(|e| in_file(file, e))
+}
+
+/// A refusal of what a file holds names the file.
+fn in_file(file: &std::path::Path, e: Error) -> Error {
+    match e {
         Error::InvalidInput { field, message } => Error::InvalidInput {
             field: format!("{}: {field}", file.display()),
             message,
         },
         other => other,
-    })
+    }
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -726,9 +735,14 @@ fn summary(t: &TaskRecord) -> serde_json::Value {
     })
 }
 
-async fn run_file(queue: &TaskQueue, sub: Submission, json_out: bool) -> Result<ExitCode> {
+async fn run_file(
+    queue: &TaskQueue,
+    file: &std::path::Path,
+    sub: Submission,
+    json_out: bool,
+) -> Result<ExitCode> {
     let mut events = queue.subscribe();
-    let (workflow, submitted) = queue.submit_file(sub).await?;
+    let (workflow, submitted) = queue.submit_file(sub).await.map_err(|e| in_file(file, e))?;
     let workflow_id = workflow.as_ref().map(|w| w.workflow_id.clone());
     if let Some(w) = &workflow
         && !json_out

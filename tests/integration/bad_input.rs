@@ -46,6 +46,11 @@ fn malformed_and_mistyped_files_are_rejected_with_the_field() {
                 "give initial_delay too",
             ],
         ),
+        // Refusals found past parsing name the file too.
+        (
+            "tasks:\n  - {name: a, command: 'true', depends_on: [a]}\n",
+            &["bad.yml: tasks[0].depends_on[0]", "depends on itself"],
+        ),
         // YAML in flow style is YAML: its error is about the task, not JSON.
         (
             "{tasks: [{name: a, command: 'true', priority: high}]}\n",
