@@ -742,6 +742,18 @@ async fn run_file(
     json_out: bool,
 ) -> Result<ExitCode> {
     let mut events = queue.subscribe();
+    // Dependencies that name no task of the file are ids of tasks outside it.
+    let specs = match &sub {
+        Submission::Tasks(t) => t.as_slice(),
+        Submission::Workflow(w) => w.tasks.as_slice(),
+    };
+    let in_file_names: HashSet<&str> = specs.iter().map(|t| t.name.as_str()).collect();
+    let outside: Vec<String> = specs
+        .iter()
+        .flat_map(|t| t.depends_on.iter().map(|d| d.target()))
+        .filter(|d| !in_file_names.contains(d))
+        .map(crate::service::canonical_id)
+        .collect();
     let (workflow, submitted) = queue.submit_file(sub).await.map_err(|e| in_file(file, e))?;
     let workflow_id = workflow.as_ref().map(|w| w.workflow_id.clone());
     if let Some(w) = &workflow
@@ -767,7 +779,19 @@ async fn run_file(
     // is not its own.
     let mut scope = ids.clone();
     let mut seen: HashSet<String> = ids.iter().cloned().collect();
-    let mut frontier = ids.clone();
+    let mut frontier: Vec<String> = outside
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
+    scope.extend(frontier.iter().cloned());
+    // A task answered by an earlier one (its idempotency key) brings that
+    // task's own dependencies.
+    frontier.extend(
+        submitted
+            .iter()
+            .filter(|s| !s.created)
+            .map(|s| s.id.clone()),
+    );
     while let Some(id) = frontier.pop() {
         for e in queue.store().dependencies(&id).await? {
             if e.task_id == id && seen.insert(e.dep_id.clone()) {

@@ -365,12 +365,14 @@ fn run_takes_only_its_own_tasks_and_their_dependencies() {
     let ws = Workspace::new();
     let ids = ws.submit(
         "tasks:\n  - {name: for-a-worker, command: 'echo ran >> other.log', retry: {max_attempts: 1}}\n  \
-         - {name: needed, command: 'echo needed >> needed.log'}\n",
+         - {name: needed, command: 'echo needed >> needed.log', depends_on: [first]}\n  \
+         - {name: first, command: 'echo first >> needed.log'}\n",
     );
     let (other, needed) = (&ids[0], &ids[1]);
     let (code, summary) = ws.run_file(&format!(
         "tasks:\n  - {{name: mine, command: 'true'}}\n  \
-         - {{name: after-needed, command: 'true', depends_on: ['{needed}']}}\n"
+         - {{name: after-needed, command: 'true', depends_on: ['{}']}}\n",
+        needed.to_uppercase()
     ));
     assert_eq!(code, 0, "{summary}");
     assert_eq!(summary["status"], "succeeded", "{summary}");
@@ -379,7 +381,9 @@ fn run_takes_only_its_own_tasks_and_their_dependencies() {
     assert_eq!(o["attempts"], 0, "{o}");
     assert!(!exists(&ws.path("other.log")), "the other task ran");
     assert_eq!(ws.status(needed)["status"], "succeeded");
-    assert_eq!(ws.read("needed.log").trim(), "needed");
+    // And what that task depends on, outside the file too.
+    assert_eq!(ws.status(&ids[2])["status"], "succeeded");
+    assert_eq!(ws.read("needed.log"), "first\nneeded\n");
     // A worker then runs the other task once.
     let out = ws.run(&["worker", "--until-idle"]);
     assert!(out.status.success());
