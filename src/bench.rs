@@ -29,7 +29,7 @@
 //!   storage floor (`store::sqlite::storage_floor`): the same task rows
 //!   and audit events by SQLite alone, every value computed beforehand,
 //!   no sync, its checkpoint timed apart — what no implementation of the
-//!   schema can beat on the machine.
+//!   schema with the store's settings can beat on the machine.
 //! * `noop`: N external tasks are submitted first (not timed), then an
 //!   in-process no-op handler drains them with C slots. Latency per task is
 //!   the time from the commit of its claim to the commit of its finish, as

@@ -504,8 +504,11 @@ async fn dispatch(mut cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { file, format } => {
             let sub = read_tasks(&file)?;
-            let text =
-                crate::workflow::check_and_render(&sub, &format).map_err(|e| in_file(&file, e))?;
+            let text = crate::workflow::check_and_render(&sub, &format).map_err(|e| match e {
+                // A bad --format is not about the file.
+                Error::InvalidInput { ref field, .. } if field == "format" => e,
+                e => in_file(&file, e),
+            })?;
             outln!("{text}");
             Ok(ExitCode::SUCCESS)
         }
@@ -793,6 +796,16 @@ async fn run_file(
             .map(|s| s.id.clone()),
     );
     while let Some(id) = frontier.pop() {
+        // A finished task needs nothing more: its own dependencies are not
+        // walked.
+        let finished = queue
+            .store()
+            .get(&id)
+            .await?
+            .is_none_or(|t| t.status.is_terminal());
+        if finished {
+            continue;
+        }
         for e in queue.store().dependencies(&id).await? {
             if e.task_id == id && seen.insert(e.dep_id.clone()) {
                 scope.push(e.dep_id.clone());

@@ -312,11 +312,11 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine loops on the current runtime.
 /// The tasks an engine may claim: `None` for any, or only these (a
 /// `task-queue run` of a file runs that file's tasks, not the queue's).
 pub(crate) type Scope = Option<Arc<Vec<String>>>;
 
+/// Starts the engine loops on the current runtime.
 pub(crate) fn start(shared: Arc<Shared>, until_idle: bool, only: Scope) -> EngineHandle {
     let (tx, rx) = watch::channel(RUNNING);
     let done = tokio::spawn(run(shared, rx, until_idle, only));

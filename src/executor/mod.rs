@@ -177,7 +177,8 @@ pub(crate) fn spawn_error(spec: &TaskSpec, req: &ProcessRequest, e: &std::io::Er
                 req.argv[0]
             )
         }
-        (_, std::io::ErrorKind::PermissionDenied) => {
+        // EPERM (not EACCES, a command that may not be run) from setrlimit.
+        _ if e.raw_os_error() == Some(libc::EPERM) => {
             let over = spawn::RawLimits::from(&req.limits).over_hard_limits();
             if over.is_empty() {
                 return format!("cannot start the command: {e}");

@@ -75,6 +75,8 @@ impl RawLimits {
 impl RawLimits {
     /// The limits over what this process may set (its own hard limits;
     /// raising one needs `CAP_SYS_RESOURCE`): (field, asked, hard limit).
+    /// `cpu_seconds` counts as over when its hard limit, set one second
+    /// above it, would be.
     pub fn over_hard_limits(&self) -> Vec<(&'static str, u64, u64)> {
         fn hard(resource: libc::__rlimit_resource_t) -> Option<u64> {
             let mut lim = libc::rlimit {

@@ -151,10 +151,17 @@ pub fn parse_document(text: &str) -> Result<Value> {
             Err(e) => e,
         };
         // YAML in flow style (`{tasks: [{name: a, command: make}]}`) starts
-        // the same way; JSON's own refusals (a key given twice, an integer
-        // wider than 64 bits) stand.
+        // the same way, but its first key is not in double quotes as every
+        // JSON key is. A file that is JSON in form keeps its JSON error:
+        // read as YAML, a broken JSON file could silently mean something
+        // else (a line break inside a string becomes a space). JSON's own
+        // refusals (a key given twice, an integer wider than 64 bits) stand.
         use serde_json::error::Category;
-        if matches!(e.classify(), Category::Syntax | Category::Eof)
+        let after = trimmed[1..].trim_start();
+        let json_form =
+            trimmed.starts_with('[') || after.starts_with('"') || after.starts_with('}');
+        if !json_form
+            && matches!(e.classify(), Category::Syntax | Category::Eof)
             && let Ok(v) = read_yaml(text)
         {
             return Ok(v);
@@ -545,17 +552,19 @@ mod tests {
         }
     }
 
-    /// A file that starts like JSON but is YAML in flow style is read as
-    /// YAML; JSON with a syntax error keeps the JSON error, and JSON's own
-    /// refusals are not read past.
+    /// A file that starts like JSON but is YAML in flow style (an unquoted
+    /// first key) is read as YAML; a file that is JSON in form keeps its
+    /// JSON error, and JSON's own refusals are not read past.
     #[test]
     fn yaml_in_flow_style_is_yaml() {
         let v = super::parse_document("{tasks: [{name: a, command: make}]}\n").unwrap();
         assert_eq!(v["tasks"][0]["name"], "a");
-        let v = super::parse_document("[a, {b: 1}]").unwrap();
-        assert_eq!(v[1]["b"], 1);
         for (bad, says) in [
             (r#"{"tasks": [}"#, "malformed JSON"),
+            // JSON in form stays JSON: YAML would fold the line break.
+            ("{\"a\": \"make build\n make test\"}", "malformed JSON"),
+            (r#"{"a": 1,}"#, "malformed JSON"),
+            ("[a, {b: 1}]", "malformed JSON"),
             (r#"{"a": 1, "a": 2}"#, "twice"),
             (r#"{"a": 123456789012345678901234}"#, "64 bits"),
         ] {

@@ -405,7 +405,8 @@ impl TaskQueue {
         self.inner.store.logs(id, attempt).await
     }
 
-    /// Audit events, of one task or all, oldest first.
+    /// Audit events, of one task, workflow or schedule, or all, oldest
+    /// first. An id that names none of them is [`Error::NotFound`].
     pub async fn audit_events(
         &self,
         task_id: Option<&str>,

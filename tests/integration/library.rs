@@ -219,6 +219,18 @@ async fn the_database_is_in_wal_mode_and_claims_use_the_index() {
         !plan.contains("TEMP B-TREE"),
         "the claim must not sort: {plan}"
     );
+    // A scoped claim (`task-queue run`) looks its tasks up by id instead
+    // of walking the ready tasks ahead of them.
+    let scoped = task_queue::store::ClaimRequest {
+        only: Some(std::sync::Arc::new(vec!["a".into(), "b".into()])),
+        ..task_queue::store::sqlite::engine_claim_request()
+    };
+    let plan = task_queue::store::sqlite::explain_claim_of(store.read_pool(), &scoped)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(plan.contains("sqlite_autoindex_tasks_1 (id=?)"), "{plan}");
+    assert!(!plan.contains("tasks_ready"), "{plan}");
     // Lookups by project use the partial index (only tasks with a project
     // are in it), newest first without a sort.
     let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(

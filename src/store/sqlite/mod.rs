@@ -673,14 +673,18 @@ pub fn engine_claim_request() -> ClaimRequest {
 
 /// Used by tests and `bench` to confirm the claim query is index-ordered.
 pub async fn explain_claim(pool: &SqlitePool) -> Result<Vec<String>> {
-    let sql = format!(
-        "EXPLAIN QUERY PLAN {}",
-        writer::claim_sql(&engine_claim_request())
-    );
-    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    explain_claim_of(pool, &engine_claim_request()).await
+}
+
+/// The query plan of the claim `req` sends.
+pub async fn explain_claim_of(pool: &SqlitePool, req: &ClaimRequest) -> Result<Vec<String>> {
+    let sql = format!("EXPLAIN QUERY PLAN {}", writer::claim_sql(req));
+    let mut q = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql))
         .bind(0i64)
-        .bind(1i64)
-        .fetch_all(pool)
-        .await?;
+        .bind(1i64);
+    for v in writer::claim_binds(req) {
+        q = q.bind(v);
+    }
+    let rows = q.fetch_all(pool).await?;
     Ok(rows.into_iter().map(|r| r.3).collect())
 }

@@ -1582,14 +1582,20 @@ pub(super) fn claim_sql(req: &ClaimRequest) -> String {
         (false, Some(e)) => format!("AND {e}"),
         (false, None) => "AND 0".to_string(),
     };
-    // Only these tasks (a JSON array of ids), for an engine with a scope.
-    let only = match &req.only {
-        Some(_) => format!(" AND id IN (SELECT value FROM json_each({}))", next()),
-        None => String::new(),
+    // Only these tasks (a JSON array of ids), for an engine with a scope:
+    // they are looked up by id, so a backlog of other ready tasks ahead of
+    // them in the claim order is never walked.
+    let (index, only) = match &req.only {
+        Some(_) => (
+            // The unique index on `id` (named by SQLite).
+            " INDEXED BY sqlite_autoindex_tasks_1",
+            format!(" AND id IN (SELECT value FROM json_each({}))", next()),
+        ),
+        None => (" INDEXED BY tasks_ready", String::new()),
     };
     format!(
         "SELECT seq, id, name, kind, priority, status, attempts, max_attempts, spec, spec_hash, workflow_id \
-         FROM tasks INDEXED BY tasks_ready \
+         FROM tasks{index} \
          WHERE status IN ('queued', 'retrying') AND run_at <= ?1 {kind_filter}{only} \
          ORDER BY priority DESC, seq LIMIT ?2"
     )
