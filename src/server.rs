@@ -280,15 +280,11 @@ async fn checked_mcp_body(
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
-            return (
+            return jsonrpc_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                axum::Json(serde_json::json!({
-                    "jsonrpc": "2.0",
-                    "id": null,
-                    "error": {"code": -32600, "message": format!("the request body is over the limit of {limit} bytes")},
-                })),
-            )
-                .into_response();
+                -32600,
+                format!("the request body is over the limit of {limit} bytes"),
+            );
         }
     };
     if let Some(answer) = crate::mcp::stdio::refusal(&bytes) {
@@ -320,17 +316,26 @@ async fn ended_sessions(
             .await
             .unwrap_or(true)
     {
-        return (
+        return jsonrpc_error(
             StatusCode::NOT_FOUND,
-            axum::Json(serde_json::json!({
-                "jsonrpc": "2.0",
-                "id": null,
-                "error": {"code": -32600, "message": format!("no session {id}: it never existed or has ended")},
-            })),
-        )
-            .into_response();
+            -32600,
+            format!("no session {id}: it never existed or has ended"),
+        );
     }
     next.run(req).await
+}
+
+/// A JSON-RPC error answer to a request whose id is unknown (`id: null`).
+fn jsonrpc_error(status: StatusCode, code: i64, message: String) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {"code": code, "message": message},
+        })),
+    )
+        .into_response()
 }
 
 async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -354,15 +359,7 @@ async fn jsonrpc_refusals(req: axum::extract::Request, next: axum::middleware::N
             },
         ),
     };
-    let mut out = (
-        status,
-        axum::Json(serde_json::json!({
-            "jsonrpc": "2.0",
-            "id": null,
-            "error": {"code": code, "message": message},
-        })),
-    )
-        .into_response();
+    let mut out = jsonrpc_error(status, code, message);
     for h in [header::ALLOW, header::WWW_AUTHENTICATE] {
         if let Some(v) = parts.headers.get(&h) {
             out.headers_mut().insert(h, v.clone());
